@@ -1,0 +1,149 @@
+"""Compare training runs of train_lora.py / train_lora2.py / train_lora3.py.
+
+    python compare.py output/qwen3-1.7b-qlora-v1 output/qwen3-1.7b-qlora-v2 output/qwen3-1.7b-qlora-v3
+    python compare.py output/qwen3-1.7b-qlora-v1 output/qwen3-1.7b-qlora-v2 --table_path=v1_v2.md --plot_path=v1_v2.png
+"""
+import json
+from pathlib import Path
+
+from medsft.errors import DataError
+from medsft.settings import check_settings, parse_settings
+
+# -----------------------------------------------------------------------------
+# I/O
+RUN_DIRS = []                  # OUTPUT_DIRs of training runs; bare command-line arguments land here
+TABLE_PATH = "comparison.md"   # the Markdown table is printed and written here
+PLOT_PATH = "comparison.png"   # val/train loss curves overlaid, learning-rate schedules below
+# -----------------------------------------------------------------------------
+
+DASH = "—"
+HEADER = ("| version | key change | train loss | best val loss (step) | Δ val | steps | wall time "
+          "| tokens/s | peak mem (GiB) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def read_summary(run_dir: Path) -> dict:
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(path, e.lineno, f"not valid JSON ({e.msg})") from None
+    if not isinstance(summary, dict):
+        raise DataError(path, None, "expected a JSON object")
+    return summary
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The train and eval records of metrics.jsonl; other records (e.g. the final train_runtime) are skipped."""
+    if not path.exists():
+        print(f"note: {path} not found, this run has no curves")
+        return []
+    records = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, line_no, f"not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(path, line_no, "expected a JSON object per line")
+        if "loss" not in record and "eval_loss" not in record:
+            continue
+        if not isinstance(record.get("step"), (int, float)):
+            raise DataError(path, line_no, "a loss record needs a numeric 'step'")
+        records.append(record)
+    return records
+
+
+def fmt(value, spec: str) -> str:
+    return DASH if value is None else format(value, spec)
+
+
+def fmt_duration(seconds) -> str:
+    if seconds is None:
+        return DASH
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def fmt_delta(val_loss, first_val_loss) -> str:
+    if val_loss is None or not first_val_loss:
+        return DASH
+    return f"{(val_loss - first_val_loss) / first_val_loss * 100:+.1f}%"
+
+
+def table_row(run: dict, first: dict) -> str:
+    s = run["summary"]
+    best = fmt(s.get("best_val_loss"), ".4f")
+    if s.get("best_step") is not None and best != DASH:
+        best += f" ({s['best_step']})"
+    delta = DASH if run is first else fmt_delta(s.get("best_val_loss"), first["summary"].get("best_val_loss"))
+    cells = [run["name"], str(s.get("key_change") or DASH).replace("|", "\\|"), fmt(s.get("final_train_loss"), ".4f"),
+             best, delta, fmt(s.get("steps"), ".0f"), fmt_duration(s.get("wall_time_s")),
+             fmt(s.get("train_tokens_per_s"), ",.0f"), fmt(s.get("peak_gpu_mem_gib"), ".1f")]
+    return "| " + " | ".join(cells) + " |"
+
+
+def plot_runs(runs: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, sharex=True, figsize=(10, 7), gridspec_kw={"height_ratios": [2, 1]})
+    for i, run in enumerate(runs):
+        colour = f"C{i % 10}"
+        train = [r for r in run["records"] if "loss" in r]
+        evals = [r for r in run["records"] if "eval_loss" in r]
+        lrs = [r for r in train if "learning_rate" in r]
+        if evals:
+            ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "-o", color=colour,
+                         linewidth=2, markersize=4, label=f"{run['name']} val")
+        if train:
+            ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], "--", color=colour,
+                         linewidth=1, alpha=0.6, label=f"{run['name']} train")
+        if lrs:
+            ax_lr.plot([r["step"] for r in lrs], [r["learning_rate"] for r in lrs], color=colour, label=run["name"])
+    ax_loss.set(title="Loss per step (solid = validation, dashed = training)", ylabel="loss")
+    ax_lr.set(title="Learning-rate schedule", xlabel="step", ylabel="learning rate")
+    for ax in (ax_loss, ax_lr):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle("Training runs compared: " + ", ".join(run["name"] for run in runs))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    cfg = parse_settings(globals(), argv, positional="run_dirs")
+    # ========== 1. Check the run folders ==========
+    run_dirs = [Path(d) for d in cfg.RUN_DIRS]
+    check_settings(["no run folders given, e.g. python compare.py output/run-v1 output/run-v2" if not run_dirs else ""]
+                   + [f"{d}: no summary.json (is this a training run's OUTPUT_DIR?)"
+                      for d in run_dirs if not (d / "summary.json").is_file()])
+
+    # ========== 2. Read summaries and metrics ==========
+    runs = []
+    for run_dir in run_dirs:
+        summary = read_summary(run_dir)
+        runs.append({"name": str(summary.get("version") or run_dir.resolve().name), "summary": summary,
+                     "records": read_metrics(run_dir / "metrics.jsonl")})
+
+    # ========== 3. Table ==========
+    table = "\n".join([HEADER] + [table_row(run, runs[0]) for run in runs]) + "\n"
+    print(table)
+    table_path = Path(cfg.TABLE_PATH)
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    table_path.write_text(table, encoding="utf-8")
+
+    # ========== 4. Plot ==========
+    plot_path = Path(cfg.PLOT_PATH)
+    plot_runs(runs, plot_path)
+    print(f"wrote {table_path} and {plot_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Shared code of the Qwen3 medical R1 fine-tuning scripts."""

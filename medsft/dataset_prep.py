@@ -1,0 +1,113 @@
+"""Row checks, de-duplication and the deterministic split behind data.py."""
+import hashlib
+import random
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+from medsft.chat_format import clean_think, normalise_text
+from medsft.errors import DataError, UserError
+from medsft.records import SUPPORTED_SUFFIXES, read_rows
+
+REQUIRED_FIELDS = ("question", "think", "answer")
+_NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def download_dataset(dataset_id: str, revision: str | None = None) -> Path:
+    """Download the dataset's raw files with ModelScope and return the folder it put them in."""
+    try:
+        from modelscope.hub.snapshot_download import dataset_snapshot_download
+    except ImportError:
+        raise UserError("error: modelscope is not installed (pip install -r requirements.txt), "
+                        "or pass a local file with --source=PATH") from None
+    try:
+        return Path(dataset_snapshot_download(dataset_id, revision=revision))
+    except Exception as e:  # network, auth and missing-dataset errors all come as different types
+        raise UserError(f"error: could not download {dataset_id!r} from ModelScope ({type(e).__name__}: {e}).\n"
+                        "Offline? Pass a local file in the same schema: python data.py --source=data/sample.jsonl") from None
+
+
+def find_data_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise UserError(f"error: {folder}: no {'/'.join(SUPPORTED_SUFFIXES)} data file in the downloaded dataset")
+    return files
+
+
+def check_row(row: dict) -> tuple[dict | None, str | None, str | None]:
+    """(clean row, None, None) for a good row, else (None, reason key, message)."""
+    clean = {}
+    for field in REQUIRED_FIELDS:
+        value = row.get(field)
+        if value is None:
+            return None, f"missing_{field}", f"missing field '{field}'"
+        if not isinstance(value, str):
+            return None, f"bad_type_{field}", f"field '{field}' must be a string, got {type(value).__name__}"
+        value = clean_think(value) if field == "think" else normalise_text(value)
+        if not value:
+            return None, f"empty_{field}", f"field '{field}' is empty"
+        clean[field] = value
+    instruction = row.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        return None, "bad_type_instruction", f"field 'instruction' must be a string, got {type(instruction).__name__}"
+    metrics = row.get("metrics")
+    if metrics is not None and not isinstance(metrics, dict):
+        return None, "bad_type_metrics", f"field 'metrics' must be an object, got {type(metrics).__name__}"
+    return {"id": question_key(clean["question"])[:12], "instruction": instruction or "", **clean,
+            "metrics": metrics or {}}, None, None
+
+
+def question_key(question: str) -> str:
+    """Hash of the question after normalisation: width, case, spaces and punctuation do not matter."""
+    folded = _NOT_WORD.sub("", unicodedata.normalize("NFKC", question).casefold())
+    return hashlib.sha1(folded.encode("utf-8")).hexdigest()
+
+
+def load_checked_rows(paths: list[Path], on_bad_row: str) -> tuple[list[dict], Counter, int]:
+    """Good rows of all files, the dropped rows by reason and the number of rows read."""
+    rows, dropped, read, problems = [], Counter(), 0, []
+    for path in paths:
+        unit = "line" if path.suffix.lower() in (".jsonl", ".csv") else "row"
+        for number, raw in read_rows(path):
+            read += 1
+            row, reason, message = check_row(raw)
+            if row is None:
+                if on_bad_row == "error":
+                    problems.append(DataError(path, number, message, unit=unit).message)
+                    if len(problems) == 10:
+                        break
+                dropped[reason] += 1
+                continue
+            rows.append(row)
+    if problems:
+        more = "" if len(problems) < 10 else "\n(stopped after 10 problems)"
+        raise UserError("\n".join(problems) + more + "\nFix the rows, or pass --on_bad_row=skip to drop them.")
+    return rows, dropped, read
+
+
+def drop_duplicate_questions(rows: list[dict]) -> tuple[list[dict], int]:
+    """Keep the first row of each normalised question, so no question can land in two splits."""
+    seen, kept = set(), []
+    for row in rows:
+        key = question_key(row["question"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept, len(rows) - len(kept)
+
+
+def split_rows(rows: list[dict], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[dict]]:
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = round(len(rows) * val_fraction)
+    n_test = round(len(rows) * test_fraction)
+    if len(rows) - n_val - n_test < 1:
+        raise UserError(f"error: {len(rows)} rows are too few for val_fraction={val_fraction} "
+                        f"and test_fraction={test_fraction}")
+    shuffled = [rows[i] for i in order]
+    splits = {"val": shuffled[:n_val], "train": shuffled[n_val + n_test:]}
+    if test_fraction > 0:
+        splits["test"] = shuffled[n_val:n_val + n_test]
+    return splits

@@ -1,0 +1,21 @@
+"""Errors meant for the user: a one-line message and a non-zero exit, never a traceback."""
+
+
+class UserError(SystemExit):
+    """Raise with a message for the user. Python prints it to stderr and exits with code 1."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class DataError(UserError):
+    """A problem in an input file, named by path and (1-based) line."""
+
+    def __init__(self, path, line, problem: str, unit: str = "line"):
+        where = f"{path}: {unit} {line}" if line else f"{path}"
+        super().__init__(f"error: {where}: {problem}")
+        self.path, self.line, self.problem = str(path), line, problem

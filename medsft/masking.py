@@ -1,0 +1,100 @@
+"""v3's dynamic medical-term masking: lexicon terms in the *question* become a placeholder, re-drawn each epoch.
+
+The original v3 rewrote the target text once, in preprocessing. Here the think, the answer and the labels
+never change; each time an example is drawn, every lexicon term in its question is masked with
+probability MASK_PROB, from a random stream fixed by (SEED, epoch, row), so runs are reproducible.
+"""
+import random
+import re
+from pathlib import Path
+
+from medsft.chat_format import build_training_example
+from medsft.errors import DataError, UserError
+
+CATEGORIES = ("疾病", "症状", "药物", "检查", "解剖")  # disease, symptom, drug, examination, anatomy
+MASK_STYLES = ("mask", "typed")  # "[MASK]", or the term's category such as "[药物]"
+
+
+def load_lexicon(path) -> dict[str, str]:
+    """{term: category} from a UTF-8 TSV with the header `term<TAB>category`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"error: {path}: lexicon not found")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0].split("\t") != ["term", "category"]:
+        raise DataError(path, 1, "the header must be 'term<TAB>category'")
+    lexicon = {}
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0].strip():
+            raise DataError(path, number, "expected 'term<TAB>category'")
+        term, category = parts[0].strip(), parts[1].strip()
+        if category not in CATEGORIES:
+            raise DataError(path, number, f"unknown category {category!r} (use one of {', '.join(CATEGORIES)})")
+        lexicon[term] = category
+    return lexicon
+
+
+class TermMasker:
+    def __init__(self, lexicon: dict[str, str]):
+        self.lexicon = lexicon
+        # longest alternative first: at each position the regex takes the longest term (2型糖尿病 over 糖尿病)
+        self.pattern = re.compile("|".join(map(re.escape, sorted(lexicon, key=len, reverse=True))))
+
+    def mask(self, text: str, rng: random.Random, prob: float, style: str = "mask") -> tuple[str, int, int]:
+        """(masked text, terms masked, terms found); each found term is masked with probability `prob`."""
+        found = masked = 0
+
+        def replace(match):
+            nonlocal found, masked
+            found += 1
+            if rng.random() >= prob:
+                return match.group(0)
+            masked += 1
+            return f"[{self.lexicon[match.group(0)]}]" if style == "typed" else "[MASK]"
+
+        return self.pattern.sub(replace, text), masked, found
+
+
+def check_masking_settings(cfg) -> list[str]:
+    problems = []
+    if not 0 <= cfg.MASK_PROB <= 1:
+        problems.append(f"mask_prob must be in [0, 1], not {cfg.MASK_PROB}")
+    if cfg.MASK_STYLE not in MASK_STYLES:
+        problems.append(f"mask_style must be one of {', '.join(MASK_STYLES)}, not {cfg.MASK_STYLE!r}")
+    if not Path(cfg.LEXICON_PATH).is_file():
+        problems.append(f"lexicon_path {cfg.LEXICON_PATH}: not found")
+    return problems
+
+
+class MaskedQuestionDataset:
+    """Training examples whose questions are masked afresh each time they are drawn (a torch map-style dataset)."""
+
+    def __init__(self, rows: list[dict], tokenizer, cfg):
+        self.rows, self.tokenizer = rows, tokenizer
+        self.masker = TermMasker(load_lexicon(cfg.LEXICON_PATH))
+        self.prob, self.style, self.seed = cfg.MASK_PROB, cfg.MASK_STYLE, cfg.SEED
+        self.max_length, self.system_prompt = cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT
+        self.epoch, self.masked_terms, self.found_terms = 0, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def masked_question(self, index: int) -> tuple[str, int, int]:
+        rng = random.Random(f"{self.seed}-{self.epoch}-{index}")  # str seeds hash the same in every process
+        return self.masker.mask(self.rows[index]["question"], rng, self.prob, self.style)
+
+    def __getitem__(self, index: int) -> dict:
+        question, masked, found = self.masked_question(index)
+        self.masked_terms += masked
+        self.found_terms += found
+        row = self.rows[index]
+        example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt, question=question)
+        if example is None:  # the masked question made it too long to fit even with the think cut: train it unmasked
+            example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt)
+        return example

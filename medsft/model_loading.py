@@ -1,0 +1,75 @@
+"""Finding, downloading and loading the base Qwen3 and its tokenizer."""
+import os
+from pathlib import Path
+
+from medsft.chat_format import build_messages, format_reply, render_training_text
+from medsft.errors import UserError
+
+
+def resolve_model_path(model_path: str) -> str:
+    """A local folder as is; otherwise ModelScope's snapshot download, then the Hugging Face Hub."""
+    if Path(model_path).is_dir():
+        return model_path
+    if Path(model_path).exists() or model_path.startswith((".", "/", "~")):
+        raise UserError(f"error: model path {model_path!r} is not a folder with a Qwen3 model")
+    errors = []
+    try:
+        from modelscope import snapshot_download
+
+        print(f"downloading {model_path} from ModelScope ...", flush=True)
+        return snapshot_download(model_path)  # the path it returns, whatever the cache location
+    except Exception as e:  # ImportError, network and missing-model errors
+        errors.append(f"ModelScope: {type(e).__name__}: {e}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        print(f"downloading {model_path} from the Hugging Face Hub ...", flush=True)
+        return snapshot_download(model_path)
+    except Exception as e:
+        errors.append(f"Hugging Face Hub: {type(e).__name__}: {e}")
+    raise UserError(f"error: could not get model {model_path!r}:\n  " + "\n  ".join(errors)
+                    + "\nDownload it yourself and pass the folder: --model_path=/path/to/Qwen3-1.7B")
+
+
+def load_tokenizer(model_path: str):
+    """The model's tokenizer, checked to render our chat format as Qwen3 does."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompt, reply = render_training_text(tokenizer, "问", "想", "答")
+    expected = tokenizer.apply_chat_template(build_messages("问", reply=format_reply("想", "答")), tokenize=False)
+    if prompt + reply != expected or "<think>" not in tokenizer.get_vocab():
+        raise UserError(f"error: the tokenizer in {model_path} does not use Qwen3's chat template with <think> "
+                        "blocks; use a Qwen3 model (Qwen/Qwen3-0.6B, Qwen/Qwen3-1.7B, ...)")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_base_model(model_path: str, load_in_4bit: bool, attn_implementation: str = "sdpa"):
+    """Qwen3 in bf16, or in 4-bit NF4 with double quantisation and bf16 compute (QLoRA)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.bfloat16, "attn_implementation": attn_implementation}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+
+
+def warn_if_cpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available() and not os.environ.get("MEDSFT_QUIET_CPU"):
+        print("warning: no CUDA GPU found; running on CPU (bitsandbytes NF4 works there, but slowly). "
+              "This is fine for the tiny test model, not for Qwen3-1.7B.", flush=True)

@@ -1,0 +1,380 @@
+"""The QLoRA training pipeline shared by train_lora.py, train_lora2.py and train_lora3.py.
+
+Each function is one step of the scripts' main(), in call order.
+"""
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medsft.chat_format import IGNORE_INDEX, build_training_example
+from medsft.errors import UserError
+from medsft.records import read_jsonl, write_files_atomically
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. settings
+
+
+def check_training_settings(cfg) -> list:
+    """Every problem with the settings, found before anything slow starts."""
+    data_dir, out = Path(cfg.DATA_DIR), Path(cfg.OUTPUT_DIR)
+    problems = [
+        f"{data_dir / name}: not found; run `python data.py` first (or pass --data_dir)"
+        for name in ("train.jsonl", "val.jsonl") if not (data_dir / name).is_file()
+    ]
+    if not _writable(out):
+        problems.append(f"output_dir {out} is not writable")
+    for name in ("LORA_R", "BATCH_SIZE", "GRADIENT_ACCUMULATION", "EVAL_STEPS", "SAVE_STEPS", "LOG_STEPS",
+                 "EVAL_BATCH_SIZE"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name.lower()} must be at least 1, not {getattr(cfg, name)}")
+    if cfg.MAX_LENGTH < 128:
+        problems.append(f"max_length must be at least 128, not {cfg.MAX_LENGTH}")
+    if not cfg.LEARNING_RATE > 0:
+        problems.append(f"learning_rate must be positive, not {cfg.LEARNING_RATE}")
+    if not 0 <= cfg.LORA_DROPOUT < 1:
+        problems.append(f"lora_dropout must be in [0, 1), not {cfg.LORA_DROPOUT}")
+    if not 0 <= cfg.WARMUP_RATIO < 1:
+        problems.append(f"warmup_ratio must be in [0, 1), not {cfg.WARMUP_RATIO}")
+    if cfg.MAX_STEPS <= 0 and not cfg.EPOCHS > 0:
+        problems.append("set epochs > 0 or max_steps > 0")
+    if cfg.LR_SCHEDULER not in SCHEDULERS:
+        problems.append(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, not {cfg.LR_SCHEDULER!r}")
+    if cfg.LONG_EXAMPLES not in ("shorten_think", "drop"):
+        problems.append(f"long_examples must be 'shorten_think' or 'drop', not {cfg.LONG_EXAMPLES!r}")
+    if cfg.REPORT_TO not in ("auto", "swanlab", "none"):
+        problems.append(f"report_to must be 'auto', 'swanlab' or 'none', not {cfg.REPORT_TO!r}")
+    if cfg.RESUME not in ("auto", "never") and not Path(cfg.RESUME).is_dir():
+        problems.append(f"resume must be 'auto', 'never' or a checkpoint folder; {cfg.RESUME!r} is none of these")
+    if not cfg.MODEL_PATH:
+        problems.append("model_path is empty")
+    return problems
+
+
+def _writable(path: Path) -> bool:
+    while not path.exists():
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. data
+
+
+@dataclass
+class TrainingData:
+    train_rows: list
+    val_rows: list
+    train_set: object  # a list of examples, or v3's MaskedQuestionDataset
+    val_set: list
+    stats: dict = field(default_factory=dict)
+
+
+def tokenize_rows(tokenizer, rows, cfg) -> tuple[list, list, dict]:
+    """(examples, the rows they came from, how many were shortened (think cut) or dropped for MAX_LENGTH)."""
+    examples, kept, shortened, dropped = [], [], 0, 0
+    for row in rows:
+        example = build_training_example(tokenizer, row, cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT)
+        if example is not None and example["think_cut"] and cfg.LONG_EXAMPLES == "drop":
+            example = None
+        if example is None:
+            dropped += 1
+            continue
+        shortened += example["think_cut"] > 0
+        examples.append(example)
+        kept.append(row)
+    return examples, kept, {"shortened": shortened, "dropped": dropped}
+
+
+def load_training_data(cfg, tokenizer) -> TrainingData:
+    splits = {}
+    for name in ("train", "val"):
+        path = Path(cfg.DATA_DIR) / f"{name}.jsonl"
+        splits[name] = [row for _, row in read_jsonl(path)]
+        if not splits[name]:
+            raise UserError(f"error: {path} has no rows; run `python data.py` again")
+    train, train_rows, train_stats = tokenize_rows(tokenizer, splits["train"], cfg)
+    val, val_rows, val_stats = tokenize_rows(tokenizer, splits["val"], cfg)
+    if not train or not val:
+        raise UserError(f"error: no example fits max_length={cfg.MAX_LENGTH}; raise --max_length")
+    lengths = sorted(len(e["input_ids"]) for e in train)
+    stats = {
+        "train_examples": len(train), "val_examples": len(val),
+        "p50": _percentile(lengths, 50), "p90": _percentile(lengths, 90), "p99": _percentile(lengths, 99),
+        "max": lengths[-1], "train_tokens": sum(lengths),
+        "shortened": train_stats["shortened"] + val_stats["shortened"],
+        "dropped": train_stats["dropped"] + val_stats["dropped"],
+    }
+    return TrainingData(train_rows, val_rows, train, val, stats)
+
+
+def _percentile(sorted_values, q):
+    return sorted_values[min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1)]
+
+
+def show_data_preview(tokenizer, data: TrainingData, cfg) -> None:
+    """Token-length stats, then the first training example verbatim and its trained part."""
+    s = data.stats
+    print(f"train examples {s['train_examples']}, val examples {s['val_examples']}, "
+          f"{s['train_tokens']:,} train tokens per epoch")
+    print(f"example length in tokens: p50 {s['p50']}, p90 {s['p90']}, p99 {s['p99']}, max {s['max']} "
+          f"(max_length {cfg.MAX_LENGTH}: {s['shortened']} shortened, {s['dropped']} dropped)")
+    first = data.train_set[0]
+    print("==== first training example, exactly as trained (between the rulers) ====")
+    print(tokenizer.decode(first["input_ids"]), end="")
+    print("\n==== its trained part (labels != -100) ====")
+    print(tokenizer.decode([t for t, label in zip(first["input_ids"], first["labels"]) if label != IGNORE_INDEX]),
+          end="")
+    print("\n==== end ====", flush=True)
+
+
+def planned_steps(cfg, n_train: int) -> int:
+    if cfg.MAX_STEPS > 0:
+        return cfg.MAX_STEPS
+    batches = math.ceil(n_train / cfg.BATCH_SIZE)
+    return math.ceil(cfg.EPOCHS * max(1, math.ceil(batches / cfg.GRADIENT_ACCUMULATION)))
+
+
+def plan_output_dir(cfg, n_train: int) -> str | None:
+    """The checkpoint to resume from, or None for a fresh run; a finished run is never silently overwritten."""
+    out = Path(cfg.OUTPUT_DIR)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(out) if out.is_dir() else None
+    if cfg.OVERWRITE:
+        for path in out.glob("checkpoint-*"):
+            shutil.rmtree(path)
+        for name in ("final", "best", "metrics.jsonl", "summary.json", "loss.png"):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return None
+    if cfg.RESUME not in ("auto", "never"):
+        return cfg.RESUME
+    if cfg.RESUME == "auto" and last:
+        step = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"]
+        if step < planned_steps(cfg, n_train):
+            print(f"resuming from {last} (step {step})")
+            return last
+    if (out / "final").exists() or last:
+        raise UserError(f"error: {out} already holds a run ({'final/' if (out / 'final').exists() else last}) "
+                        "and there is nothing to resume; pass --overwrite=True to replace it, or another --output_dir")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. model
+
+
+def load_lora_model(model_path: str, cfg):
+    """The base model (4-bit NF4 unless LOAD_IN_4BIT=False) with fresh LoRA adapters."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from medsft.model_loading import load_base_model
+
+    model = load_base_model(model_path, cfg.LOAD_IN_4BIT, cfg.ATTN_IMPLEMENTATION)
+    model.config.use_cache = False
+    if cfg.LOAD_IN_4BIT:
+        # casts norms (and the frozen embedding) to fp32 and makes inputs require grads for checkpointing
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.GRADIENT_CHECKPOINTING:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    modules_to_save = list(cfg.MODULES_TO_SAVE) or None
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if modules_to_save and tied and {"embed_tokens", "lm_head"} <= set(modules_to_save):
+        # Qwen3 (0.6B-4B) ties lm_head to embed_tokens: one matrix. Training two separate copies (as the
+        # original did) would double its memory and untie the model; train the one shared matrix instead.
+        modules_to_save = [m for m in modules_to_save if m != "lm_head"]
+    lora = LoraConfig(
+        r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
+        target_modules=list(cfg.TARGET_MODULES), modules_to_save=modules_to_save,
+        ensure_weight_tying=bool(modules_to_save and tied), bias="none", task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+          + (f"; modules_to_save: {modules_to_save}" if modules_to_save else ""), flush=True)
+    model.trainable_params = trainable
+    if not torch.cuda.is_available():
+        model.to(torch.float32) if not cfg.LOAD_IN_4BIT else None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. trainer
+
+
+def resolve_report_to(choice: str, output_dir) -> list[str]:
+    """SwanLab when asked or logged in; offline (never an interactive login prompt) without an API key."""
+    import importlib.util
+
+    if choice == "none" or importlib.util.find_spec("swanlab") is None:
+        if choice == "swanlab":
+            raise UserError("error: report_to='swanlab' but swanlab is not installed (pip install swanlab)")
+        return []
+    root = Path(os.environ.get("SWANLAB_ROOT") or os.environ.get("SWANLAB_SAVE_DIR") or Path.home() / ".swanlab")
+    logged_in = bool(os.environ.get("SWANLAB_API_KEY")) or (root / ".netrc").is_file() \
+        or (Path.cwd() / ".swanlab" / ".netrc").is_file()
+    if choice == "auto" and not logged_in:
+        return []
+    if not logged_in:
+        os.environ.setdefault("SWANLAB_MODE", "offline")
+    os.environ.setdefault("SWANLAB_LOG_DIR", str(Path(output_dir) / "swanlog"))
+    os.environ.setdefault("SWANLAB_PROJECT", "qwen3-medical-r1")
+    return ["swanlab"]
+
+
+def build_trainer(cfg, model, tokenizer, data: TrainingData, version: str):
+    import torch
+    from transformers import TrainingArguments
+
+    from medsft.batching import Collator
+    from medsft.trainer import LoggingCallback, QLoRATrainer, SetEpochCallback, use_readable_logging
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    args = TrainingArguments(
+        output_dir=cfg.OUTPUT_DIR, run_name=f"{version}-{Path(cfg.OUTPUT_DIR).name}",
+        per_device_train_batch_size=cfg.BATCH_SIZE, per_device_eval_batch_size=cfg.EVAL_BATCH_SIZE,
+        gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION, num_train_epochs=cfg.EPOCHS,
+        max_steps=cfg.MAX_STEPS, learning_rate=cfg.LEARNING_RATE, lr_scheduler_type=cfg.LR_SCHEDULER,
+        warmup_steps=cfg.WARMUP_RATIO, weight_decay=cfg.WEIGHT_DECAY, optim=cfg.OPTIM,
+        max_grad_norm=cfg.MAX_GRAD_NORM, logging_steps=cfg.LOG_STEPS, logging_first_step=True,
+        eval_strategy="steps", eval_steps=cfg.EVAL_STEPS, save_strategy="steps", save_steps=cfg.SAVE_STEPS,
+        save_total_limit=cfg.SAVE_TOTAL_LIMIT, bf16=bf16, gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, report_to=resolve_report_to(cfg.REPORT_TO, cfg.OUTPUT_DIR),
+        seed=cfg.SEED, data_seed=cfg.SEED, remove_unused_columns=False, dataloader_num_workers=0,
+        disable_tqdm=not cfg.PROGRESS_BAR,
+    )
+    callbacks = [LoggingCallback(Path(cfg.OUTPUT_DIR) / "metrics.jsonl")]
+    if hasattr(data.train_set, "set_epoch"):
+        callbacks.append(SetEpochCallback(data.train_set))
+    trainer = QLoRATrainer(
+        model=model, args=args, train_dataset=data.train_set, eval_dataset=data.val_set,
+        data_collator=Collator(tokenizer.pad_token_id, cfg.PACKING), processing_class=tokenizer,
+        callbacks=callbacks, loss_chunk_size=cfg.LOSS_CHUNK_SIZE, best_dir=Path(cfg.OUTPUT_DIR) / "best",
+    )
+    use_readable_logging(trainer, cfg.PROGRESS_BAR)
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. train
+
+
+def train(trainer, resume: str | None, cfg) -> float:
+    """Train (resuming from a checkpoint if given); returns the wall time in seconds."""
+    import torch
+
+    cfg.save(cfg.OUTPUT_DIR)
+    if resume:
+        trainer.load_metrics_until(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"])
+    else:
+        (Path(cfg.OUTPUT_DIR) / "metrics.jsonl").unlink(missing_ok=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+        if trainer.last_eval_step != trainer.state.global_step:
+            trainer.evaluate()  # so the final weights compete for "best" too
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"error: out of GPU memory (batch_size={cfg.BATCH_SIZE}, max_length={cfg.MAX_LENGTH}). Lower "
+            "--batch_size (and raise --gradient_accumulation to keep the effective batch), lower --max_length, "
+            "or set --gradient_checkpointing=True.") from None
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. results
+
+
+def save_results(cfg, trainer, tokenizer, wall_time: float, version: str, key_change: str) -> dict:
+    """final/ (the best adapter, tokenizer, settings), summary.json and loss.png in OUTPUT_DIR."""
+    import torch
+
+    out = Path(cfg.OUTPUT_DIR)
+    best = trainer.restore_best()
+    final, staging = out / "final", out / ".final.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(trainer.best_dir, staging)
+    (staging / "eval.json").unlink(missing_ok=True)
+    tokenizer.save_pretrained(staging)
+    cfg.save(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    cfg.save(out)
+
+    train_logs = [r for r in trainer.state.log_history if "loss" in r]
+    cuda = torch.cuda.is_available()
+    summary = {
+        "version": version, "key_change": key_change,
+        "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
+        "best_val_loss": best["eval_loss"], "best_step": best["step"],
+        "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 4),
+        "wall_time_s": round(wall_time, 2), "train_tokens": trainer.tokens_seen,
+        "train_tokens_per_s": round(trainer.tokens_seen / wall_time, 1) if wall_time else None,
+        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+        "trainable_params": getattr(trainer.model, "trainable_params", None),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "model_path": cfg.MODEL_PATH, "final_dir": str(final),
+    }
+    write_files_atomically({out / "summary.json": json.dumps(summary, ensure_ascii=False, indent=2) + "\n"})
+    plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{version}: {key_change}")
+    print(f"best val loss {best['eval_loss']:.4f} at step {best['step']}; adapter in {final}/")
+    print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'loss.png'}", flush=True)
+    return summary
+
+
+def plot_losses(metrics_path: Path, png_path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [row for _, row in read_jsonl(metrics_path)] if metrics_path.exists() else []
+    train = [(r["step"], r["loss"], r.get("learning_rate")) for r in records if "loss" in r]
+    val = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6), height_ratios=[3, 1])
+    if train:
+        top.plot([s for s, _, _ in train], [l for _, l, _ in train], label="train loss", lw=1)
+        bottom.plot([s for s, _, lr in train if lr is not None], [lr for _, _, lr in train if lr is not None])
+    if val:
+        top.plot([s for s, _ in val], [l for _, l in val], "o-", label="val loss")
+    top.set_title(title)
+    top.set_ylabel("loss")
+    top.legend()
+    top.grid(alpha=0.3)
+    bottom.set_ylabel("learning rate")
+    bottom.set_xlabel("step")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. sample answer
+
+
+def print_sample_answer(model, tokenizer, question: str, cfg) -> str:
+    """One answer to a val question, generated the right way: eval mode, KV cache on, no checkpointing."""
+    from medsft.generation import generate_replies, prepare_for_generation
+
+    prepare_for_generation(model)
+    reply = generate_replies(model, tokenizer, [question], system_prompt=cfg.SYSTEM_PROMPT,
+                             max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS, temperature=0.0)[0]
+    print(f"==== sample answer to a val question ====\nQuestion: {question}\n\n{reply.text}\n"
+          f"[finish: {reply.finish_reason}, {reply.new_tokens} new tokens]", flush=True)
+    return reply.text

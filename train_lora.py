@@ -1,0 +1,100 @@
+"""QLoRA v1: Qwen3 in 4-bit NF4 + LoRA on the medical R1 data (the originals' basic recipe, minus its bugs).
+
+    python data.py && python train_lora.py
+    python train_lora.py --dry_run=True                         # token-length stats and the first example, no model
+    python train_lora.py --model_path=Qwen/Qwen3-0.6B --max_length=1024 --output_dir=output/0.6b-v1
+    python train_lora.py --max_steps=400                        # after a crash, the same command resumes
+"""
+from medsft.chat_format import SYSTEM_PROMPT as ORIGINAL_SYSTEM_PROMPT
+from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
+from medsft.settings import check_settings, parse_settings
+from medsft.training import (build_trainer, check_training_settings, load_lora_model, load_training_data,
+                             plan_output_dir, print_sample_answer, save_results, show_data_preview, train)
+
+# -----------------------------------------------------------------------------
+# version
+VERSION = "v1"                             # written to summary.json for compare.py
+KEY_CHANGE = "basic QLoRA (NF4, paged AdamW 8-bit)"
+# model
+MODEL_PATH = "Qwen/Qwen3-1.7B"             # a local folder, or a ModelScope / Hugging Face id (downloaded once)
+LOAD_IN_4BIT = True                        # QLoRA: NF4 base with double quantisation, bf16 compute; False = bf16 LoRA
+ATTN_IMPLEMENTATION = "sdpa"               # "sdpa" keeps packed examples apart; "flash_attention_2" if installed
+# data
+DATA_DIR = "data"                          # train.jsonl and val.jsonl from data.py
+MAX_LENGTH = 2048                          # tokens; p99 of the dataset is 1,443, max 3,150
+LONG_EXAMPLES = "shorten_think"            # longer examples lose the end of their think ("drop" drops them); never the answer
+SYSTEM_PROMPT = ORIGINAL_SYSTEM_PROMPT     # the originals' prompt; inference_lora.py uses the same
+# LoRA
+LORA_R = 64                                # rank
+LORA_ALPHA = 16                            # scale = alpha / r
+LORA_DROPOUT = 0.05                        # v2 and v3 use 0.2
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODULES_TO_SAVE = []                       # fully trained extra modules; v2 adds the embedding
+# optimisation
+EPOCHS = 3.0                               # passes over train.jsonl (ignored when MAX_STEPS > 0)
+MAX_STEPS = -1                             # > 0 stops after this many optimizer steps
+BATCH_SIZE = 4                             # examples per micro-batch
+GRADIENT_ACCUMULATION = 4                  # micro-batches per optimizer step: 4 x 4 = 16 examples
+LEARNING_RATE = 2e-4                       # peak learning rate
+LR_SCHEDULER = "linear"                    # decay after warmup: linear, cosine, constant, ...
+WARMUP_RATIO = 0.0                         # fraction of the steps spent warming up
+WEIGHT_DECAY = 0.0                         # AdamW weight decay
+OPTIM = "paged_adamw_8bit"                 # bitsandbytes paged 8-bit AdamW (on CPU it runs unpaged)
+MAX_GRAD_NORM = 0.3                        # gradient clipping
+SEED = 42                                  # data order, dropout and LoRA init
+# speed and memory
+PACKING = True                             # micro-batch examples in one row, no padding (same loss as padded)
+LOSS_CHUNK_SIZE = 1024                     # tokens per lm_head chunk, so full-vocabulary logits never exist; 0 = at once
+GRADIENT_CHECKPOINTING = True              # recompute activations in backward: much less memory, ~30% slower
+# evaluation and checkpoints
+EVAL_STEPS = 50                            # val loss every this many steps (and at the end)
+EVAL_BATCH_SIZE = 4                        # examples per eval micro-batch
+SAVE_STEPS = 50                            # checkpoint-N every this many steps, for resuming
+SAVE_TOTAL_LIMIT = 2                       # checkpoints kept
+LOG_STEPS = 10                             # one progress line every this many steps
+# output
+OUTPUT_DIR = "output/qwen3-1.7b-qlora-v1"  # final/ (best adapter), summary.json, metrics.jsonl, loss.png
+RESUME = "auto"                            # "auto": continue from the newest checkpoint; "never"; or a checkpoint folder
+OVERWRITE = False                          # True replaces a finished run in OUTPUT_DIR
+REPORT_TO = "auto"                         # "auto": SwanLab if logged in, else nothing; "swanlab"; "none"
+PROGRESS_BAR = True                        # the library's progress bar
+DRY_RUN = False                            # True: load data and tokenizer, print stats and the first example, stop
+SAMPLE_MAX_NEW_TOKENS = 1024               # tokens of the sample answer printed at the end
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    # ========== 1. Settings: every problem reported before the model loads ==========
+    cfg = parse_settings(globals(), argv)
+    cfg.print(f"QLoRA {cfg.VERSION} settings")
+    check_settings(check_training_settings(cfg))
+
+    # ========== 2. Tokenizer and data ==========
+    model_path = resolve_model_path(cfg.MODEL_PATH)
+    tokenizer = load_tokenizer(model_path)
+    data = load_training_data(cfg, tokenizer)
+    show_data_preview(tokenizer, data, cfg)
+    if cfg.DRY_RUN:
+        return {"data": data}
+    resume = plan_output_dir(cfg, len(data.train_set))
+
+    # ========== 3. 4-bit NF4 base model + LoRA ==========
+    warn_if_cpu()
+    model = load_lora_model(model_path, cfg)
+
+    # ========== 4. Trainer ==========
+    trainer = build_trainer(cfg, model, tokenizer, data, cfg.VERSION)
+
+    # ========== 5. Train (resumes from the newest checkpoint after a crash) ==========
+    wall_time = train(trainer, resume, cfg)
+
+    # ========== 6. Save the best adapter, summary.json and loss.png ==========
+    summary = save_results(cfg, trainer, tokenizer, wall_time, cfg.VERSION, cfg.KEY_CHANGE)
+
+    # ========== 7. One sample answer to a val question ==========
+    print_sample_answer(model, tokenizer, data.val_rows[0]["question"], cfg)
+    return {"data": data, "trainer": trainer, "summary": summary}
+
+
+if __name__ == "__main__":
+    main()
