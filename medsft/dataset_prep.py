@@ -75,15 +75,18 @@ def load_checked_rows(paths: list[Path], on_bad_row: str) -> tuple[list[dict], C
             row, reason, message = check_row(raw)
             if row is None:
                 if on_bad_row == "error":
-                    problems.append(DataError(path, number, message, unit=unit).message)
+                    problems.append((path, number, message, unit))
                     if len(problems) == 10:
                         break
                 dropped[reason] += 1
                 continue
             rows.append(row)
-    if problems:
-        more = "" if len(problems) < 10 else "\n(stopped after 10 problems)"
-        raise UserError("\n".join(problems) + more + "\nFix the rows, or pass --on_bad_row=skip to drop them.")
+    if problems:  # the first problem names file and line; the others follow, up to 10
+        path, number, message, unit = problems[0]
+        others = [DataError(*p[:3], unit=p[3]).message for p in problems[1:]]
+        more = "\n(stopped after 10 problems)" if len(problems) == 10 else ""
+        raise DataError(path, number, "\n".join([message, *others]) + more
+                        + "\nFix the rows, or pass --on_bad_row=skip to drop them.", unit=unit)
     return rows, dropped, read
 
 
@@ -101,8 +104,8 @@ def drop_duplicate_questions(rows: list[dict]) -> tuple[list[dict], int]:
 def split_rows(rows: list[dict], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[dict]]:
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    n_val = round(len(rows) * val_fraction)
-    n_test = round(len(rows) * test_fraction)
+    n_val = max(1, round(len(rows) * val_fraction)) if val_fraction > 0 else 0
+    n_test = max(1, round(len(rows) * test_fraction)) if test_fraction > 0 else 0
     if len(rows) - n_val - n_test < 1:
         raise UserError(f"error: {len(rows)} rows are too few for val_fraction={val_fraction} "
                         f"and test_fraction={test_fraction}")

@@ -127,11 +127,11 @@ def write_files_atomically(files: dict, remove=()) -> None:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps[path] = temp
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-            temps[path] = temp
     except BaseException:
         for temp in temps.values():
             Path(temp).unlink(missing_ok=True)

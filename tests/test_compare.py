@@ -85,4 +85,4 @@ def test_malformed_metrics_line(tmp_path):
     with pytest.raises(DataError) as excinfo:
         run_compare(tmp_path, good, bad)
     assert excinfo.value.line == 2
-    assert f"{bad / 'metrics.jsonl'}:2" in str(excinfo.value)
+    assert f"{bad / 'metrics.jsonl'}: line 2" in str(excinfo.value)

@@ -1,0 +1,81 @@
+"""One chat format: the training text is byte-for-byte Qwen3's own chat template."""
+import pytest
+
+from medsft.chat_format import (IGNORE_INDEX, SYSTEM_PROMPT, build_messages, build_training_example, clean_think,
+                                format_reply, render_prompt, split_reply)
+
+ROWS = [
+    {"question": "医生，我头痛怎么办？", "think": "嗯，用户头痛。", "answer": "建议休息，必要时就医。"},
+    {"question": "孩子发热39度，\n还咳嗽，要去医院吗？", "think": "第一行。\n第二行：考虑感染。\n\n第三行（空行后）。",
+     "answer": "1. 先物理降温；\n2. 如持续高热，请及时就医。"},
+    {"question": "血压150/95mmHg要吃药吗？", "think": "。", "answer": "请咨询医生。"},  # empty-looking think
+    {"question": "English and 中文 mixed?", "think": "Think in English, then 中文。 Tabs\there.", "answer": "OK 好的"},
+]
+
+
+def reference_text(tokenizer, row, system_prompt=SYSTEM_PROMPT):
+    messages = build_messages(row["question"], system_prompt, reply=format_reply(row["think"], row["answer"]))
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_training_text_equals_qwen3_chat_template(tokenizer, row):
+    example = build_training_example(tokenizer, row, 4096)
+    reference = reference_text(tokenizer, row)
+    assert tokenizer.decode(example["input_ids"]) == reference
+    assert example["input_ids"] == tokenizer(reference, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_labels_cover_the_reply_and_its_end_token_only(tokenizer, row):
+    example = build_training_example(tokenizer, row, 4096)
+    ids, labels = example["input_ids"], example["labels"]
+    prompt_len = len(tokenizer(render_prompt(tokenizer, row["question"]), add_special_tokens=False)["input_ids"])
+    assert all(label == IGNORE_INDEX for label in labels[:prompt_len])
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert trained == list(range(prompt_len, len(ids) - 1))  # contiguous, up to the token before the last
+    assert [ids[i] for i in trained] == [labels[i] for i in trained]
+    assert tokenizer.convert_ids_to_tokens(ids[trained[-1]]) == "<|im_end|>"
+    assert tokenizer.decode(ids[trained[0]]) == "<think>"
+    assert tokenizer.decode(ids[-1]) == "\n" and labels[-1] == IGNORE_INDEX
+    assert tokenizer.convert_ids_to_tokens(ids[example["think_end"]]) == "</think>"
+
+
+def test_inference_prompt_is_the_training_prefix(tokenizer):
+    row = ROWS[1]
+    prompt = render_prompt(tokenizer, row["question"])
+    assert prompt == tokenizer.apply_chat_template(build_messages(row["question"]), tokenize=False,
+                                                   add_generation_prompt=True)
+    assert reference_text(tokenizer, row).startswith(prompt) and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_long_think_is_shortened_never_the_answer_or_end_token(tokenizer):
+    row = {"question": "问题？", "think": "很长的思考过程。" * 400, "answer": "最终的回答，必须完整保留。"}
+    example = build_training_example(tokenizer, row, 256)
+    assert len(example["input_ids"]) <= 256 and example["think_cut"] > 0
+    text = tokenizer.decode(example["input_ids"])
+    assert text.endswith("\n</think>\n\n最终的回答，必须完整保留。<|im_end|>\n")
+    assert example["labels"][len(example["input_ids"]) - 2] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    short = dict(row, think="短。")
+    assert build_training_example(tokenizer, short, 256)["think_cut"] == 0
+
+
+def test_example_that_cannot_fit_is_none(tokenizer):
+    row = {"question": "问题？", "think": "想。", "answer": "很长的回答。" * 300}
+    assert build_training_example(tokenizer, row, 256) is None
+
+
+def test_system_prompt_and_question_override(tokenizer):
+    example = build_training_example(tokenizer, ROWS[0], 4096, system_prompt="你是医生。", question="[MASK]怎么办？")
+    text = tokenizer.decode(example["input_ids"])
+    assert "<|im_start|>system\n你是医生。<|im_end|>" in text and "[MASK]怎么办？" in text
+
+
+def test_clean_think_removes_stray_tags_and_normalises_whitespace():
+    assert clean_think("<think>\n 第一行  \r\n\r\n\n第二行</think>\n") == "第一行\n第二行"
+
+
+def test_split_reply():
+    assert split_reply("<think>\n想法\n</think>\n\n回答") == ("想法", "回答")
+    assert split_reply("<think>\n只想到一半") == ("只想到一半", "")
+    assert split_reply("没有思考") == ("", "没有思考")

@@ -1,0 +1,67 @@
+"""The --name=value override of a script's UPPER_CASE constants."""
+import pytest
+
+from medsft.errors import UserError
+from medsft.settings import check_settings, parse_settings
+
+DEFAULTS = {"MAX_LENGTH": 2048, "LEARNING_RATE": 2e-4, "PACKING": True, "OUTPUT_DIR": "out",
+            "TARGET_MODULES": ["q_proj", "v_proj"], "RUN_DIRS": [], "lower_case": 1, "_PRIVATE": 3}
+
+
+def test_values_are_parsed_to_the_defaults_types():
+    cfg = parse_settings(DEFAULTS, ["--max_length=512", "--learning_rate", "1e-3", "--packing=false",
+                                    "--output_dir=o/p", "--target_modules=q_proj,k_proj"])
+    assert (cfg.MAX_LENGTH, cfg.LEARNING_RATE, cfg.PACKING, cfg.OUTPUT_DIR) == (512, 1e-3, False, "o/p")
+    assert cfg.TARGET_MODULES == ["q_proj", "k_proj"]
+    assert parse_settings(DEFAULTS, ["--target_modules=[\"a\"]"]).TARGET_MODULES == ["a"]
+    assert parse_settings(DEFAULTS, ["--learning_rate=1"]).LEARNING_RATE == 1.0
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("False", False), ("1", True), ("no", False)])
+def test_bools_accept_true_and_false(text, value):
+    assert parse_settings(DEFAULTS, [f"--packing={text}"]).PACKING is value
+
+
+def test_only_upper_case_public_names_are_settings():
+    cfg = parse_settings(DEFAULTS, [])
+    assert "lower_case" not in cfg.as_dict() and "_PRIVATE" not in cfg.as_dict()
+
+
+def test_unknown_name_stops_with_the_valid_names():
+    with pytest.raises(UserError) as e:
+        parse_settings(DEFAULTS, ["--max_lenght=5"])
+    assert "unknown setting --max_lenght" in str(e.value) and "--max_length=2048" in str(e.value)
+
+
+@pytest.mark.parametrize("arg,message", [("--max_length=1.5", "integer"), ("--packing=maybe", "true or false"),
+                                         ("--learning_rate=fast", "number")])
+def test_wrong_type_stops_with_a_message(arg, message):
+    with pytest.raises(UserError, match=message):
+        parse_settings(DEFAULTS, [arg])
+
+
+def test_all_problems_are_reported_together():
+    with pytest.raises(UserError) as e:
+        parse_settings(DEFAULTS, ["--nope=1", "--max_length=x"])
+    assert "--nope" in str(e.value) and "integer" in str(e.value)
+
+
+def test_aliases_and_positional_arguments():
+    cfg = parse_settings(DEFAULTS, ["-o", "x", "a", "b"], aliases={"-o": "output_dir"}, positional="run_dirs")
+    assert cfg.OUTPUT_DIR == "x" and cfg.RUN_DIRS == ["a", "b"]
+    with pytest.raises(UserError, match="unexpected argument"):
+        parse_settings(DEFAULTS, ["stray"])
+
+
+def test_settings_save_as_json(tmp_path):
+    import json
+
+    parse_settings(DEFAULTS, ["--max_length=7"]).save(tmp_path)
+    assert json.loads((tmp_path / "settings.json").read_text())["MAX_LENGTH"] == 7
+
+
+def test_check_settings_lists_every_problem():
+    with pytest.raises(UserError) as e:
+        check_settings(["a is wrong", False, "b is wrong"])
+    assert "a is wrong" in str(e.value) and "b is wrong" in str(e.value)
+    check_settings([False, None, ""])  # nothing to report
