@@ -196,7 +196,7 @@ def load_lora_model(model_path: str, cfg):
         modules_to_save = [m for m in modules_to_save if m != "lm_head"]
     lora = LoraConfig(
         r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
-        target_modules=list(cfg.TARGET_MODULES), modules_to_save=modules_to_save,
+        target_modules=list(cfg.TARGET_MODULES), modules_to_save=list(modules_to_save or []) or None,
         ensure_weight_tying=bool(modules_to_save and tied), bias="none", task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)

@@ -1,0 +1,420 @@
+"""The medical assistant: a base Qwen3 with a LoRA adapter, asked one question, a batch, or in a chat.
+
+    from medsft.assistant import MedicalAssistant
+
+    assistant = MedicalAssistant("Qwen/Qwen3-1.7B", "output/qwen3-1.7b-qlora-v3/final")
+    reply = assistant.ask("我最近头痛，可能是什么原因？", scenario="diagnosis")
+    print(reply.think, reply.answer, reply.finish_reason, reply.new_tokens)
+
+    for piece in assistant.stream("如何缓解焦虑情绪？"):   # text as it is generated
+        print(piece, end="", flush=True)
+    reply = assistant.last_reply                             # the finished Reply
+
+inference_lora.py (the command line, batch files, the chat) and a web demo are built on it.
+"""
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from medsft.chat_format import SYSTEM_PROMPT, format_reply, render_prompt
+from medsft.errors import DataError, UserError
+from medsft.generation import Reply, decode_reply, generation_kwargs, prepare_for_generation
+from medsft.records import read_jsonl
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name_zh: str
+    guidance: str  # appended to the training system prompt, never replacing it
+    example: str
+
+
+# the originals' 10 scenarios (medical_assistant.py), with guidance of our own
+SCENARIOS = {
+    "diagnosis": Scenario(
+        "症状诊断", "当前场景：症状诊断。请根据症状分析可能的原因并按可能性排序，说明明确诊断需要做哪些检查，"
+        "并指出哪些情况需要尽快就医。", "我最近经常头痛，伴有恶心，这是什么原因？"),
+    "treatment": Scenario(
+        "治疗方案", "当前场景：治疗方案。请介绍常用的治疗方法及其利弊；药物只说明类别和一般原则，"
+        "具体用药和剂量须由医生根据病情决定。", "高血压患者应该如何控制血压？"),
+    "prevention": Scenario(
+        "疾病预防", "当前场景：疾病预防。请从生活方式、饮食运动、疫苗接种和定期筛查等方面给出具体、可执行的预防建议。",
+        "如何预防心血管疾病？"),
+    "education": Scenario(
+        "医学教育", "当前场景：医学知识科普。请用通俗易懂的语言解释医学概念，必要时举例说明，避免堆砌术语。",
+        "什么是高血压？"),
+    "emergency": Scenario(
+        "紧急评估", "当前场景：紧急情况评估。请先判断是否有危及生命的危险信号；如有，首先明确建议立即拨打120"
+        "或到急诊就医，再说明等待救援时的注意事项。", "胸痛持续了3天，需要立即就医吗？"),
+    "nutrition": Scenario(
+        "营养指导", "当前场景：营养指导。请结合疾病和个人情况给出具体的饮食建议，包括宜吃和少吃的食物及进餐安排。",
+        "糖尿病患者应该如何选择食物？"),
+    "mental_health": Scenario(
+        "心理健康", "当前场景：心理健康。请以温和、共情的语气回应，给出可行的自我调节方法；如有自伤或轻生的念头，"
+        "请明确建议立即寻求专业心理援助或拨打心理援助热线。", "如何缓解焦虑情绪？"),
+    "pediatric": Scenario(
+        "儿科咨询", "当前场景：儿科咨询。请考虑孩子的年龄和体重，儿童用药须按儿童剂量并遵医嘱，不要自行给孩子服用"
+        "成人药物，并说明需要立即就医的危险信号。", "儿童发热应该如何处理？"),
+    "geriatric": Scenario(
+        "老年健康", "当前场景：老年健康。请考虑老年人常见的多病共存、多重用药和跌倒风险，建议要简单、安全、易于执行。",
+        "老年人如何预防跌倒？"),
+    "women_health": Scenario(
+        "女性健康", "当前场景：女性健康。请关注月经、妊娠、哺乳和更年期等不同阶段的特点，涉及用药时说明孕期和哺乳期的注意事项。",
+        "更年期症状如何缓解？"),
+}
+
+# Qwen3's thinking-mode sampling; seed: transformers.set_seed before every generate (None: not reseeded)
+DEFAULT_SAMPLING = {"max_new_tokens": 2048, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "seed": None}
+
+
+def check_scenario(name: str | None) -> str | None:
+    """The scenario name, or None for none; an unknown name stops with the valid ones."""
+    if not name:
+        return None
+    if name not in SCENARIOS:
+        raise UserError(f"error: unknown scenario {name!r}; valid scenarios: {', '.join(SCENARIOS)}")
+    return name
+
+
+def scenario_system_prompt(scenario: str | None, system_prompt: str = SYSTEM_PROMPT) -> str:
+    """The training system prompt, plus the scenario's guidance on a new line."""
+    scenario = check_scenario(scenario)
+    return system_prompt if scenario is None else system_prompt + "\n" + SCENARIOS[scenario].guidance
+
+
+def scenario_table() -> str:
+    lines = [f"{'name':<14}{'场景':<6}example question"]
+    lines += [f"{name:<14}{s.name_zh:<6}{s.example}" for name, s in SCENARIOS.items()]
+    return "\n".join(lines)
+
+
+def history_turn(question: str, reply: Reply) -> tuple[str, str]:
+    """One finished turn for the chat history, as Qwen3 keeps it.
+
+    Qwen3's template drops an earlier reply's think only when the reply has its </think>; a reply cut off
+    inside its think (finish_reason "length") is closed here so its think is dropped too.
+    """
+    return question, reply.text if "</think>" in reply.text else format_reply(reply.think, reply.answer)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+def check_adapter_path(adapter_path) -> None:
+    path = Path(adapter_path)
+    if not path.exists():
+        hint = "train one (python train_lora3.py), or pass --adapter_path= (empty) for the bare base model"
+        raise UserError(f"error: adapter path {str(path)!r} not found; {hint}")
+    if not (path / "adapter_config.json").is_file():
+        final = path / "final" / "adapter_config.json"
+        hint = f"; did you mean {path / 'final'}?" if final.is_file() else ""
+        raise UserError(f"error: adapter path {str(path)!r} has no adapter_config.json, so it is not a LoRA adapter{hint}")
+
+
+def load_model(base_model_path: str, adapter_path=None, load_in_4bit: bool = False):
+    """(model, tokenizer): the base Qwen3 in bf16 (4-bit NF4 if asked) with the adapter on it, ready to generate.
+
+    On CPU a bf16 model is cast to float32: bf16 matmuls are slow there, and float32 matches what the
+    adapter was trained against on CPU. A 4-bit model keeps its bf16 compute dtype.
+    """
+    import torch
+    from peft import PeftModel
+
+    from medsft.model_loading import load_base_model, load_tokenizer
+
+    if adapter_path:
+        check_adapter_path(adapter_path)
+    tokenizer = load_tokenizer(base_model_path)
+    model = load_base_model(base_model_path, load_in_4bit)
+    if not load_in_4bit and model.device.type == "cpu":
+        model.to(torch.float32)
+    if adapter_path:
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_path))
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"error: the adapter in {adapter_path} does not match the base model {base_model_path} "
+                            f"({_adapter_base(adapter_path)}{_first_line(e)}); pass the base it was trained on "
+                            "with --model_path") from None
+    prepare_for_generation(model)
+    return model, tokenizer
+
+
+def _adapter_base(adapter_path) -> str:
+    try:
+        base = json.loads((Path(adapter_path) / "adapter_config.json").read_text(encoding="utf-8"))
+        return f"it was made for {base['base_model_name_or_path']}: " if base.get("base_model_name_or_path") else ""
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else type(error).__name__)
+    return detail if len(detail) <= 240 else detail[:237] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the assistant
+
+
+class MedicalAssistant:
+    """Ask a fine-tuned Qwen3 medical questions; every answer is a Reply (think, answer, finish_reason, ...).
+
+    Sampling settings (max_new_tokens, temperature, top_p, top_k, seed) default to `self.sampling` and can be
+    given per call; any other keyword argument goes to model.generate (e.g. logits_processor).
+    """
+
+    def __init__(self, base_model_path: str, adapter_path=None, load_in_4bit: bool = False,
+                 system_prompt: str = SYSTEM_PROMPT):
+        self.model, self.tokenizer = load_model(base_model_path, adapter_path, load_in_4bit)
+        self.system_prompt = system_prompt
+        self.sampling = dict(DEFAULT_SAMPLING)
+        self.last_reply: Reply | None = None  # set when a stream() finishes
+
+    def render(self, question: str, scenario: str | None = None, history=()) -> str:
+        """The exact prompt the model sees, the same rendering training used."""
+        return render_prompt(self.tokenizer, question, scenario_system_prompt(scenario, self.system_prompt), history)
+
+    def ask(self, question: str, scenario: str | None = None, history=(), **sampling) -> Reply:
+        return self.generate([self.render(_checked(question), scenario, history)], **sampling)[0]
+
+    def ask_batch(self, questions, scenarios=None, histories=None, **sampling) -> list[Reply]:
+        """Replies to several questions at once (one left-padded batch); scenarios and histories are per question."""
+        scenarios = scenarios or [None] * len(questions)
+        histories = histories or [()] * len(questions)
+        if not len(questions) == len(scenarios) == len(histories):
+            raise ValueError("questions, scenarios and histories must have the same length")
+        return self.generate([self.render(_checked(q), s, h) for q, s, h in zip(questions, scenarios, histories)],
+                             **sampling)
+
+    def stream(self, question: str, scenario: str | None = None, history=(), **sampling):
+        """Yield the reply's text as it is generated; when the iterator ends, `self.last_reply` holds the Reply.
+
+        The text includes the <think> and </think> tags (ThinkAnswerSplitter tells the parts apart). Closing
+        the iterator early (e.g. Ctrl-C) stops the generation.
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        prompt = self.render(_checked(question), scenario, history)
+        self.last_reply = None
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+        result = {}
+
+        def run():
+            try:
+                result["replies"] = self.generate([prompt], streamer=streamer,
+                                                  stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
+                                                  **sampling)
+            except BaseException as e:  # re-raised in the caller's thread
+                result["error"] = e
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            stop.set()
+            thread.join()
+        if "error" in result:
+            raise result["error"]
+        self.last_reply = result["replies"][0]
+
+    def generate(self, prompts: list[str], streamer=None, **options) -> list[Reply]:
+        """Replies to rendered prompts (left-padded batch), cut at <|im_end|> or <|endoftext|>."""
+        import torch
+        from transformers import set_seed
+
+        settings = self.sampling | {k: options.pop(k) for k in list(options) if k in DEFAULT_SAMPLING}
+        tokenizer = self.tokenizer
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tokenizer.padding_side = side
+        inputs = inputs.to(self.model.device)
+        kwargs = generation_kwargs(tokenizer, settings["max_new_tokens"], settings["temperature"],
+                                   settings["top_p"], settings["top_k"])
+        if settings["seed"] is not None:
+            set_seed(settings["seed"])
+        with torch.no_grad():
+            output = self.model.generate(**inputs, streamer=streamer, **kwargs, **options)
+        width = inputs["input_ids"].shape[1]
+        return [decode_reply(tokenizer, row[width:].tolist()) for row in output]
+
+
+def _checked(question) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise UserError("error: the question is empty")
+    return question.strip()
+
+
+class _StopWhenSet:
+    """A stopping criterion that ends generation once its event is set (the stream's reader went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ThinkAnswerSplitter:
+    """Splits streamed reply text into ("think", text) and ("answer", text) parts as it arrives.
+
+    Tags split across pieces are held back until they are complete, and the newlines the template puts
+    around them are dropped, so the parts are exactly the think and the answer.
+    """
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self):
+        self.section = None  # None: before the reply starts; then "think" or "answer"
+        self.pending = ""
+        self.at_start = True  # strip leading newlines of a section
+
+    def feed(self, piece: str) -> list[tuple[str, str]]:
+        self.pending += piece
+        parts = []
+        while self.pending:
+            if self.section is None:
+                text = self.pending.lstrip()
+                if not text or (self.OPEN.startswith(text) and text != self.OPEN):
+                    return parts  # may still become <think>
+                if text.startswith(self.OPEN):
+                    self.section, self.pending = "think", text[len(self.OPEN):]
+                else:
+                    self.section, self.pending = "answer", text
+                self.at_start = True
+            elif self.section == "think":
+                end = self.pending.find(self.CLOSE)
+                if end >= 0:
+                    self._emit(parts, self.pending[:end].rstrip())
+                    self.section, self.pending, self.at_start = "answer", self.pending[end + len(self.CLOSE):], True
+                    continue
+                hold = _partial_tag_length(self.pending, self.CLOSE)
+                body = self.pending[: len(self.pending) - hold]
+                kept = body.rstrip()  # trailing whitespace may be the template's newline before </think>
+                self._emit(parts, kept)
+                self.pending = body[len(kept):] + self.pending[len(self.pending) - hold:]
+                return parts
+            else:
+                self._emit(parts, self.pending)
+                self.pending = ""
+        return parts
+
+    def close(self) -> list[tuple[str, str]]:
+        """The rest once the stream has ended (a reply cut off inside its think ends in the think)."""
+        parts = []
+        if self.section is None and self.pending.strip():
+            self.section = "answer"
+        if self.section:
+            self._emit(parts, self.pending.rstrip())
+        self.pending = ""
+        return parts
+
+    def _emit(self, parts: list, text: str) -> None:
+        if self.at_start:
+            text = text.lstrip()
+        if text:
+            self.at_start = False
+            parts.append((self.section, text))
+
+
+def _partial_tag_length(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that is the start of `tag` (a tag split across pieces)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# batch files
+
+OUTPUT_FIELDS = ("id", "question", "think", "answer", "output", "finish_reason", "new_tokens")
+
+
+@dataclass
+class BatchItem:
+    line: int
+    id: str
+    question: str
+    scenario: str | None
+    row: dict  # the input row, whose other fields are copied to the output
+
+
+def read_batch_file(path, scenario: str | None = None) -> list[BatchItem]:
+    """The questions of a .jsonl file, checked before any model loads.
+
+    Rows have `question`, optional `id` (default "line-N", stable across reruns) and `scenario` (overrides
+    the command line's). Bad JSON, an empty question, a duplicate id or an unknown scenario stops with the
+    file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"error: batch file {str(path)!r} not found")
+    items, seen = [], {}
+    for line, row in read_jsonl(path):
+        question = row.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(path, line, "the question is missing or empty")
+        item_id = str(row["id"]) if row.get("id") not in (None, "") else f"line-{line}"
+        if item_id in seen:
+            raise DataError(path, line, f"duplicate id {item_id!r} (first on line {seen[item_id]})")
+        seen[item_id] = line
+        row_scenario = row.get("scenario") or scenario
+        if row_scenario and row_scenario not in SCENARIOS:
+            raise DataError(path, line, f"unknown scenario {row_scenario!r}; valid scenarios: {', '.join(SCENARIOS)}")
+        items.append(BatchItem(line, item_id, question.strip(), row_scenario or None, row))
+    return items
+
+
+def finished_ids(path) -> set[str]:
+    """Ids already answered in an output file; an incomplete last line (a crash mid-write) is removed."""
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        print(f"note: removed an incomplete last line from {path} (the previous run stopped mid-write)")
+    return {str(row["id"]) for _, row in read_jsonl(path) if "id" in row}
+
+
+def prediction_row(item: BatchItem, reply: Reply) -> dict:
+    """The output row: id, question, scenario (if any), the input's other fields, then the reply.
+
+    An input field named like a reply field (a reference `think` or `answer`, as in val.jsonl) is kept as
+    `input_<name>` rather than overwritten.
+    """
+    row = {"id": item.id, "question": item.question}
+    if item.scenario:
+        row["scenario"] = item.scenario
+    for key, value in item.row.items():
+        if key not in row:
+            row[f"input_{key}" if key in OUTPUT_FIELDS else key] = value
+    row |= {"think": reply.think, "answer": reply.answer, "output": reply.text,
+            "finish_reason": reply.finish_reason, "new_tokens": reply.new_tokens}
+    return row
+
+
+def append_rows(path, rows: list[dict]) -> None:
+    """Append rows and make them durable at once, so a crash later loses nothing written here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8", newline="\n") as f:
+        f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        f.flush()
+        os.fsync(f.fileno())

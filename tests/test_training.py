@@ -1,0 +1,278 @@
+"""train_lora.py, train_lora2.py, train_lora3.py on the tiny Qwen3: outputs, reload, resume, masking, learning."""
+import json
+import random
+
+import pytest
+import torch
+
+import train_lora
+import train_lora2
+import train_lora3
+from medsft.errors import UserError
+from tests.conftest import FAST_TRAINING
+
+SCRIPTS = {"v1": train_lora, "v2": train_lora2, "v3": train_lora3}
+
+
+def run(script, tiny_model_dir, data_dir, out, *extra):
+    return script.main([f"--model_path={tiny_model_dir}", f"--data_dir={data_dir}", f"--output_dir={out}",
+                        *FAST_TRAINING, *extra])
+
+
+def load_adapter(base_dir, adapter_dir):
+    from peft import PeftModel
+
+    from medsft.model_loading import load_base_model
+
+    return PeftModel.from_pretrained(load_base_model(str(base_dir), load_in_4bit=True), str(adapter_dir)).eval()
+
+
+@pytest.mark.parametrize("version", SCRIPTS)
+def test_each_version_runs_end_to_end(version, tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    result = run(SCRIPTS[version], tiny_model_dir, sample_data_dir, tmp_path)
+    for name in ("final/adapter_model.safetensors", "final/adapter_config.json", "final/settings.json",
+                 "final/tokenizer.json", "summary.json", "metrics.jsonl", "loss.png", "settings.json"):
+        assert (tmp_path / name).is_file(), name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["version"] == version and summary["steps"] == 3
+    assert summary["best_step"] in (2, 3) and summary["train_tokens"] > 0
+    for key in ("final_train_loss", "best_val_loss", "wall_time_s", "train_tokens_per_s"):
+        assert summary[key] is not None and summary[key] == summary[key] and summary[key] < float("inf")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 3]
+    assert json.loads((tmp_path / "final" / "settings.json").read_text())["VERSION"] == version
+    assert result["summary"] == summary
+    assert load_adapter(tiny_model_dir, tmp_path / "final") is not None
+    assert "sample answer to a val question" in capsys.readouterr().out
+
+
+def test_v2_trains_the_tied_embedding_once_and_reloads_with_the_same_logits(tiny_model_dir, sample_data_dir, tmp_path):
+    result = run(train_lora2, tiny_model_dir, sample_data_dir, tmp_path, "--learning_rate=1e-2")
+    model = result["trainer"].model
+    inner = model.get_base_model()
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight  # still tied
+    embedding = inner.model.embed_tokens.modules_to_save["default"].weight
+    assert embedding.requires_grad
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert result["summary"]["trainable_params"] == trainable
+    assert trainable == embedding.numel() + sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "final" / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.model.embed_tokens.weight"], embedding.detach().cpu())
+    ids = torch.tensor([[151644, 8948, 198, 100, 200, 300, 151645]])
+    reloaded_model = load_adapter(tiny_model_dir, tmp_path / "final")
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits.float()
+        reloaded = reloaded_model(input_ids=ids).logits.float()
+    # training keeps fp32 copies, the reloaded bf16 base computes in bf16: equal up to bf16 rounding
+    torch.testing.assert_close(reloaded, expected, rtol=2e-2, atol=2e-2)
+    original = reloaded_model.get_base_model().model.embed_tokens.original_module.weight
+    assert not torch.allclose(original.float(), embedding.detach().float())  # the embedding really was trained
+
+
+def test_dry_run_prints_the_first_row_as_the_chat_template_renders_it(tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    from medsft.chat_format import SYSTEM_PROMPT, build_messages, format_reply
+    from medsft.records import read_jsonl
+
+    result = run(train_lora, tiny_model_dir, sample_data_dir, tmp_path, "--dry_run=True")
+    out = capsys.readouterr().out
+    assert "trainable parameters" not in out and not (tmp_path / "final").exists()
+    first = read_jsonl(sample_data_dir / "train.jsonl")[0][1]
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_model_dir)
+    rendered = tokenizer.apply_chat_template(
+        build_messages(first["question"], SYSTEM_PROMPT, reply=format_reply(first["think"], first["answer"])),
+        tokenize=False)
+    shown = out.split("==== first training example, exactly as trained (between the rulers) ====\n")[1]
+    assert shown.split("\n==== its trained part")[0] == rendered
+    trained = out.split("==== its trained part (labels != -100) ====\n")[1].split("\n==== end ====")[0]
+    assert trained == rendered.split("<|im_start|>assistant\n")[1].removesuffix("\n")
+    assert "p50" in out and "p99" in out and result["data"].stats["train_examples"] == 40
+
+
+def test_settings_problems_are_reported_together_before_loading(tmp_path):
+    with pytest.raises(UserError) as e:
+        train_lora.main([f"--data_dir={tmp_path / 'none'}", "--learning_rate=0", "--lr_scheduler=wavy",
+                         "--batch_size=0", "--model_path=/does/not/matter"])
+    message = str(e.value)
+    for part in ("train.jsonl: not found", "learning_rate", "lr_scheduler", "batch_size"):
+        assert part in message
+
+
+def test_resume_continues_from_the_newest_checkpoint(tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    run(train_lora, tiny_model_dir, sample_data_dir, tmp_path, "--max_steps=2", "--save_steps=1")
+    assert (tmp_path / "checkpoint-2").is_dir()
+    summary = run(train_lora, tiny_model_dir, sample_data_dir, tmp_path, "--max_steps=4", "--save_steps=1")["summary"]
+    assert f"resuming from {tmp_path / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
+    assert summary["steps"] == 4 and (tmp_path / "checkpoint-4").is_dir()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # no records duplicated by the resume
+
+
+def test_a_finished_run_is_not_overwritten(tiny_model_dir, sample_data_dir, tmp_path):
+    run(train_lora, tiny_model_dir, sample_data_dir, tmp_path)
+    before = (tmp_path / "final" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="nothing to resume"):
+        run(train_lora, tiny_model_dir, sample_data_dir, tmp_path)
+    assert (tmp_path / "final" / "adapter_model.safetensors").read_bytes() == before
+    run(train_lora, tiny_model_dir, sample_data_dir, tmp_path, "--overwrite=True", "--seed=3")
+    assert (tmp_path / "final" / "adapter_model.safetensors").read_bytes() != before
+
+
+def test_a_few_rows_lose_most_of_their_training_loss(tiny_model_dir, tmp_path):
+    import data
+
+    questions = ["头痛怎么办？", "发热怎么办？", "咳嗽怎么办？", "胃痛怎么办？", "失眠怎么办？",
+                 "腹泻怎么办？", "皮疹怎么办？", "牙痛怎么办？", "眼干怎么办？", "耳鸣怎么办？"]
+    rows = [{"question": q, "think": f"用户问{q[:2]}。", "answer": f"{q[:2]}请及时就医。"} for q in questions]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    data.main([f"--source={tmp_path / 'rows.jsonl'}", f"--data_dir={tmp_path / 'd'}", "--val_fraction=0.2"])
+    run(train_lora2, tiny_model_dir, tmp_path / "d", tmp_path / "o", "--max_steps=30", "--batch_size=8",
+        "--gradient_accumulation=1", "--learning_rate=1e-2", "--lr_scheduler=constant", "--warmup_ratio=0",
+        "--lora_dropout=0", "--log_steps=1", "--eval_steps=30", "--save_steps=30")
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert losses[0] > 11 and losses[-1] < 0.25 * losses[0]
+
+
+# ---- v3's masking -------------------------------------------------------------------------------------
+
+
+class MaskingSettings:
+    LEXICON_PATH, MASK_PROB, MASK_STYLE, SEED, MAX_LENGTH = "data/medical_terms.tsv", 0.15, "mask", 42, 2048
+    from medsft.chat_format import SYSTEM_PROMPT
+
+
+def masked_dataset(tokenizer, rows, **overrides):
+    from medsft.masking import MaskedQuestionDataset
+
+    cfg = MaskingSettings()
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return MaskedQuestionDataset(rows, tokenizer, cfg)
+
+
+@pytest.fixture(scope="module")
+def sample_rows():
+    from medsft.records import read_jsonl
+
+    return [row for _, row in read_jsonl("data/sample.jsonl")]
+
+
+def test_mask_prob_1_masks_every_term_and_leaves_the_labels(tokenizer, sample_rows):
+    from medsft.chat_format import IGNORE_INDEX, build_training_example
+    from medsft.masking import TermMasker, load_lexicon
+
+    dataset = masked_dataset(tokenizer, sample_rows, MASK_PROB=1.0)
+    lexicon = load_lexicon("data/medical_terms.tsv")
+    for index, row in enumerate(sample_rows):
+        question, masked, found = dataset.masked_question(index)
+        assert masked == found
+        assert TermMasker(lexicon).pattern.search(question.replace("[MASK]", "\0")) is None
+        example, plain = dataset[index], build_training_example(tokenizer, row, 2048)
+        trained = [label for label in example["labels"] if label != IGNORE_INDEX]
+        assert trained == [label for label in plain["labels"] if label != IGNORE_INDEX]
+    assert dataset.masked_terms > 100
+
+
+def test_longest_term_first_and_typed_style():
+    from medsft.masking import TermMasker
+
+    masker = TermMasker({"糖尿病": "疾病", "2型糖尿病": "疾病", "二甲双胍": "药物", "胃": "解剖"})
+    text, masked, found = masker.mask("2型糖尿病吃二甲双胍伤胃吗", random.Random(0), 1.0, "typed")
+    assert text == "[疾病]吃[药物]伤[解剖]吗" and masked == found == 3
+    assert masker.mask("糖尿病", random.Random(0), 0.0)[0] == "糖尿病"
+
+
+def test_mask_rate_is_near_mask_prob(tokenizer, sample_rows):
+    dataset = masked_dataset(tokenizer, sample_rows)
+    masked = found = 0
+    for epoch in range(20):
+        dataset.set_epoch(epoch)
+        for index in range(len(sample_rows)):
+            _, m, f = dataset.masked_question(index)
+            masked, found = masked + m, found + f
+    assert found > 2000 and abs(masked / found - 0.15) < 0.02
+
+
+def test_masks_differ_between_epochs_and_repeat_for_the_same_seed(tokenizer, sample_rows):
+    def questions(seed, epoch):
+        dataset = masked_dataset(tokenizer, sample_rows, SEED=seed, MASK_PROB=0.5)
+        dataset.set_epoch(epoch)
+        return [dataset.masked_question(i)[0] for i in range(len(sample_rows))]
+
+    assert questions(42, 0) == questions(42, 0)
+    assert questions(42, 0) != questions(42, 1)
+    assert questions(42, 0) != questions(7, 0)
+
+
+def test_v3_redraws_masks_every_epoch_during_training(tiny_model_dir, sample_data_dir, tmp_path):
+    result = run(train_lora3, tiny_model_dir, sample_data_dir, tmp_path, "--max_steps=-1", "--epochs=2",
+                 "--mask_prob=1.0", "--batch_size=20", "--gradient_accumulation=1", "--eval_steps=100",
+                 "--save_steps=100", "--log_steps=1")
+    dataset = result["trainer"].train_dataset
+    assert dataset.epoch == 1 and dataset.masked_terms > 0 and dataset.masked_terms == dataset.found_terms
+    logged = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("masked_terms", 0) > 0 for r in logged)
+
+
+# ---- speed options leave the loss unchanged ------------------------------------------------------------
+
+
+def test_packing_and_chunked_loss_equal_the_padded_full_logit_loss(tiny_model_dir, sample_data_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medsft.batching import collate
+    from medsft.chat_format import build_training_example
+    from medsft.losses import token_losses
+    from medsft.records import read_jsonl
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rows = [row for _, row in read_jsonl(sample_data_dir / "train.jsonl")][:4]
+    examples = [build_training_example(tokenizer, row, 2048) for row in rows]
+    results = {}
+    for packing, chunk in ((False, 0), (True, 0), (True, 100)):
+        model.zero_grad()
+        losses, _ = token_losses(model, collate(examples, tokenizer.pad_token_id, packing), chunk)
+        losses.mean().backward()
+        results[(packing, chunk)] = (losses.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone())
+    reference = results[(False, 0)]
+    for key, (losses, grad) in results.items():
+        torch.testing.assert_close(losses, reference[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grad, reference[1], rtol=1e-3, atol=1e-6)
+    # the reference agrees with transformers' own loss on the padded batch
+    batch = collate(examples, tokenizer.pad_token_id, packing=False)
+    with torch.no_grad():
+        hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    torch.testing.assert_close(reference[0].mean(), hf, rtol=1e-4, atol=1e-4)
+
+
+def test_out_of_memory_names_the_settings_to_lower():
+    from types import SimpleNamespace
+
+    from medsft.training import train
+
+    class Exploding:
+        def train(self, resume_from_checkpoint=None):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    cfg = SimpleNamespace(BATCH_SIZE=4, MAX_LENGTH=2048, OUTPUT_DIR="/tmp/unused-oom", save=lambda d: None)
+    with pytest.raises(UserError) as e:
+        train(Exploding(), None, cfg)
+    assert "--batch_size" in str(e.value) and "--max_length" in str(e.value)
+
+
+def test_report_to_never_prompts(monkeypatch, tmp_path):
+    from medsft.training import resolve_report_to
+
+    monkeypatch.delenv("SWANLAB_API_KEY", raising=False)
+    monkeypatch.delenv("SWANLAB_MODE", raising=False)
+    monkeypatch.setenv("SWANLAB_ROOT", str(tmp_path / "no-login"))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_report_to("none", tmp_path) == []
+    assert resolve_report_to("auto", tmp_path) == []  # not logged in: no SwanLab at all
+    assert resolve_report_to("swanlab", tmp_path) == ["swanlab"]
+    assert __import__("os").environ["SWANLAB_MODE"] == "offline"  # forced without a key: offline, no login prompt
+    monkeypatch.setenv("SWANLAB_API_KEY", "k")
+    assert resolve_report_to("auto", tmp_path) == ["swanlab"]
