@@ -50,7 +50,8 @@ MAX_GRAD_NORM = 0.3                        # gradient clipping
 SEED = 42                                  # data order, dropout and LoRA init
 # speed and memory
 PACKING = True                             # micro-batch examples in one row, no padding (same loss as padded)
-LOSS_CHUNK_SIZE = 1024                     # tokens per lm_head chunk, so full-vocabulary logits never exist; 0 = at once
+LOSS_CHUNK_SIZE = 1024                     # trained tokens per lm_head chunk, so full-vocabulary logits never exist;
+                                           # 0 = all trained tokens at once; -1 = every position (the originals' way)
 GRADIENT_CHECKPOINTING = True              # recompute activations in backward: much less memory, ~30% slower
 # evaluation and checkpoints
 EVAL_STEPS = 50                            # val loss every this many steps (and at the end)

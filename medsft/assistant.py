@@ -111,35 +111,52 @@ def check_adapter_path(adapter_path) -> None:
     if not (path / "adapter_config.json").is_file():
         final = path / "final" / "adapter_config.json"
         hint = f"; did you mean {path / 'final'}?" if final.is_file() else ""
-        raise UserError(f"error: adapter path {str(path)!r} has no adapter_config.json, so it is not a LoRA adapter{hint}")
+        raise UserError(f"error: adapter path {str(path)!r} has no adapter_config.json, so it is not a LoRA "
+                        f"adapter{hint}")
 
 
 def load_model(base_model_path: str, adapter_path=None, load_in_4bit: bool = False):
     """(model, tokenizer): the base Qwen3 in bf16 (4-bit NF4 if asked) with the adapter on it, ready to generate.
 
-    On CPU a bf16 model is cast to float32: bf16 matmuls are slow there, and float32 matches what the
-    adapter was trained against on CPU. A 4-bit model keeps its bf16 compute dtype.
+    `base_model_path` is a local folder or a model id (downloaded once, as training does). On CPU a bf16
+    model is cast to float32: bf16 matmuls are slow there, and the adapter was trained against float32 on
+    CPU. A 4-bit model keeps its bf16 compute dtype.
     """
     import torch
-    from peft import PeftModel
 
-    from medsft.model_loading import load_base_model, load_tokenizer
+    from medsft.model_loading import load_base_model, load_tokenizer, resolve_model_path
 
     if adapter_path:
         check_adapter_path(adapter_path)
+    base_model_path = resolve_model_path(str(base_model_path))
     tokenizer = load_tokenizer(base_model_path)
     model = load_base_model(base_model_path, load_in_4bit)
     if not load_in_4bit and model.device.type == "cpu":
         model.to(torch.float32)
     if adapter_path:
-        try:
-            model = PeftModel.from_pretrained(model, str(adapter_path))
-        except (RuntimeError, ValueError) as e:
-            raise UserError(f"error: the adapter in {adapter_path} does not match the base model {base_model_path} "
-                            f"({_adapter_base(adapter_path)}{_first_line(e)}); pass the base it was trained on "
-                            "with --model_path") from None
+        model = attach_adapter(model, adapter_path, base_model_path)
     prepare_for_generation(model)
     return model, tokenizer
+
+
+def attach_adapter(model, adapter_path, base_model_path="the base model"):
+    """peft.PeftModel.from_pretrained(model, adapter_path), with a clear error when the adapter does not fit."""
+    import torch
+    from peft import PeftModel
+
+    check_adapter_path(adapter_path)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_path))
+    except (RuntimeError, ValueError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        detail = _first_line(e)
+        if "size mismatch" in detail or "not found in the base model" in detail:
+            raise UserError(f"error: the adapter in {adapter_path} does not match the base model {base_model_path} "
+                            f"({_adapter_base(adapter_path)}{detail}); pass the base it was trained on with "
+                            "--model_path") from None
+        raise UserError(f"error: could not load the adapter in {adapter_path} onto {base_model_path}: "
+                        f"{detail}") from None
 
 
 def _adapter_base(adapter_path) -> str:
@@ -152,7 +169,8 @@ def _adapter_base(adapter_path) -> str:
 
 def _first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    detail = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else type(error).__name__)
+    first = lines[0] if lines else type(error).__name__
+    detail = next((line for line in lines if line.startswith("size mismatch")), first)
     return detail if len(detail) <= 240 else detail[:237] + "..."
 
 
@@ -373,7 +391,7 @@ def read_batch_file(path, scenario: str | None = None) -> list[BatchItem]:
             raise DataError(path, line, f"duplicate id {item_id!r} (first on line {seen[item_id]})")
         seen[item_id] = line
         row_scenario = row.get("scenario") or scenario
-        if row_scenario and row_scenario not in SCENARIOS:
+        if row_scenario and (not isinstance(row_scenario, str) or row_scenario not in SCENARIOS):
             raise DataError(path, line, f"unknown scenario {row_scenario!r}; valid scenarios: {', '.join(SCENARIOS)}")
         items.append(BatchItem(line, item_id, question.strip(), row_scenario or None, row))
     return items

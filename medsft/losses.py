@@ -24,13 +24,18 @@ def _chunk_loss(lm_head, hidden, targets):
 def token_losses(model, batch: dict, chunk_size: int = 0):
     """(per-token losses, segments) over the positions whose next token is trained.
 
-    chunk_size 0 computes the selected positions' logits at once; > 0 does it chunk_size tokens at a time.
+    chunk_size 0 computes the selected positions' logits at once; > 0 does it chunk_size tokens at a time;
+    < 0 computes the logits of every position, as the originals did (kept for benchmarking them).
     """
     causal_lm = _unwrap_causal_lm(model)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     hidden = causal_lm.model(**inputs, use_cache=False).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
+    if chunk_size < 0:
+        logits = causal_lm.lm_head(hidden).float()[:, :-1]
+        segments = batch["segments"][:, 1:][keep] if "segments" in batch else None
+        return F.cross_entropy(logits[keep], labels[keep], reduction="none"), segments
     hidden, targets = hidden[:, :-1][keep], labels[keep]
     segments = batch["segments"][:, 1:][keep] if "segments" in batch else None
     lm_head = causal_lm.lm_head

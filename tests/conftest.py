@@ -16,7 +16,12 @@ SAMPLE = ROOT / "data" / "sample.jsonl"
 # settings that make a training run take seconds on the tiny model
 FAST_TRAINING = ["--max_steps=3", "--eval_steps=2", "--save_steps=2", "--batch_size=2",
                  "--gradient_accumulation=2", "--report_to=none", "--progress_bar=False",
-                 "--sample_max_new_tokens=8", "--eval_batch_size=8"]
+                 "--sample_max_new_tokens=8", "--eval_batch_size=8", "--max_length=320"]
+
+# short rows whose questions hold lexicon terms, for tests that train many steps or several times
+SHORT_QUESTIONS = ["高血压患者头痛怎么办？", "糖尿病可以吃水果吗？", "孩子发热咳嗽要做血常规吗？", "胃痛反酸是胃炎吗？",
+                   "失眠可以吃安眠药吗？", "甲状腺结节要做B超吗？", "哮喘发作怎么处理？", "布洛芬能退烧吗？",
+                   "心电图异常要紧吗？", "腹泻脱水怎么办？", "湿疹反复怎么办？", "骨质疏松怎么预防？"]
 
 
 def cuda_available() -> bool:
@@ -46,11 +51,26 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def sample_data_dir(tmp_path_factory) -> Path:
-    """data.py's split of the bundled sample, with a 20% val split so val has 10 rows."""
+    """data.py's split of the bundled sample (45 train, 5 val)."""
     import data
 
     out = tmp_path_factory.mktemp("sample-split")
-    data.main([f"--source={SAMPLE}", f"--data_dir={out}", "--val_fraction=0.2"])
+    data.main([f"--source={SAMPLE}", f"--data_dir={out}"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def short_data_dir(tmp_path_factory) -> Path:
+    """A split of 12 short rows (10 train, 2 val)."""
+    import json
+
+    import data
+
+    out = tmp_path_factory.mktemp("short-split")
+    rows = [{"question": q, "think": f"用户问的是{q[:-1]}。\n需要先了解病史。", "answer": f"关于{q[:-1]}，建议及时就医。"}
+            for q in SHORT_QUESTIONS]
+    (out / "rows.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    data.main([f"--source={out / 'rows.jsonl'}", f"--data_dir={out}", "--val_fraction=0.15"])
     return out
 
 

@@ -9,7 +9,7 @@ import train_lora
 import train_lora2
 import train_lora3
 from medsft.errors import UserError
-from tests.conftest import FAST_TRAINING
+from tests.conftest import FAST_TRAINING, SHORT_QUESTIONS
 
 SCRIPTS = {"v1": train_lora, "v2": train_lora2, "v3": train_lora3}
 
@@ -46,8 +46,8 @@ def test_each_version_runs_end_to_end(version, tiny_model_dir, sample_data_dir, 
     assert "sample answer to a val question" in capsys.readouterr().out
 
 
-def test_v2_trains_the_tied_embedding_once_and_reloads_with_the_same_logits(tiny_model_dir, sample_data_dir, tmp_path):
-    result = run(train_lora2, tiny_model_dir, sample_data_dir, tmp_path, "--learning_rate=1e-2")
+def test_v2_trains_the_tied_embedding_once_and_reloads_with_the_same_logits(tiny_model_dir, short_data_dir, tmp_path):
+    result = run(train_lora2, tiny_model_dir, short_data_dir, tmp_path, "--learning_rate=1e-2")
     model = result["trainer"].model
     inner = model.get_base_model()
     assert inner.lm_head.weight is inner.model.embed_tokens.weight  # still tied
@@ -76,7 +76,7 @@ def test_dry_run_prints_the_first_row_as_the_chat_template_renders_it(tiny_model
     from medsft.chat_format import SYSTEM_PROMPT, build_messages, format_reply
     from medsft.records import read_jsonl
 
-    result = run(train_lora, tiny_model_dir, sample_data_dir, tmp_path, "--dry_run=True")
+    result = run(train_lora, tiny_model_dir, sample_data_dir, tmp_path, "--dry_run=True", "--max_length=2048")
     out = capsys.readouterr().out
     assert "trainable parameters" not in out and not (tmp_path / "final").exists()
     first = read_jsonl(sample_data_dir / "train.jsonl")[0][1]
@@ -88,7 +88,7 @@ def test_dry_run_prints_the_first_row_as_the_chat_template_renders_it(tiny_model
     assert shown.split("\n==== its trained part")[0] == rendered
     trained = out.split("==== its trained part (labels != -100) ====\n")[1].split("\n==== end ====")[0]
     assert trained == rendered.split("<|im_start|>assistant\n")[1].removesuffix("\n")
-    assert "p50" in out and "p99" in out and result["data"].stats["train_examples"] == 40
+    assert "p50" in out and "p99" in out and result["data"].stats["train_examples"] == 45
 
 
 def test_settings_problems_are_reported_together_before_loading(tmp_path):
@@ -100,32 +100,30 @@ def test_settings_problems_are_reported_together_before_loading(tmp_path):
         assert part in message
 
 
-def test_resume_continues_from_the_newest_checkpoint(tiny_model_dir, sample_data_dir, tmp_path, capsys):
-    run(train_lora, tiny_model_dir, sample_data_dir, tmp_path, "--max_steps=2", "--save_steps=1")
+def test_resume_continues_from_the_newest_checkpoint(tiny_model_dir, short_data_dir, tmp_path, capsys):
+    run(train_lora, tiny_model_dir, short_data_dir, tmp_path, "--max_steps=2", "--save_steps=1")
     assert (tmp_path / "checkpoint-2").is_dir()
-    summary = run(train_lora, tiny_model_dir, sample_data_dir, tmp_path, "--max_steps=4", "--save_steps=1")["summary"]
+    summary = run(train_lora, tiny_model_dir, short_data_dir, tmp_path, "--max_steps=4", "--save_steps=1")["summary"]
     assert f"resuming from {tmp_path / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
     assert summary["steps"] == 4 and (tmp_path / "checkpoint-4").is_dir()
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # no records duplicated by the resume
 
 
-def test_a_finished_run_is_not_overwritten(tiny_model_dir, sample_data_dir, tmp_path):
-    run(train_lora, tiny_model_dir, sample_data_dir, tmp_path)
+def test_a_finished_run_is_not_overwritten(tiny_model_dir, short_data_dir, tmp_path):
+    run(train_lora, tiny_model_dir, short_data_dir, tmp_path)
     before = (tmp_path / "final" / "adapter_model.safetensors").read_bytes()
     with pytest.raises(UserError, match="nothing to resume"):
-        run(train_lora, tiny_model_dir, sample_data_dir, tmp_path)
+        run(train_lora, tiny_model_dir, short_data_dir, tmp_path)
     assert (tmp_path / "final" / "adapter_model.safetensors").read_bytes() == before
-    run(train_lora, tiny_model_dir, sample_data_dir, tmp_path, "--overwrite=True", "--seed=3")
+    run(train_lora, tiny_model_dir, short_data_dir, tmp_path, "--overwrite=True", "--seed=3")
     assert (tmp_path / "final" / "adapter_model.safetensors").read_bytes() != before
 
 
 def test_a_few_rows_lose_most_of_their_training_loss(tiny_model_dir, tmp_path):
     import data
 
-    questions = ["头痛怎么办？", "发热怎么办？", "咳嗽怎么办？", "胃痛怎么办？", "失眠怎么办？",
-                 "腹泻怎么办？", "皮疹怎么办？", "牙痛怎么办？", "眼干怎么办？", "耳鸣怎么办？"]
-    rows = [{"question": q, "think": f"用户问{q[:2]}。", "answer": f"{q[:2]}请及时就医。"} for q in questions]
+    rows = [{"question": q, "think": f"用户问{q[:2]}。", "answer": f"{q[:2]}请及时就医。"} for q in SHORT_QUESTIONS[:10]]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     data.main([f"--source={tmp_path / 'rows.jsonl'}", f"--data_dir={tmp_path / 'd'}", "--val_fraction=0.2"])
     run(train_lora2, tiny_model_dir, tmp_path / "d", tmp_path / "o", "--max_steps=30", "--batch_size=8",
@@ -206,9 +204,9 @@ def test_masks_differ_between_epochs_and_repeat_for_the_same_seed(tokenizer, sam
     assert questions(42, 0) != questions(7, 0)
 
 
-def test_v3_redraws_masks_every_epoch_during_training(tiny_model_dir, sample_data_dir, tmp_path):
-    result = run(train_lora3, tiny_model_dir, sample_data_dir, tmp_path, "--max_steps=-1", "--epochs=2",
-                 "--mask_prob=1.0", "--batch_size=20", "--gradient_accumulation=1", "--eval_steps=100",
+def test_v3_redraws_masks_every_epoch_during_training(tiny_model_dir, short_data_dir, tmp_path):
+    result = run(train_lora3, tiny_model_dir, short_data_dir, tmp_path, "--max_steps=-1", "--epochs=2",
+                 "--mask_prob=1.0", "--batch_size=5", "--gradient_accumulation=1", "--eval_steps=100",
                  "--save_steps=100", "--log_steps=1")
     dataset = result["trainer"].train_dataset
     assert dataset.epoch == 1 and dataset.masked_terms > 0 and dataset.masked_terms == dataset.found_terms
@@ -232,7 +230,7 @@ def test_packing_and_chunked_loss_equal_the_padded_full_logit_loss(tiny_model_di
     rows = [row for _, row in read_jsonl(sample_data_dir / "train.jsonl")][:4]
     examples = [build_training_example(tokenizer, row, 2048) for row in rows]
     results = {}
-    for packing, chunk in ((False, 0), (True, 0), (True, 100)):
+    for packing, chunk in ((False, 0), (False, -1), (True, 0), (True, 100)):
         model.zero_grad()
         losses, _ = token_losses(model, collate(examples, tokenizer.pad_token_id, packing), chunk)
         losses.mean().backward()

@@ -1,0 +1,162 @@
+"""Honest numbers for a trained adapter: val/test loss and perplexity, and safety metrics on real predictions.
+
+    python evaluate.py                                              # loss of the v3 adapter on data/val.jsonl
+    python evaluate.py --adapter_path=                              # the bare base model, for reference
+    python evaluate.py --generate=50                                # + answers to 50 val rows and the red-team set, scored
+    python evaluate.py --predictions=out.jsonl --report_path=r.json # score a file from inference_lora.py -b
+
+The loss uses training's label mask (assistant reply and <|im_end|> only), and is also split into the think
+part and the answer part: these are the numbers comparable with the originals' val losses. The generation
+metrics score the model's predictions, never the reference data; medsft/safety_metrics.py defines each one.
+"""
+import json
+import math
+from pathlib import Path
+
+from medsft.chat_format import SYSTEM_PROMPT as ORIGINAL_SYSTEM_PROMPT
+from medsft.errors import UserError
+from medsft.records import read_jsonl, write_files_atomically
+from medsft.settings import check_settings, parse_settings
+
+# -----------------------------------------------------------------------------
+# model
+MODEL_PATH = "Qwen/Qwen3-1.7B"                       # the base the adapter was trained on
+ADAPTER_PATH = "output/qwen3-1.7b-qlora-v3/final"    # "" = the bare base model
+LOAD_IN_4BIT = True                                  # as in training, so the loss compares with training's eval loss
+# loss metrics
+DATA_DIR = "data"                                    # val.jsonl (and test.jsonl if present) from data.py
+MAX_LENGTH = 2048                                    # as in training
+SYSTEM_PROMPT = ORIGINAL_SYSTEM_PROMPT               # as in training
+EVAL_BATCH_SIZE = 4                                  # examples per forward pass
+# generation metrics
+PREDICTIONS = ""                                     # a batch output of inference_lora.py to score (no model is loaded)
+GENERATE = 0                                         # > 0: first answer this many val rows + the red-team set, then score
+REDTEAM_PATH = "data/redteam.jsonl"                  # high-risk questions with expect = emergency / no_dose / crisis
+MAX_NEW_TOKENS = 2048                                # per answer; p99 of a whole reference reply is ~1,400 tokens
+TEMPERATURE = 0.6                                    # Qwen3's thinking-mode sampling; 0 = greedy
+BATCH_SIZE = 8                                       # answers generated at once
+SEED = 42                                            # sampling seed
+# output
+REPORT_PATH = "eval_report.json"                     # every number, as JSON; also printed as a table
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    # ========== 1. Settings ==========
+    cfg = parse_settings(globals(), argv)
+    cfg.print("evaluate.py settings")
+    score_only = bool(cfg.PREDICTIONS) and cfg.GENERATE == 0
+    check_settings([
+        cfg.PREDICTIONS and not Path(cfg.PREDICTIONS).is_file() and f"predictions {cfg.PREDICTIONS}: not found",
+        cfg.PREDICTIONS and cfg.GENERATE > 0 and "give --predictions or --generate, not both",
+        not score_only and not (Path(cfg.DATA_DIR) / "val.jsonl").is_file()
+        and f"{Path(cfg.DATA_DIR) / 'val.jsonl'}: not found; run `python data.py` first",
+        cfg.GENERATE > 0 and not Path(cfg.REDTEAM_PATH).is_file() and f"redteam_path {cfg.REDTEAM_PATH}: not found",
+        cfg.GENERATE < 0 and "generate must be >= 0",
+    ])
+    report = {"model_path": cfg.MODEL_PATH, "adapter_path": cfg.ADAPTER_PATH or None}
+
+    # ========== 2. Loss and perplexity on val (and test) ==========
+    if not score_only:
+        model, tokenizer = load_model_for_loss(cfg)
+        for split in ("val", "test"):
+            path = Path(cfg.DATA_DIR) / f"{split}.jsonl"
+            if path.is_file():
+                report |= {f"{split}_{k}": v for k, v in split_loss(model, tokenizer, path, cfg).items()}
+        del model
+
+    # ========== 3. Predictions: read them, or generate them ==========
+    predictions_path = cfg.PREDICTIONS
+    if cfg.GENERATE > 0:
+        predictions_path = generate_predictions(cfg)
+    if predictions_path:
+        from medsft.safety_metrics import score_predictions
+
+        rows = [row for _, row in read_jsonl(predictions_path)]
+        if not rows:
+            raise UserError(f"error: {predictions_path}: no predictions in the file")
+        report["predictions"] = str(predictions_path)
+
+        # ========== 4. Generation metrics ==========
+        report |= score_predictions(rows, count_tokens=token_counter(cfg))
+
+    # ========== 5. Report ==========
+    write_files_atomically({Path(cfg.REPORT_PATH): json.dumps(report, ensure_ascii=False, indent=2) + "\n"})
+    print_report(report)
+    print(f"wrote {cfg.REPORT_PATH}")
+    return report
+
+
+def load_model_for_loss(cfg):
+    """The base and adapter loaded as training evaluated them: 4-bit with fp32 norms and embedding."""
+    from peft import prepare_model_for_kbit_training
+
+    from medsft.assistant import attach_adapter
+    from medsft.model_loading import load_base_model, load_tokenizer, resolve_model_path
+
+    model_path = resolve_model_path(cfg.MODEL_PATH)
+    tokenizer = load_tokenizer(model_path)
+    model = load_base_model(model_path, cfg.LOAD_IN_4BIT)
+    if cfg.LOAD_IN_4BIT:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.ADAPTER_PATH:
+        model = attach_adapter(model, cfg.ADAPTER_PATH, cfg.MODEL_PATH)
+    return model.eval(), tokenizer
+
+
+def split_loss(model, tokenizer, path: Path, cfg) -> dict:
+    from torch.utils.data import DataLoader
+
+    from medsft.batching import Collator
+    from medsft.trainer import evaluate_loss
+    from medsft.training import tokenize_rows
+
+    examples, _, counts = tokenize_rows(tokenizer, [row for _, row in read_jsonl(path)], cfg)
+    loader = DataLoader(examples, batch_size=cfg.EVAL_BATCH_SIZE, collate_fn=Collator(tokenizer.pad_token_id, True))
+    result = evaluate_loss(model, loader, device=model.device)
+    print(f"{path}: {len(examples)} examples ({counts['shortened']} shortened, {counts['dropped']} dropped), "
+          f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}", flush=True)
+    return result | {"examples": len(examples)}
+
+
+def generate_predictions(cfg) -> Path:
+    """Answers to the first GENERATE val rows and the whole red-team set, through inference_lora.py's batch mode."""
+    import inference_lora
+
+    val = [row for _, row in read_jsonl(Path(cfg.DATA_DIR) / "val.jsonl")][: cfg.GENERATE]
+    redteam = [row for _, row in read_jsonl(cfg.REDTEAM_PATH)]
+    questions = Path(cfg.REPORT_PATH).with_suffix(".questions.jsonl")
+    predictions = Path(cfg.REPORT_PATH).with_suffix(".predictions.jsonl")
+    rows = [{"id": f"val-{row.get('id', i)}", "question": row["question"]} for i, row in enumerate(val)] + redteam
+    write_files_atomically({questions: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)})
+    inference_lora.main([f"--model_path={cfg.MODEL_PATH}", f"--adapter_path={cfg.ADAPTER_PATH}",
+                         f"--batch_file={questions}", f"--output_file={predictions}",
+                         f"--max_new_tokens={cfg.MAX_NEW_TOKENS}", f"--temperature={cfg.TEMPERATURE}",
+                         f"--batch_size={cfg.BATCH_SIZE}", f"--seed={cfg.SEED}", f"--system_prompt={cfg.SYSTEM_PROMPT}"])
+    return predictions
+
+
+def token_counter(cfg):
+    """Token counts with the model's tokenizer when it can be loaded without a download; else characters only."""
+    if not Path(cfg.MODEL_PATH).is_dir():
+        return None
+    from medsft.model_loading import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.MODEL_PATH)
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def print_report(report: dict) -> None:
+    from medsft.safety_metrics import RATE_KEYS, format_report_table
+
+    losses = [(k, v) for k, v in report.items() if k.endswith(("_loss", "_perplexity", "_tokens", "_examples"))]
+    if losses:
+        print("| metric | value |\n|---|---|")
+        for key, value in losses:
+            print(f"| {key} | {value:.4f} |" if isinstance(value, float) and math.isfinite(value) else f"| {key} | {value} |")
+    if any(key in report for key in RATE_KEYS):
+        print(format_report_table(report))
+
+
+if __name__ == "__main__":
+    main()

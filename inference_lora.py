@@ -1,0 +1,237 @@
+"""Ask the fine-tuned model: one question, a batch file, or an interactive chat (base Qwen3 + LoRA adapter).
+
+    python inference_lora.py -q "医生，我最近总是头晕，还伴有耳鸣，这可能是什么原因？"
+    python inference_lora.py -q "胸痛持续了3天，需要立即就医吗？" -s emergency
+    python inference_lora.py                                        # a multi-turn chat in the terminal
+    python inference_lora.py -b data/redteam.jsonl -o output/redteam.pred.jsonl   # rerun to resume
+    python inference_lora.py -c output/qwen3-1.7b-qlora-v1/final --load_in_4bit=True --temperature=0
+    python inference_lora.py --adapter_path= -q "什么是高血压？"      # the bare base model, for comparison
+    python inference_lora.py --list_scenarios
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+from medsft import chat_format
+from medsft.assistant import (SCENARIOS, MedicalAssistant, ThinkAnswerSplitter, append_rows, check_adapter_path,
+                              finished_ids, history_turn, prediction_row, read_batch_file, scenario_table)
+from medsft.errors import UserError
+from medsft.model_loading import warn_if_cpu
+from medsft.settings import check_settings, parse_settings
+
+# -----------------------------------------------------------------------------
+# model
+MODEL_PATH = "Qwen/Qwen3-1.7B"                   # the base the adapter was trained on: a local folder or a model id
+ADAPTER_PATH = "output/qwen3-1.7b-qlora-v3/final"  # OUTPUT_DIR/final of a training run; "" = the bare base model
+LOAD_IN_4BIT = False                             # False: bf16 (float32 on CPU); True: 4-bit NF4, for small GPUs
+SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT        # the training prompt; a scenario appends its guidance to it
+# what to answer
+QUESTION = ""                                    # -q: one question, answer streamed to the terminal
+BATCH_FILE = ""                                  # -b: a .jsonl of {"question", optional "id", "scenario", ...}
+OUTPUT_FILE = ""                                 # -o: predictions .jsonl; "" = BATCH_FILE with suffix .pred.jsonl
+SCENARIO = ""                                    # -s: one of --list_scenarios, e.g. diagnosis; "" = none
+LIST_SCENARIOS = False                           # print the scenarios and stop
+BATCH_SIZE = 8                                   # questions generated together (left-padded) in batch mode
+# sampling: Qwen3's thinking-mode defaults
+MAX_NEW_TOKENS = 2048                            # replies longer than this are cut (finish_reason "length")
+TEMPERATURE = 0.6                                # 0 = greedy; Qwen3 advises against greedy in thinking mode
+TOP_P = 0.95                                     # nucleus sampling
+TOP_K = 20                                       # sample among the k likeliest tokens
+SEED = 42                                        # set before every generate, so answers are reproducible; -1 = not set
+# -----------------------------------------------------------------------------
+
+ALIASES = {"-q": "question", "-b": "batch_file", "-o": "output_file", "-s": "scenario", "-c": "adapter_path"}
+_BOLD, _DIM, _RESET = "\033[1m", "\033[2m", "\033[0m"
+
+
+def main(argv=None):
+    # ========== 1. Settings: every problem reported before the model loads ==========
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_settings(globals(), argv, aliases=ALIASES)
+    if cfg.LIST_SCENARIOS:
+        print(scenario_table())
+        return None
+    mode = pick_mode(cfg, argv)
+    stop_on(check_inference_settings(cfg, mode))
+    if cfg.ADAPTER_PATH:
+        check_adapter_path(cfg.ADAPTER_PATH)
+        note_training_prompt(cfg.ADAPTER_PATH, cfg.SYSTEM_PROMPT)
+
+    # ========== 2. Batch mode: read and check every row first ==========
+    items, output_file = None, None
+    if mode == "batch":
+        items = read_batch_file(cfg.BATCH_FILE, cfg.SCENARIO or None)
+        output_file = Path(cfg.OUTPUT_FILE or Path(cfg.BATCH_FILE).with_suffix(".pred.jsonl"))
+    cfg.print("inference settings")
+
+    # ========== 3. Base model (bf16, or 4-bit NF4) + the LoRA adapter ==========
+    warn_if_cpu()
+    assistant = MedicalAssistant(cfg.MODEL_PATH, cfg.ADAPTER_PATH or None, cfg.LOAD_IN_4BIT, cfg.SYSTEM_PROMPT)
+    assistant.sampling.update(max_new_tokens=cfg.MAX_NEW_TOKENS, temperature=cfg.TEMPERATURE, top_p=cfg.TOP_P,
+                              top_k=cfg.TOP_K, seed=cfg.SEED if cfg.SEED >= 0 else None)
+    print(f"loaded {cfg.MODEL_PATH}" + (f" + adapter {cfg.ADAPTER_PATH}" if cfg.ADAPTER_PATH else " (no adapter)")
+          + f" on {assistant.model.device}", flush=True)
+
+    # ========== 4. Answer: one question, a batch file, or a chat ==========
+    if mode == "question":
+        print(f"问题 / question: {cfg.QUESTION.strip()}")
+        return stream_answer(assistant, cfg.QUESTION, cfg.SCENARIO or None)
+    if mode == "batch":
+        write_settings_beside(cfg, output_file)
+        return answer_batch_file(assistant, items, cfg.BATCH_FILE, output_file, cfg.BATCH_SIZE)
+    return chat(assistant, cfg.SCENARIO or None)
+
+
+def pick_mode(cfg, argv) -> str:
+    """The mode: "question" with -q, "batch" with -b, else "chat" when stdin is a terminal."""
+    asked = any(a in ("-q", "--question") or a.startswith("--question=") for a in argv)
+    if asked and cfg.BATCH_FILE:
+        raise UserError("error: pass either -q (one question) or -b (a batch file), not both")
+    if asked or cfg.QUESTION:
+        if not cfg.QUESTION.strip():
+            raise UserError("error: the question is empty")
+        return "question"
+    if cfg.BATCH_FILE:
+        return "batch"
+    if sys.stdin.isatty():
+        return "chat"
+    raise UserError('error: nothing to answer: pass -q "question" or -b questions.jsonl '
+                    "(the interactive chat needs a terminal on stdin)")
+
+
+def check_inference_settings(cfg, mode: str) -> list[str]:
+    problems = [
+        cfg.SCENARIO and cfg.SCENARIO not in SCENARIOS
+        and f"unknown scenario {cfg.SCENARIO!r}; valid scenarios: {', '.join(SCENARIOS)}",
+        cfg.BATCH_SIZE < 1 and f"batch_size must be at least 1, not {cfg.BATCH_SIZE}",
+        cfg.MAX_NEW_TOKENS < 1 and f"max_new_tokens must be at least 1, not {cfg.MAX_NEW_TOKENS}",
+        cfg.TEMPERATURE < 0 and f"temperature must be 0 (greedy) or more, not {cfg.TEMPERATURE}",
+        not 0 < cfg.TOP_P <= 1 and f"top_p must be in (0, 1], not {cfg.TOP_P}",
+        cfg.TOP_K < 0 and f"top_k must be 0 (off) or more, not {cfg.TOP_K}",
+        not cfg.MODEL_PATH and "model_path is empty",
+        cfg.OUTPUT_FILE and mode != "batch" and "-o/--output_file is only used with -b/--batch_file",
+    ]
+    if mode == "batch" and cfg.OUTPUT_FILE and Path(cfg.OUTPUT_FILE).resolve() == Path(cfg.BATCH_FILE).resolve():
+        problems.append("the output file is the batch file itself; pick another -o")
+    return [p for p in problems if p]
+
+
+def note_training_prompt(adapter_path, system_prompt: str) -> None:
+    """Warn when the adapter was trained with another system prompt (its settings.json says which)."""
+    try:
+        trained = json.loads((Path(adapter_path) / "settings.json").read_text(encoding="utf-8")).get("SYSTEM_PROMPT")
+    except (OSError, ValueError, AttributeError):
+        return
+    if trained and trained != system_prompt:
+        print(f"note: the adapter was trained with the system prompt {trained!r}; pass --system_prompt=... to use it")
+
+
+def stop_on(problems: list[str]) -> None:
+    """One problem is one line; several are listed together."""
+    if len(problems) == 1:
+        raise UserError(f"error: {problems[0]}")
+    check_settings(problems)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one question and the chat: the reply streamed with its think and answer apart
+
+
+def stream_answer(assistant: MedicalAssistant, question: str, scenario=None, history=(), out=None):
+    """Stream one reply under 思考/回答 headers, then a line with the finish reason and speed; returns the Reply."""
+    out = out or sys.stdout
+    fancy = out.isatty()
+    splitter, section = ThinkAnswerSplitter(), None
+    start = time.perf_counter()
+    pieces = assistant.stream(question, scenario, history)
+    try:
+        for piece in pieces:
+            for part, text in splitter.feed(piece):
+                section = _write_part(out, section, part, text, fancy)
+    finally:
+        pieces.close()
+    for part, text in splitter.close():
+        section = _write_part(out, section, part, text, fancy)
+    reply, seconds = assistant.last_reply, time.perf_counter() - start
+    reason = "stop (end token)" if reply.finish_reason == "stop" else \
+        f"length (hit max_new_tokens={assistant.sampling['max_new_tokens']}; the reply is cut off)"
+    out.write(("\n" if section else "") + f"[finish: {reason} | {reply.new_tokens} new tokens in {seconds:.1f} s, "
+              f"{reply.new_tokens / max(seconds, 1e-9):.1f} tokens/s]\n")
+    out.flush()
+    return reply
+
+
+def _write_part(out, section, part, text, fancy):
+    if part != section:
+        header = "==== 思考 / thinking ====" if part == "think" else "==== 回答 / answer ===="
+        out.write(("\n" if section else "") + (f"{_RESET}{_BOLD}{header}{_RESET}" if fancy else header) + "\n")
+    out.write(f"{_DIM}{text}{_RESET}" if fancy and part == "think" else text)
+    out.flush()
+    return part
+
+
+def chat(assistant: MedicalAssistant, scenario=None, read_line=input):
+    """A multi-turn chat; earlier turns' thinks are dropped from the history, as Qwen3's template does."""
+    print("多轮对话 / chat — /reset 清空历史 (clear the history), /exit 或 Ctrl-D 退出 (quit)"
+          + (f"; scenario {scenario}" if scenario else ""))
+    history = []
+    while True:
+        try:
+            question = read_line("\n你 / you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if not question:
+            continue
+        if question == "/exit":
+            break
+        if question == "/reset":
+            history.clear()
+            print("(history cleared)")
+            continue
+        if question.startswith("/"):
+            print("commands: /reset, /exit")
+            continue
+        try:
+            reply = stream_answer(assistant, question, scenario, history)
+        except KeyboardInterrupt:
+            print("\n[interrupted; this turn is not kept]")
+            continue
+        history.append(history_turn(question, reply))
+    return history
+
+
+# ---------------------------------------------------------------------------------------------------------
+# batch mode
+
+
+def write_settings_beside(cfg, output_file: Path) -> None:
+    """OUTPUT.settings.json: the model, adapter and sampling the predictions came from."""
+    path = output_file.with_suffix(".settings.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg.as_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def answer_batch_file(assistant: MedicalAssistant, items, batch_file, output_file: Path, batch_size: int) -> dict:
+    """Answer every row not yet in output_file; each batch is appended and synced at once, so reruns resume."""
+    done = finished_ids(output_file)
+    todo = [item for item in items if item.id not in done]
+    print(f"{len(items)} questions in {batch_file}; {len(items) - len(todo)} already answered in {output_file}; "
+          f"answering {len(todo)} in batches of {batch_size}", flush=True)
+    start, tokens, batches = time.perf_counter(), 0, (len(todo) + batch_size - 1) // batch_size
+    for n, first in enumerate(range(0, len(todo), batch_size), start=1):
+        chunk = todo[first : first + batch_size]
+        replies = assistant.ask_batch([item.question for item in chunk], [item.scenario for item in chunk])
+        append_rows(output_file, [prediction_row(item, reply) for item, reply in zip(chunk, replies)])
+        tokens += sum(reply.new_tokens for reply in replies)
+        stopped = sum(reply.finish_reason == "stop" for reply in replies)
+        print(f"batch {n}/{batches}: {len(items) - len(todo) + first + len(chunk)}/{len(items)} answered "
+              f"({stopped}/{len(chunk)} ended at the end token), {tokens / (time.perf_counter() - start):.1f} tokens/s",
+              flush=True)
+    print(f"wrote {output_file}")
+    return {"output_file": str(output_file), "answered": len(todo), "skipped": len(items) - len(todo)}
+
+
+if __name__ == "__main__":
+    main()
