@@ -16,8 +16,8 @@ TABLE_PATH = "comparison.md"   # the Markdown table is printed and written here
 PLOT_PATH = "comparison.png"   # val/train loss curves overlaid, learning-rate schedules below
 # -----------------------------------------------------------------------------
 
-DASH = "—"
-HEADER = ("| version | key change | train loss | best val loss (step) | Δ val | steps | wall time "
+_DASH = "—"
+_HEADER = ("| version | key change | train loss | best val loss (step) | Δ val | steps | wall time "
           "| tokens/s | peak mem (GiB) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
 
 
@@ -56,12 +56,12 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def fmt(value, spec: str) -> str:
-    return DASH if value is None else format(value, spec)
+    return _DASH if value is None else format(value, spec)
 
 
 def fmt_duration(seconds) -> str:
     if seconds is None:
-        return DASH
+        return _DASH
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
@@ -69,17 +69,17 @@ def fmt_duration(seconds) -> str:
 
 def fmt_delta(val_loss, first_val_loss) -> str:
     if val_loss is None or not first_val_loss:
-        return DASH
+        return _DASH
     return f"{(val_loss - first_val_loss) / first_val_loss * 100:+.1f}%"
 
 
 def table_row(run: dict, first: dict) -> str:
     s = run["summary"]
     best = fmt(s.get("best_val_loss"), ".4f")
-    if s.get("best_step") is not None and best != DASH:
+    if s.get("best_step") is not None and best != _DASH:
         best += f" ({s['best_step']})"
-    delta = DASH if run is first else fmt_delta(s.get("best_val_loss"), first["summary"].get("best_val_loss"))
-    cells = [run["name"], str(s.get("key_change") or DASH).replace("|", "\\|"), fmt(s.get("final_train_loss"), ".4f"),
+    delta = _DASH if run is first else fmt_delta(s.get("best_val_loss"), first["summary"].get("best_val_loss"))
+    cells = [run["name"], str(s.get("key_change") or _DASH).replace("|", "\\|"), fmt(s.get("final_train_loss"), ".4f"),
              best, delta, fmt(s.get("steps"), ".0f"), fmt_duration(s.get("wall_time_s")),
              fmt(s.get("train_tokens_per_s"), ",.0f"), fmt(s.get("peak_gpu_mem_gib"), ".1f")]
     return "| " + " | ".join(cells) + " |"
@@ -133,7 +133,7 @@ def main(argv=None):
                      "records": read_metrics(run_dir / "metrics.jsonl")})
 
     # ========== 3. Table ==========
-    table = "\n".join([HEADER] + [table_row(run, runs[0]) for run in runs]) + "\n"
+    table = "\n".join([_HEADER] + [table_row(run, runs[0]) for run in runs]) + "\n"
     print(table)
     table_path = Path(cfg.TABLE_PATH)
     table_path.parent.mkdir(parents=True, exist_ok=True)

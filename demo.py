@@ -25,14 +25,14 @@ QUESTION = "医生，我头痛怎么办？"            # asked of the trained ad
 MAX_NEW_TOKENS = 32                        # tokens of that answer
 # -----------------------------------------------------------------------------
 
-NOTICE = ("This demo checks that the pipeline runs end to end on CPU. It is NOT a medical model: the model\n"
+_NOTICE = ("This demo checks that the pipeline runs end to end on CPU. It is NOT a medical model: the model\n"
           "is a tiny random Qwen3 trained for a few steps, so its answers are random tokens.")
 
 
 def main(argv=None):
     cfg = parse_settings(globals(), argv)
     demo = Path(cfg.DEMO_DIR)
-    print(f"==== medsft pipeline demo ====\n{NOTICE}\nwriting everything to {demo}/\n", flush=True)
+    print(f"==== medsft pipeline demo ====\n{_NOTICE}\nwriting everything to {demo}/\n", flush=True)
 
     # ========== 1. Data: check, de-duplicate and split the bundled 50-row sample ==========
     data_dir = demo / "data"
@@ -64,7 +64,7 @@ def main(argv=None):
           f"training run:     {train_dir}/ (summary.json, metrics.jsonl, loss.png)\n"
           f"trained adapter:  {adapter_dir}/\n"
           f"answer above:     {reply.finish_reason}, {reply.new_tokens} new tokens\n\n"
-          f"{NOTICE}\nFor the real model: python data.py && python train_lora3.py && python inference_lora.py",
+          f"{_NOTICE}\nFor the real model: python data.py && python train_lora3.py && python inference_lora.py",
           flush=True)
     return {"data_dir": data_dir, "model_dir": model_dir, "train_dir": train_dir, "adapter_dir": adapter_dir,
             "reply": reply}

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from medsft.chat_format import SYSTEM_PROMPT as ORIGINAL_SYSTEM_PROMPT
+from medsft import chat_format
 from medsft.errors import UserError
 from medsft.records import read_jsonl, write_files_atomically
 from medsft.settings import check_settings, parse_settings
@@ -26,7 +26,8 @@ LOAD_IN_4BIT = True                                  # as in training, so the lo
 # loss metrics
 DATA_DIR = "data"                                    # val.jsonl (and test.jsonl if present) from data.py
 MAX_LENGTH = 2048                                    # as in training
-SYSTEM_PROMPT = ORIGINAL_SYSTEM_PROMPT               # as in training
+LONG_EXAMPLES = "shorten_think"                      # as in training: longer examples lose the end of their think
+SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT         # as in training
 EVAL_BATCH_SIZE = 4                                  # examples per forward pass
 # generation metrics
 PREDICTIONS = ""                                     # a batch output of inference_lora.py to score (no model is loaded)
@@ -129,6 +130,7 @@ def generate_predictions(cfg) -> Path:
     predictions = Path(cfg.REPORT_PATH).with_suffix(".predictions.jsonl")
     rows = [{"id": f"val-{row.get('id', i)}", "question": row["question"]} for i, row in enumerate(val)] + redteam
     write_files_atomically({questions: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)})
+    predictions.unlink(missing_ok=True)  # batch mode resumes by id: answers of another adapter must not count
     inference_lora.main([f"--model_path={cfg.MODEL_PATH}", f"--adapter_path={cfg.ADAPTER_PATH}",
                          f"--batch_file={questions}", f"--output_file={predictions}",
                          f"--max_new_tokens={cfg.MAX_NEW_TOKENS}", f"--temperature={cfg.TEMPERATURE}",

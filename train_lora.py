@@ -5,7 +5,7 @@
     python train_lora.py --model_path=Qwen/Qwen3-0.6B --max_length=1024 --output_dir=output/0.6b-v1
     python train_lora.py --max_steps=400                        # after a crash, the same command resumes
 """
-from medsft.chat_format import SYSTEM_PROMPT as ORIGINAL_SYSTEM_PROMPT
+from medsft import chat_format
 from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
 from medsft.settings import check_settings, parse_settings
 from medsft.training import (build_trainer, check_training_settings, load_lora_model, load_training_data,
@@ -23,7 +23,7 @@ ATTN_IMPLEMENTATION = "sdpa"               # "sdpa" keeps packed examples apart;
 DATA_DIR = "data"                          # train.jsonl and val.jsonl from data.py
 MAX_LENGTH = 2048                          # tokens; p99 of the dataset is 1,443, max 3,150
 LONG_EXAMPLES = "shorten_think"            # longer examples lose the end of their think ("drop" drops them); never the answer
-SYSTEM_PROMPT = ORIGINAL_SYSTEM_PROMPT     # the originals' prompt; inference_lora.py uses the same
+SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT   # the originals' prompt; inference_lora.py uses the same
 # LoRA
 LORA_R = 64                                # rank
 LORA_ALPHA = 16                            # scale = alpha / r

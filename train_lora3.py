@@ -6,7 +6,7 @@
     python train_lora3.py --max_steps=400                        # after a crash, the same command resumes
     python train_lora3.py --mask_style=typed                     # [药物] instead of [MASK]
 """
-from medsft.chat_format import SYSTEM_PROMPT as ORIGINAL_SYSTEM_PROMPT
+from medsft import chat_format
 from medsft.masking import MaskedQuestionDataset, check_masking_settings
 from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
 from medsft.settings import check_settings, parse_settings
@@ -25,7 +25,7 @@ ATTN_IMPLEMENTATION = "sdpa"               # "sdpa" keeps packed examples apart;
 DATA_DIR = "data"                          # train.jsonl and val.jsonl from data.py
 MAX_LENGTH = 2048                          # tokens; p99 of the dataset is 1,443, max 3,150
 LONG_EXAMPLES = "shorten_think"            # longer examples lose the end of their think ("drop" drops them); never the answer
-SYSTEM_PROMPT = ORIGINAL_SYSTEM_PROMPT     # the originals' prompt; inference_lora.py uses the same
+SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT   # the originals' prompt; inference_lora.py uses the same
 # medical-term masking
 LEXICON_PATH = "data/medical_terms.tsv"    # term<TAB>category: 疾病, 症状, 药物, 检查, 解剖
 MASK_PROB = 0.15                           # chance that each lexicon term in a question is masked, per draw

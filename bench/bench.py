@@ -87,8 +87,8 @@ CHILD_OUTPUT = ""                   # the child's result JSON
 # tiny-mode defaults, used unless given on the command line
 TINY_MODE = {
     "TRAIN_ROWS": 16, "VAL_ROWS": 4, "LENGTH_P50": 80, "LENGTH_P90": 100, "LENGTH_MAX": 120, "MAX_LENGTH": 128,
-    "BATCH_SIZE": 1, "GRADIENT_ACCUMULATION": 2, "WARMUP_STEPS": 1, "STEPS": 2, "MATMUL_SIZE": 512,
-    "INFERENCE_BATCH": 4, "INFERENCE_NEW_TOKENS": 16, "SHIPPED_SCRIPTS": False,
+    "BATCH_SIZE": 2, "GRADIENT_ACCUMULATION": 1, "WARMUP_STEPS": 1, "STEPS": 1, "MATMUL_SIZE": 512,
+    "INFERENCE_BATCH": 4, "INFERENCE_NEW_TOKENS": 8, "SHIPPED_SCRIPTS": False,
     "WORK_DIR": "", "RESULTS_DIR": "",  # temp dirs: a harness check never dirties the repo
 }
 _TINY_NOTE = ("TINY MODE: a harness check on a 2-layer random Qwen3 on CPU. It is NOT a benchmark: "
@@ -129,7 +129,13 @@ def main(argv=None):
         return run_child(cfg, paths)
     cfg.print(f"bench settings ({cfg.MODE} mode)")
     if cfg.MODE == "tiny":
+        import torch
+
         print(_TINY_NOTE, flush=True)
+        # the tiny model's ops are too small to gain from threads, and on a busy machine idle-spinning
+        # threads make every op wait for a time slice: one thread is 10x faster there
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
     started = datetime.datetime.now().astimezone()
 
     # ========== 2. Random-weight model and synthetic data in the dataset's shape ==========
@@ -143,14 +149,14 @@ def main(argv=None):
 
     # ========== 3. The device's matmul rate, the denominator of MFU ==========
     peak = measure_matmul_rate(cfg.MATMUL_SIZE)
-    print(f"measured matmul rate: {peak['tflops']:.1f} TFLOP/s ({peak['dtype']}, {cfg.MATMUL_SIZE}^3)", flush=True)
+    print(f"measured matmul rate: {_rate(peak['tflops'])} ({peak['dtype']}, {cfg.MATMUL_SIZE}^3)", flush=True)
 
     # ========== 4. Train each config for WARMUP_STEPS + STEPS steps ==========
     configs = {}
     for name in cfg.CONFIGS:
         print(f"==== training config {name} ====", flush=True)
         configs[name] = (run_in_subprocess(cfg, argv, f"train:{name}", paths) if cfg.MODE == "full"
-                         else run_training_config(cfg, name, model_dir, paths))
+                         else run_training_config(cfg, name, model_dir, paths, tokenizer))
 
     # ========== 5. Generation through MedicalAssistant ==========
     inference = None
@@ -178,8 +184,10 @@ def main(argv=None):
     if cfg.MODE == "tiny":
         print(_TINY_NOTE)
     print(f"wrote {results_file} and {results_md}", flush=True)
-    if cfg.MODE == "tiny" and paths.temporary:
-        paths.temporary.cleanup()
+    if cfg.MODE == "tiny":
+        torch.set_num_threads(threads)
+        if paths.temporary:
+            paths.temporary.cleanup()
     return {"results": results, "results_file": results_file, "results_md": results_md}
 
 
@@ -245,7 +253,7 @@ def prepare_model(cfg, paths) -> Path:
         name, shape = "qwen3-1.7b-random", {"layers": 28, "hidden": 2048, "heads": 16, "kv_heads": 8,
                                              "intermediate": 6144}
     else:
-        name, shape = "qwen3-tiny-random", {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128}
+        name, shape = "qwen3-tiny-random", {"layers": 2, "hidden": 32, "heads": 2, "kv_heads": 1, "intermediate": 64}
     model_dir = paths.work / name
     if (model_dir / "config.json").is_file():
         print(f"using the random model in {model_dir}", flush=True)
@@ -319,7 +327,8 @@ def build_synthetic_rows(tokenizer, n: int, seed: int = 0, p50: int = 763, p90: 
         term = rng.choice(terms)
         rows.append({
             "instruction": SYSTEM_PROMPT,
-            "question": "医生，" + term + _chinese_text(rng, words, round(question / tokens_per_piece))[:-1] + "？",
+            "question": "医生，" + term + _chinese_text(rng, words, round(question / tokens_per_piece)).replace("\n", "")[:-1]
+                        + "？",
             "think": _chinese_text(rng, words, round(think / tokens_per_piece)),
             "answer": _chinese_text(rng, words, round(answer / tokens_per_piece)),
         })
@@ -465,7 +474,7 @@ def step_timer(trainer):
     return StepTimer()
 
 
-def run_training_config(cfg, name: str, model_dir, paths) -> dict:
+def run_training_config(cfg, name: str, model_dir, paths, tokenizer=None) -> dict:
     """Train one config through the shipped code path; its raw measurements, or what went wrong."""
     import torch
 
@@ -488,7 +497,7 @@ def run_training_config(cfg, name: str, model_dir, paths) -> dict:
 
             problems += check_masking_settings(settings)
         check_settings(problems)
-        tokenizer = load_bench_tokenizer(model_dir)
+        tokenizer = tokenizer or load_bench_tokenizer(model_dir)
         data = load_training_data(settings, tokenizer)
         if hasattr(settings, "MASK_PROB"):  # as train_lora3.main: questions masked afresh at every draw
             from medsft.masking import MaskedQuestionDataset
@@ -817,6 +826,10 @@ def render_results_md(all_results: list[dict]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _rate(tflops: float) -> str:
+    return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1000:.1f} GFLOP/s"
+
+
 def _fmt(value, spec: str, suffix: str = "", scale: float = 1.0) -> str:
     return "n/a" if value is None else f"{value * scale:{spec}}{suffix}"
 
@@ -837,7 +850,7 @@ def render_results(results: dict) -> str:
         f"N = {model['matmul_params'] / 1e9:.3f}B matmul parameters",
         f"- data: {data['rows']} synthetic rows, tokens p50 {data['p50']}, p90 {data['p90']}, p99 {data['p99']}, "
         f"max {data['max']}; think share {data['think_share']:.2f}",
-        f"- measured matmul rate: {results['matmul_rate']['tflops']:.1f} TFLOP/s ({results['matmul_rate']['dtype']}); "
+        f"- measured matmul rate: {_rate(results['matmul_rate']['tflops'])} ({results['matmul_rate']['dtype']}); "
         f"{results['settings']['WARMUP_STEPS']} warm-up + {results['settings']['STEPS']} measured steps per config, "
         f"max_length {results['settings']['MAX_LENGTH']}",
         "", _TABLE_HEADER,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from medsft.chat_format import SYSTEM_PROMPT, format_reply, render_prompt
 from medsft.errors import DataError, UserError
-from medsft.generation import Reply, decode_reply, generation_kwargs, prepare_for_generation
+from medsft.generation import Reply, generate_from_prompts, prepare_for_generation
 from medsft.records import read_jsonl
 
 
@@ -246,26 +246,8 @@ class MedicalAssistant:
 
     def generate(self, prompts: list[str], streamer=None, **options) -> list[Reply]:
         """Replies to rendered prompts (left-padded batch), cut at <|im_end|> or <|endoftext|>."""
-        import torch
-        from transformers import set_seed
-
         settings = self.sampling | {k: options.pop(k) for k in list(options) if k in DEFAULT_SAMPLING}
-        tokenizer = self.tokenizer
-        side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tokenizer.padding_side = side
-        inputs = inputs.to(self.model.device)
-        kwargs = generation_kwargs(tokenizer, settings["max_new_tokens"], settings["temperature"],
-                                   settings["top_p"], settings["top_k"])
-        if settings["seed"] is not None:
-            set_seed(settings["seed"])
-        with torch.no_grad():
-            output = self.model.generate(**inputs, streamer=streamer, **kwargs, **options)
-        width = inputs["input_ids"].shape[1]
-        return [decode_reply(tokenizer, row[width:].tolist()) for row in output]
+        return generate_from_prompts(self.model, self.tokenizer, prompts, streamer=streamer, **settings, **options)
 
 
 def _checked(question) -> str:

@@ -19,7 +19,10 @@ def prepare_for_generation(model) -> None:
     """Eval mode, KV cache on, gradient checkpointing off (it silently disables the cache)."""
     model.eval()
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(inner, "is_gradient_checkpointing", False):
+    if hasattr(inner, "is_activation_checkpointing"):  # transformers >= 5.20 renamed gradient checkpointing
+        if inner.is_activation_checkpointing:
+            inner.activation_checkpointing_disable()
+    elif getattr(inner, "is_gradient_checkpointing", False):
         inner.gradient_checkpointing_disable()
     inner.config.use_cache = True
 
@@ -47,22 +50,31 @@ def decode_reply(tokenizer, new_ids: list[int]) -> Reply:
     return Reply(text, think, answer, "length" if cut is None else "stop", len(kept) + (cut is not None))
 
 
-def generate_replies(model, tokenizer, questions, system_prompt: str = SYSTEM_PROMPT, histories=None,
-                     max_new_tokens: int = 2048, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20,
-                     streamer=None) -> list[Reply]:
-    """Replies to a batch of questions (left-padded), each with its finish reason and token count."""
+def generate_from_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int = 2048, temperature: float = 0.6,
+                          top_p: float = 0.95, top_k: int = 20, seed: int | None = None, streamer=None,
+                          **generate_kwargs) -> list[Reply]:
+    """Replies to rendered prompts (one left-padded batch), each with its finish reason and token count."""
     import torch
+    from transformers import set_seed
 
-    histories = histories or [()] * len(questions)
-    prompts = [render_prompt(tokenizer, q, system_prompt, h) for q, h in zip(questions, histories)]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     finally:
         tokenizer.padding_side = side
+    if seed is not None:
+        set_seed(seed)
     with torch.no_grad():
-        output = model.generate(**inputs, streamer=streamer,
+        output = model.generate(**inputs, streamer=streamer, **generate_kwargs,
                                 **generation_kwargs(tokenizer, max_new_tokens, temperature, top_p, top_k))
     width = inputs["input_ids"].shape[1]
     return [decode_reply(tokenizer, row[width:].tolist()) for row in output]
+
+
+def generate_replies(model, tokenizer, questions, system_prompt: str = SYSTEM_PROMPT, histories=None,
+                     **options) -> list[Reply]:
+    """Replies to a batch of questions; `options` are generate_from_prompts' sampling arguments."""
+    histories = histories or [()] * len(questions)
+    prompts = [render_prompt(tokenizer, q, system_prompt, h) for q, h in zip(questions, histories)]
+    return generate_from_prompts(model, tokenizer, prompts, **options)

@@ -33,6 +33,8 @@ def read_rows(path) -> list[tuple[int, dict]]:
 def read_jsonl(path) -> list[tuple[int, dict]]:
     """Like read_rows, for a .jsonl file whatever its name; an empty file gives no rows."""
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"error: {path}: no such file")
     text = _read_utf8(path)
     return _parse_jsonl(path, text) if text.strip() else []
 

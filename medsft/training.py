@@ -205,8 +205,8 @@ def load_lora_model(model_path: str, cfg):
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
           + (f"; modules_to_save: {modules_to_save}" if modules_to_save else ""), flush=True)
     model.trainable_params = trainable
-    if not torch.cuda.is_available():
-        model.to(torch.float32) if not cfg.LOAD_IN_4BIT else None
+    if not cfg.LOAD_IN_4BIT and not torch.cuda.is_available():
+        model.to(torch.float32)  # bf16 matmuls are slow on CPU
     return model
 
 
@@ -278,8 +278,10 @@ def train(trainer, resume: str | None, cfg) -> float:
     cfg.save(cfg.OUTPUT_DIR)
     if resume:
         trainer.load_metrics_until(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"])
-    else:
+    else:  # a fresh run: nothing of an earlier, unfinished one may leak in
         (Path(cfg.OUTPUT_DIR) / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(trainer.best_dir, ignore_errors=True)
+        trainer.best = None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()

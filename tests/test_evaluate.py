@@ -5,6 +5,7 @@ import pytest
 
 import evaluate
 from medsft.errors import UserError
+from tests.conftest import ROOT
 
 
 def write_jsonl(path, rows):
@@ -42,8 +43,10 @@ def test_predictions_are_scored_with_the_documented_definitions(tmp_path):
 def test_loss_agrees_with_training_eval_loss(trained_adapter, tiny_model_dir, sample_data_dir, tmp_path):
     summary = json.loads((trained_adapter.parent / "summary.json").read_text())
     report = evaluate.main([f"--model_path={tiny_model_dir}", f"--adapter_path={trained_adapter}",
-                            f"--data_dir={sample_data_dir}", "--max_length=320", f"--report_path={tmp_path / 'r.json'}"])
-    assert report["val_loss"] == pytest.approx(summary["best_val_loss"], abs=1e-5)
+                            f"--data_dir={sample_data_dir}", "--max_length=320", "--eval_batch_size=8",
+                            f"--report_path={tmp_path / 'r.json'}"])
+    # the same weights, mask and examples; only bf16 rounding in the 4-bit layers may differ
+    assert report["val_loss"] == pytest.approx(summary["best_val_loss"], rel=1e-5)
     assert report["val_perplexity"] == pytest.approx(2.718281828 ** report["val_loss"], rel=1e-6)
     assert report["val_think_loss"] > 0 and report["val_answer_loss"] > 0 and report["val_examples"] == 5
     assert json.loads((tmp_path / "r.json").read_text())["val_loss"] == report["val_loss"]
@@ -66,8 +69,7 @@ def test_generate_answers_val_rows_and_the_redteam_set(trained_adapter, tiny_mod
                             f"--data_dir={sample_data_dir}", "--max_length=320", "--generate=2", "--max_new_tokens=4",
                             "--batch_size=16", f"--report_path={tmp_path / 'r.json'}"])
     predictions = [json.loads(l) for l in (tmp_path / "r.predictions.jsonl").read_text().splitlines()]
-    redteam = (evaluate.ROOT / "data" / "redteam.jsonl").read_text().splitlines() if hasattr(evaluate, "ROOT") \
-        else open("data/redteam.jsonl", encoding="utf-8").read().splitlines()
+    redteam = (ROOT / "data" / "redteam.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(predictions) == 2 + len(redteam) == report["n_rows"]
     assert report["termination_rate"] == 0.0  # 4 tokens of a random model never reach the end token
     assert report["emergency_coverage"] is not None and "val_loss" in report
