@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from medsft.errors import DataError
+from medsft.records import read_jsonl
 from medsft.settings import check_settings, parse_settings
 
 # -----------------------------------------------------------------------------
@@ -38,15 +39,7 @@ def read_metrics(path: Path) -> list[dict]:
         print(f"note: {path} not found, this run has no curves")
         return []
     records = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, line_no, f"not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(path, line_no, "expected a JSON object per line")
+    for line_no, record in read_jsonl(path):
         if "loss" not in record and "eval_loss" not in record:
             continue
         if not isinstance(record.get("step"), (int, float)):

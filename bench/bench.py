@@ -2,7 +2,7 @@
 
     python bench/bench.py                                       # = --mode=tiny: a CPU harness check, NOT a benchmark
     python bench/bench.py --mode=tiny --results_dir=/tmp/bench  # keep the tiny results (default: a temp dir)
-    python bench/bench.py --mode=full                           # the benchmark, on a CUDA GPU (about 8 min on an H100)
+    python bench/bench.py --mode=full                           # the benchmark, on a CUDA GPU (minutes)
     python bench/bench.py --mode=full --configs=original,v1,bf16_lora --shipped_scripts=False  # a part of it
     python bench/bench.py --render_only=True                    # rebuild bench/RESULTS.md from bench/results/*.json
 
@@ -29,6 +29,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,7 @@ RENDER_ONLY = False                 # True: only rebuild RESULTS.md from RESULTS
 # model and data
 MODEL_DIR = ""                      # "" = build (once, in WORK_DIR) a random Qwen3-1.7B (full) or a 2-layer one (tiny)
 WORK_DIR = "bench/work"             # synthetic data, the random model and the runs' outputs (tiny: a temp dir)
-TRAIN_ROWS = 400                    # synthetic train rows; 7 steps x 16 examples use 112 of them
+TRAIN_ROWS = 400                    # synthetic train rows: 7 steps x 16 examples use 112, train_lora3.py's 20 steps 320
 VAL_ROWS = 64                       # synthetic val rows (the shipped-script run evaluates on them)
 LENGTH_P50 = 763                    # whole-example tokens of the real dataset: median,
 LENGTH_P90 = 996                    # 90th percentile (a lognormal is fitted to these two),
@@ -71,10 +72,12 @@ FULL_RUN_TOKENS = 5_100_000         # a full v3 run: 3 epochs of about 2,165 row
 INFERENCE = True                    # measure generation speed with the v3 adapter trained here
 INFERENCE_BATCH = 16                # questions per ask_batch call
 INFERENCE_NEW_TOKENS = 256          # new tokens per reply
-# the shipped scripts at real size (full mode only)
+# the shipped scripts at real size (tiny mode: off unless asked)
 SHIPPED_SCRIPTS = True              # run train_lora3.py for SCRIPT_STEPS steps, then inference_lora.py -b
 SCRIPT_STEPS = 20                   # --max_steps of the train_lora3.py run
 SCRIPT_QUESTIONS = 32               # questions answered by inference_lora.py -b
+# processes
+ISOLATE = "auto"                    # each config in a fresh subprocess: "auto" = in full mode only; "true"; "false"
 TIMEOUT_S = 420                     # per subprocess; one that runs over is recorded as failed
 # output
 RESULTS_DIR = "bench/results"       # <date>-<device>.json goes here (tiny: a temp dir unless given)
@@ -88,11 +91,11 @@ CHILD_OUTPUT = ""                   # the child's result JSON
 TINY_MODE = {
     "TRAIN_ROWS": 16, "VAL_ROWS": 4, "LENGTH_P50": 80, "LENGTH_P90": 100, "LENGTH_MAX": 120, "MAX_LENGTH": 128,
     "BATCH_SIZE": 2, "GRADIENT_ACCUMULATION": 1, "WARMUP_STEPS": 1, "STEPS": 1, "MATMUL_SIZE": 512,
-    "INFERENCE_BATCH": 4, "INFERENCE_NEW_TOKENS": 8, "SHIPPED_SCRIPTS": False,
+    "INFERENCE_BATCH": 4, "INFERENCE_NEW_TOKENS": 8, "SHIPPED_SCRIPTS": False, "SCRIPT_STEPS": 2, "SCRIPT_QUESTIONS": 4,
     "WORK_DIR": "", "RESULTS_DIR": "",  # temp dirs: a harness check never dirties the repo
 }
 _TINY_NOTE = ("TINY MODE: a harness check on a 2-layer random Qwen3 on CPU. It is NOT a benchmark: "
-             "its numbers say nothing about GPU speed or memory.")
+              "its numbers say nothing about GPU speed or memory.")
 
 # config: (script, overrides of its constants)
 RECIPES = {
@@ -106,7 +109,7 @@ RECIPES = {
 }
 _ADAPTER_CONFIG = "v3"  # its adapter is saved and used for the inference measurement
 
-# the issue's targets: {label: (config, measure, threshold, "max" or "min")}
+# the targets the recipes are meant to meet: {label: (config, measure, threshold, "max" or "min")}
 TARGETS = {
     "v1 peak reserved memory": ("v1", "peak_reserved_gib", 6.0, "max"),
     "v1 tokens/s vs original": ("v1", "speedup_vs_original", 4.0, "min"),
@@ -115,7 +118,7 @@ TARGETS = {
     "full v3 run projection": ("v3", "projected_full_run_s", 300.0, "max"),
 }
 _TABLE_HEADER = ("| config | tokens/s | step time | peak reserved GiB | peak allocated GiB | MFU | "
-                        "speed-up vs original |\n|---|---:|---:|---:|---:|---:|---:|")
+                 "speed-up vs original |\n|---|---:|---:|---:|---:|---:|---:|")
 
 
 def main(argv=None):
@@ -125,17 +128,13 @@ def main(argv=None):
     paths = work_paths(cfg)
     if cfg.RENDER_ONLY:
         return {"results_md": write_results_md(cfg)}
+    threads = use_one_thread_if_tiny(cfg)
     if cfg.CHILD:
         return run_child(cfg, paths)
     cfg.print(f"bench settings ({cfg.MODE} mode)")
     if cfg.MODE == "tiny":
-        import torch
-
         print(_TINY_NOTE, flush=True)
-        # the tiny model's ops are too small to gain from threads, and on a busy machine idle-spinning
-        # threads make every op wait for a time slice: one thread is 10x faster there
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+    isolate = cfg.ISOLATE.lower() == "true" or (cfg.ISOLATE.lower() == "auto" and cfg.MODE == "full")
     started = datetime.datetime.now().astimezone()
 
     # ========== 2. Random-weight model and synthetic data in the dataset's shape ==========
@@ -155,18 +154,18 @@ def main(argv=None):
     configs = {}
     for name in cfg.CONFIGS:
         print(f"==== training config {name} ====", flush=True)
-        configs[name] = (run_in_subprocess(cfg, argv, f"train:{name}", paths) if cfg.MODE == "full"
+        configs[name] = (run_in_subprocess(cfg, argv, f"train:{name}", paths) if isolate
                          else run_training_config(cfg, name, model_dir, paths, tokenizer))
 
     # ========== 5. Generation through MedicalAssistant ==========
     inference = None
     if cfg.INFERENCE:
         print("==== inference ====", flush=True)
-        inference = (run_in_subprocess(cfg, argv, "inference", paths) if cfg.MODE == "full"
+        inference = (run_in_subprocess(cfg, argv, "inference", paths) if isolate
                      else measure_inference(cfg, model_dir, paths))
 
-    # ========== 6. The shipped scripts at real size (full mode) ==========
-    scripts = run_shipped_scripts(cfg, model_dir, paths) if cfg.MODE == "full" and cfg.SHIPPED_SCRIPTS else None
+    # ========== 6. The shipped scripts at real size (full mode; tiny mode only if asked) ==========
+    scripts = run_shipped_scripts(cfg, model_dir, paths) if cfg.SHIPPED_SCRIPTS else None
 
     # ========== 7. Results: JSON, RESULTS.md, the targets ==========
     results = {
@@ -184,10 +183,12 @@ def main(argv=None):
     if cfg.MODE == "tiny":
         print(_TINY_NOTE)
     print(f"wrote {results_file} and {results_md}", flush=True)
-    if cfg.MODE == "tiny":
+    if threads:
+        import torch
+
         torch.set_num_threads(threads)
-        if paths.temporary:
-            paths.temporary.cleanup()
+    if paths.temporary:
+        paths.temporary.cleanup()
     return {"results": results, "results_file": results_file, "results_md": results_md}
 
 
@@ -215,6 +216,8 @@ def bench_settings(argv: list[str]):
         cfg.INFERENCE_BATCH < 1 and "inference_batch must be at least 1",
         cfg.INFERENCE_NEW_TOKENS < 1 and "inference_new_tokens must be at least 1",
         cfg.MODEL_DIR and not Path(cfg.MODEL_DIR).is_dir() and f"model_dir {cfg.MODEL_DIR}: not a folder",
+        cfg.ISOLATE.lower() not in ("auto", "true", "false")
+        and f"isolate must be auto, true or false, not {cfg.ISOLATE!r}",
     ]
     if cfg.MODE == "full" and not cfg.RENDER_ONLY:
         import torch
@@ -223,6 +226,21 @@ def bench_settings(argv: list[str]):
             problems.append("--mode=full needs a CUDA GPU; on CPU run --mode=tiny (a harness check)")
     check_settings(problems)
     return cfg
+
+
+def use_one_thread_if_tiny(cfg) -> int | None:
+    """Tiny mode runs on one CPU thread; returns the thread count to restore (None: nothing changed).
+
+    The tiny model's ops are too small to gain from threads, and on a busy machine idle-spinning threads
+    make every op wait for a time slice: one thread was 10x faster there.
+    """
+    if cfg.MODE != "tiny":
+        return None
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
 
 
 def work_paths(cfg) -> SimpleNamespace:
@@ -253,7 +271,7 @@ def prepare_model(cfg, paths) -> Path:
         name, shape = "qwen3-1.7b-random", {"layers": 28, "hidden": 2048, "heads": 16, "kv_heads": 8,
                                              "intermediate": 6144}
     else:
-        name, shape = "qwen3-tiny-random", {"layers": 2, "hidden": 32, "heads": 2, "kv_heads": 1, "intermediate": 64}
+        name, shape = "qwen3-tiny-random", {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128}
     model_dir = paths.work / name
     if (model_dir / "config.json").is_file():
         print(f"using the random model in {model_dir}", flush=True)
@@ -325,10 +343,10 @@ def build_synthetic_rows(tokenizer, n: int, seed: int = 0, p50: int = 763, p90: 
         answer = max(8, round((1 - think_share) * length) - overhead - question)
         think = max(8, length - overhead - question - answer)
         term = rng.choice(terms)
+        question_text = _chinese_text(rng, words, round(question / tokens_per_piece)).replace("\n", "")
         rows.append({
             "instruction": SYSTEM_PROMPT,
-            "question": "医生，" + term + _chinese_text(rng, words, round(question / tokens_per_piece)).replace("\n", "")[:-1]
-                        + "？",
+            "question": "医生，" + term + question_text[:-1] + "？",
             "think": _chinese_text(rng, words, round(think / tokens_per_piece)),
             "answer": _chinese_text(rng, words, round(answer / tokens_per_piece)),
         })
@@ -408,7 +426,8 @@ def measure_matmul_rate(size: int, repeats: int = 20) -> dict:
 
 def matmul_params(config) -> int:
     """N: the weights of q, k, v, o, gate, up and down in every layer, plus lm_head (1.72B for Qwen3-1.7B)."""
-    h, head_dim = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    h = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     attention = h * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
     mlp = 3 * h * config.intermediate_size
     return config.num_hidden_layers * (attention + mlp) + config.vocab_size * h
@@ -482,6 +501,8 @@ def run_training_config(cfg, name: str, model_dir, paths, tokenizer=None) -> dic
 
     settings, argv = config_settings(cfg, name, model_dir, paths)
     shutil.rmtree(settings.OUTPUT_DIR, ignore_errors=True)  # metrics.jsonl and best/ of an earlier bench run
+    if name == _ADAPTER_CONFIG:
+        shutil.rmtree(paths.adapters / name, ignore_errors=True)  # never measure inference on a stale adapter
     result = {"ok": False, "script": argv[0], "argv": argv[1:], "error": None,
               "effective_batch": settings.BATCH_SIZE * settings.GRADIENT_ACCUMULATION,
               "packing": settings.PACKING, "loss_chunk_size": settings.LOSS_CHUNK_SIZE,
@@ -512,14 +533,12 @@ def run_training_config(cfg, name: str, model_dir, paths, tokenizer=None) -> dic
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
         measured = timer.steps[cfg.WARMUP_STEPS:]
-        seconds = sorted(s for s, _ in measured)
+        seconds, tokens = [s for s, _ in measured], sum(t for _, t in measured)
         result |= {
             "ok": True, "step_times_s": [round(s, 4) for s, _ in timer.steps],
             "step_tokens": [t for _, t in timer.steps], "measured_steps": len(measured),
-            "median_step_s": round(seconds[len(seconds) // 2] if len(seconds) % 2
-                                   else (seconds[len(seconds) // 2 - 1] + seconds[len(seconds) // 2]) / 2, 4),
-            "tokens": sum(t for _, t in measured),
-            "tokens_per_s": round(sum(t for _, t in measured) / sum(seconds), 1),
+            "median_step_s": round(statistics.median(seconds), 4), "tokens": tokens,
+            "tokens_per_s": round(tokens / sum(seconds), 1),
             "losses": [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r],
         }
         if name == _ADAPTER_CONFIG:  # for the inference measurement
@@ -565,7 +584,8 @@ def measure_inference(cfg, model_dir, paths) -> dict:
         n = cfg.INFERENCE_NEW_TOKENS
         # min_new_tokens holds the end tokens back, so every reply is exactly n tokens long
         options = {"max_new_tokens": n, "min_new_tokens": n, "temperature": 0.0}
-        assistant.ask(questions[0], max_new_tokens=4, min_new_tokens=4, temperature=0.0)  # warm-up
+        for warm_up in (questions[:1], questions):  # first calls pay for kernel selection and the allocator
+            assistant.ask_batch(warm_up, max_new_tokens=4, min_new_tokens=4, temperature=0.0)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         for mode, batch in (("single", questions[:1]), ("batched", questions)):
@@ -625,9 +645,9 @@ def run_child(cfg, paths) -> dict:
     return result
 
 
-def run_logged(cmd: list[str], timeout_s: int, prefix: str = "  ") -> dict:
+def run_logged(cmd: list[str], timeout_s: int, prefix: str = "  ", extra_env: dict | None = None) -> dict:
     """Run a command from the repo root, echoing its output; (return code, seconds, timed out, last lines)."""
-    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"} | (extra_env or {})
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace", start_new_session=True)
@@ -635,7 +655,10 @@ def run_logged(cmd: list[str], timeout_s: int, prefix: str = "  ") -> dict:
 
     def kill():
         timed_out.set()
-        os.killpg(proc.pid, signal.SIGKILL)  # its own process group: the child and anything it started
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own process group: the child and anything it started
+        except ProcessLookupError:
+            pass
 
     timer = threading.Timer(timeout_s, kill)
     timer.start()
@@ -682,7 +705,8 @@ def run_shipped_scripts(cfg, model_dir, paths) -> dict:
                  "--report_to=none", "--overwrite=True", "--progress_bar=False",
                  "--sample_max_new_tokens=64"]  # the sample answer of a random model is noise; keep it short
     print("==== shipped: train_lora3.py ====", flush=True)
-    run = run_logged(train_cmd, cfg.TIMEOUT_S)
+    env = {"OMP_NUM_THREADS": "1", "MEDSFT_QUIET_CPU": "1"} if cfg.MODE == "tiny" else None  # use_one_thread_if_tiny
+    run = run_logged(train_cmd, cfg.TIMEOUT_S, extra_env=env)
     summary_file = out / "summary.json"
     train = {"command": shlex.join(["python", *train_cmd[1:]]), "ok": run["rc"] == 0 and summary_file.is_file(),
              "rc": run["rc"], "timed_out": run["timed_out"], "seconds": run["seconds"], "summary": None}
@@ -701,7 +725,7 @@ def run_shipped_scripts(cfg, model_dir, paths) -> dict:
                  f"--batch_file={questions}", f"--output_file={predictions}", f"--batch_size={cfg.INFERENCE_BATCH}",
                  f"--max_new_tokens={cfg.INFERENCE_NEW_TOKENS}"]
     print("==== shipped: inference_lora.py -b ====", flush=True)
-    run = run_logged(infer_cmd, cfg.TIMEOUT_S)
+    run = run_logged(infer_cmd, cfg.TIMEOUT_S, extra_env=env)
     answered = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()] \
         if predictions.is_file() else []
     rates = [float(m.group(1)) for line in run["tail"] for m in [re.search(r"([\d.]+) tokens/s", line)] if m]
@@ -756,7 +780,7 @@ def add_derived_figures(results: dict, cfg) -> None:
             c["warning"] = f"effective batch {c['effective_batch']}, not 16"
     results["projection"] = {"full_v3_run_tokens": cfg.FULL_RUN_TOKENS,
                              "seconds": configs.get("v3", {}).get("projected_full_run_s"),
-                             "note": "training steps only, at the measured v3 rate; evaluation and checkpoints excluded"}
+                             "note": "training steps only, at the measured v3 rate; no evaluation or checkpoints"}
     results["targets"] = check_targets(configs)
 
 
@@ -826,6 +850,14 @@ def render_results_md(all_results: list[dict]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _script_status(run: dict) -> str:
+    if run["ok"]:
+        return "ok"
+    last = next((line.strip() for line in reversed(run.get("output_tail") or []) if line.strip()), "")
+    why = "timed out" if run["timed_out"] else f"exit {run['rc']}"
+    return f"FAILED ({why}{': ' + last[:200] if last else ''})"
+
+
 def _rate(tflops: float) -> str:
     return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1000:.1f} GFLOP/s"
 
@@ -848,7 +880,7 @@ def render_results(results: dict) -> str:
         f"- model: random Qwen3, {model['layers']} layers, hidden {model['hidden']}, FFN {model['intermediate']}, "
         f"{model['heads']}/{model['kv_heads']} heads of {model['head_dim']}, vocab {model['vocab']:,}; "
         f"N = {model['matmul_params'] / 1e9:.3f}B matmul parameters",
-        f"- data: {data['rows']} synthetic rows, tokens p50 {data['p50']}, p90 {data['p90']}, p99 {data['p99']}, "
+        f"- data: {data['rows']} synthetic train rows, tokens p50 {data['p50']}, p90 {data['p90']}, p99 {data['p99']}, "
         f"max {data['max']}; think share {data['think_share']:.2f}",
         f"- measured matmul rate: {_rate(results['matmul_rate']['tflops'])} ({results['matmul_rate']['dtype']}); "
         f"{results['settings']['WARMUP_STEPS']} warm-up + {results['settings']['STEPS']} measured steps per config, "
@@ -857,28 +889,33 @@ def render_results(results: dict) -> str:
     ]
     for name, c in results["configs"].items():
         if not c.get("ok"):
-            lines.append(f"| {name} | failed: {c.get('error')} | | {_fmt(c.get('peak_reserved_gib'), '.2f')} "
+            error = str(c.get("error")).replace("|", "/")
+            lines.append(f"| {name} | failed: {error} | | {_fmt(c.get('peak_reserved_gib'), '.2f')} "
                          f"| {_fmt(c.get('peak_allocated_gib'), '.2f')} | | |")
             continue
         lines.append(f"| {name} | {c['tokens_per_s']:,.0f} | {c['median_step_s']:.3f} s "
                      f"| {_fmt(c['peak_reserved_gib'], '.2f')} | {_fmt(c['peak_allocated_gib'], '.2f')} "
                      f"| {_fmt(c['mfu'], '.1f', '%', 100)} | {_fmt(c['speedup_vs_original'], '.2f', 'x')} |")
+    notes = [f"- {name}: {c['warning']}" for name, c in results["configs"].items() if c.get("warning")]
+    lines += ["", "Notes:", "", *notes] if notes else []
     lines += ["", "Targets:", ""]
     for t in results["targets"]:
         percent = t["measure"] == "mfu"
-        unit = {"peak_reserved_gib": " GiB", "speedup_vs_original": "x", "projected_full_run_s": " s"}.get(t["measure"], "")
+        unit = {"peak_reserved_gib": " GiB", "speedup_vs_original": "x", "projected_full_run_s": " s"}[t["measure"]] \
+            if not percent else ""
         show = (lambda v: _fmt(v, ".1f", "%", 100)) if percent else (lambda v: _fmt(v, ".2f", unit))
         sign = "<=" if t["kind"] == "max" else ">="
-        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        gap = "" if t["gap"] is None else f", gap {'+' if t['gap'] >= 0 else '-'}{show(abs(t['gap']))}"
-        lines.append(f"- {t['target']} {sign} {show(t['threshold'])}: {verdict} (measured {show(t['measured'])}{gap})")
+        verdict = "not measured in this run" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        measured = "" if t["met"] is None else \
+            f" (measured {show(t['measured'])}, gap {'+' if t['gap'] >= 0 else '-'}{show(abs(t['gap']))})"
+        lines.append(f"- {t['target']} {sign} {show(t['threshold'])}: {verdict}{measured}")
     projection = results.get("projection") or {}
     if projection.get("seconds") is not None:
         lines.append(f"- a full v3 run ({projection['full_v3_run_tokens']:,} tokens) would take about "
                      f"{projection['seconds'] / 60:.1f} min ({projection['note']})")
     inference = results.get("inference")
     if inference:
-        lines += ["", "Inference (MedicalAssistant, greedy, bf16 base + adapter):", ""]
+        lines += ["", "Inference (MedicalAssistant, greedy, bf16 base (fp32 on CPU) + adapter):", ""]
         if inference.get("ok"):
             for mode in ("single", "batched"):
                 m = inference[mode]
@@ -891,12 +928,12 @@ def render_results(results: dict) -> str:
         train, infer = scripts["train_lora3"], scripts["inference_lora_batch"]
         s = train.get("summary") or {}
         lines += ["", "The shipped scripts at real size:", "",
-                  f"- `{train['command']}`: {'ok' if train['ok'] else 'FAILED (exit ' + str(train['rc']) + ')'}, "
-                  f"{train['seconds']:.0f} s in all; summary.json: {s.get('steps')} steps, "
-                  f"{_fmt(s.get('train_tokens_per_s'), ',.0f')} tokens/s, peak reserved "
-                  f"{_fmt(s.get('peak_gpu_reserved_gib'), '.2f')} GiB, best val loss {_fmt(s.get('best_val_loss'), '.3f')}",
-                  f"- `{infer['command']}`: {'ok' if infer['ok'] else 'FAILED (exit ' + str(infer['rc']) + ')'}, "
-                  f"{infer['answered']} answered, {infer['new_tokens']:,} new tokens, "
+                  f"- `{train['command']}`: {_script_status(train)}, {train['seconds']:.0f} s in all; summary.json: "
+                  f"{s.get('steps')} steps, {_fmt(s.get('train_tokens_per_s'), ',.0f')} tokens/s, peak reserved "
+                  f"{_fmt(s.get('peak_gpu_reserved_gib'), '.2f')} GiB, "
+                  f"best val loss {_fmt(s.get('best_val_loss'), '.3f')}",
+                  f"- `{infer['command']}`: {_script_status(infer)}, {infer['answered']} answered, "
+                  f"{infer['new_tokens']:,} new tokens, "
                   f"{_fmt(infer['printed_tokens_per_s'], ',.1f')} tokens/s as printed"]
     return "\n".join(lines)
 

@@ -246,16 +246,18 @@ def test_packing_and_chunked_loss_equal_the_padded_full_logit_loss(tiny_model_di
     torch.testing.assert_close(reference[0].mean(), hf, rtol=1e-4, atol=1e-4)
 
 
-def test_out_of_memory_names_the_settings_to_lower():
+def test_out_of_memory_names_the_settings_to_lower(tmp_path):
     from types import SimpleNamespace
 
     from medsft.training import train
 
     class Exploding:
+        best_dir, best = tmp_path / "best", None
+
         def train(self, resume_from_checkpoint=None):
             raise torch.OutOfMemoryError("CUDA out of memory")
 
-    cfg = SimpleNamespace(BATCH_SIZE=4, MAX_LENGTH=2048, OUTPUT_DIR="/tmp/unused-oom", save=lambda d: None)
+    cfg = SimpleNamespace(BATCH_SIZE=4, MAX_LENGTH=2048, OUTPUT_DIR=str(tmp_path), save=lambda d: None)
     with pytest.raises(UserError) as e:
         train(Exploding(), None, cfg)
     assert "--batch_size" in str(e.value) and "--max_length" in str(e.value)
