@@ -55,7 +55,7 @@ def main(argv=None):
         cfg.GENERATE > 0 and not Path(cfg.REDTEAM_PATH).is_file() and f"redteam_path {cfg.REDTEAM_PATH}: not found",
         cfg.GENERATE < 0 and "generate must be >= 0",
     ])
-    report = {"model_path": cfg.MODEL_PATH, "adapter_path": cfg.ADAPTER_PATH or None}
+    report = {} if score_only else {"model_path": cfg.MODEL_PATH, "adapter_path": cfg.ADAPTER_PATH or None}
 
     # ========== 2. Loss and perplexity on val (and test) ==========
     if not score_only:
