@@ -174,7 +174,7 @@ def plan_output_dir(cfg, n_train: int) -> str | None:
 def load_lora_model(model_path: str, cfg):
     """The base model (4-bit NF4 unless LOAD_IN_4BIT=False) with fresh LoRA adapters."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     from medsft.model_loading import load_base_model
 
@@ -188,26 +188,31 @@ def load_lora_model(model_path: str, cfg):
     elif cfg.GRADIENT_CHECKPOINTING:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    modules_to_save = list(cfg.MODULES_TO_SAVE) or None
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    if modules_to_save and tied and {"embed_tokens", "lm_head"} <= set(modules_to_save):
-        # Qwen3 (0.6B-4B) ties lm_head to embed_tokens: one matrix. Training two separate copies (as the
-        # original did) would double its memory and untie the model; train the one shared matrix instead.
-        modules_to_save = [m for m in modules_to_save if m != "lm_head"]
-    lora = LoraConfig(
-        r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
-        target_modules=list(cfg.TARGET_MODULES), modules_to_save=list(modules_to_save or []) or None,
-        ensure_weight_tying=bool(modules_to_save and tied), bias="none", task_type="CAUSAL_LM",
-    )
+    lora = build_lora_config(cfg, tied=bool(getattr(model.config, "tie_word_embeddings", False)))
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-          + (f"; modules_to_save: {modules_to_save}" if modules_to_save else ""), flush=True)
+          + (f"; fully trained: {sorted(lora.modules_to_save)}" if lora.modules_to_save else ""), flush=True)
     model.trainable_params = trainable
     if not cfg.LOAD_IN_4BIT and not torch.cuda.is_available():
         model.to(torch.float32)  # bf16 matmuls are slow on CPU
     return model
+
+
+def build_lora_config(cfg, tied: bool):
+    from peft import LoraConfig
+
+    modules_to_save = list(cfg.MODULES_TO_SAVE)
+    if tied and {"embed_tokens", "lm_head"} <= set(modules_to_save):
+        # Qwen3 (0.6B-4B) ties lm_head to embed_tokens: one matrix. Training two separate copies (as the
+        # original did) would double its memory and untie the model; train the one shared matrix instead.
+        modules_to_save.remove("lm_head")
+    return LoraConfig(
+        r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
+        target_modules=list(cfg.TARGET_MODULES), modules_to_save=modules_to_save or None,
+        ensure_weight_tying=bool(modules_to_save and tied), bias="none", task_type="CAUSAL_LM",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

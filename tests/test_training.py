@@ -276,3 +276,26 @@ def test_report_to_never_prompts(monkeypatch, tmp_path):
     assert __import__("os").environ["SWANLAB_MODE"] == "offline"  # forced without a key: offline, no login prompt
     monkeypatch.setenv("SWANLAB_API_KEY", "k")
     assert resolve_report_to("auto", tmp_path) == ["swanlab"]
+
+
+def test_trainable_parameters_of_qwen3_1_7b_v1_and_v2():
+    """The real Qwen3-1.7B shape on the meta device (no weights): what v1 and v2 train, as quoted in the README."""
+    from types import SimpleNamespace
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from medsft.training import build_lora_config
+
+    config = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+    counts = {}
+    for version, script in (("v1", train_lora), ("v2", train_lora2)):
+        cfg = SimpleNamespace(**{k: v for k, v in vars(script).items() if k.isupper()})
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        model = get_peft_model(model, build_lora_config(cfg, tied=True))
+        counts[version] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        inner = model.get_base_model()
+        assert inner.lm_head.weight is inner.model.embed_tokens.weight
+    assert counts == {"v1": 69_730_304, "v2": 69_730_304 + 151936 * 2048}  # v2 adds the one tied embedding
