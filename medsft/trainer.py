@@ -94,10 +94,17 @@ class LoggingCallback(TrainerCallback):
         self.path = Path(path)
 
     def truncate_after(self, step: int) -> None:
-        if self.path.exists():
-            lines = [l for l in self.path.read_text(encoding="utf-8").splitlines()
-                     if l.strip() and json.loads(l).get("step", 0) <= step]
-            self.path.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
+        """Keep the records up to `step` (a torn last line from a kill is dropped too)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, AttributeError):
+                continue
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -141,12 +141,17 @@ def planned_steps(cfg, n_train: int) -> int:
     return math.ceil(cfg.EPOCHS * max(1, math.ceil(batches / cfg.GRADIENT_ACCUMULATION)))
 
 
+def last_complete_checkpoint(out: Path) -> str | None:
+    """The newest checkpoint-N with its trainer_state.json (a run killed while saving leaves one without)."""
+    numbered = [(int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    complete = [p for _, p in sorted(numbered, reverse=True) if (p / "trainer_state.json").is_file()]
+    return str(complete[0]) if complete else None
+
+
 def plan_output_dir(cfg, n_train: int) -> str | None:
     """The checkpoint to resume from, or None for a fresh run; a finished run is never silently overwritten."""
     out = Path(cfg.OUTPUT_DIR)
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(out) if out.is_dir() else None
+    last = last_complete_checkpoint(out)
     if cfg.OVERWRITE:
         for path in out.glob("checkpoint-*"):
             shutil.rmtree(path)

@@ -110,6 +110,26 @@ def test_resume_continues_from_the_newest_checkpoint(tiny_model_dir, short_data_
     assert steps == sorted(steps)  # no records duplicated by the resume
 
 
+def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
+    from medsft.training import last_complete_checkpoint
+
+    for step in (2, 4, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")  # not 10: killed while saving
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_resume_drops_metrics_after_the_checkpoint_and_a_torn_line(tmp_path):
+    from medsft.trainer import LoggingCallback
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.9}\n{"step": 3, "loss": 1.8}\n{"step": 4, "lo')
+    LoggingCallback(path).truncate_after(2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.9}\n'
+
+
 def test_a_finished_run_is_not_overwritten(tiny_model_dir, short_data_dir, tmp_path):
     run(train_lora, tiny_model_dir, short_data_dir, tmp_path)
     before = (tmp_path / "final" / "adapter_model.safetensors").read_bytes()
