@@ -52,7 +52,7 @@ SEED = 42                                  # data order, dropout and LoRA init
 PACKING = True                             # micro-batch examples in one row, no padding (same loss as padded)
 LOSS_CHUNK_SIZE = 1024                     # trained tokens per lm_head chunk, so full-vocabulary logits never exist;
                                            # 0 = all trained tokens at once; -1 = every position (the originals' way)
-GRADIENT_CHECKPOINTING = True              # recompute activations in backward: much less memory, ~30% slower
+GRADIENT_CHECKPOINTING = True              # recompute activations in backward: much less memory, slower
 # evaluation and checkpoints
 EVAL_STEPS = 50                            # val loss every this many steps (and at the end)
 EVAL_BATCH_SIZE = 4                        # examples per eval micro-batch
