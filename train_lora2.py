@@ -71,7 +71,7 @@ def main(argv=None):
     check_settings(check_training_settings(cfg))
 
     # ========== 2. Tokenizer and data ==========
-    model_path = resolve_model_path(cfg.MODEL_PATH)
+    model_path = resolve_model_path(cfg.MODEL_PATH, tokenizer_only=cfg.DRY_RUN)
     tokenizer = load_tokenizer(model_path)
     data = load_training_data(cfg, tokenizer)
     show_data_preview(tokenizer, data, cfg)

@@ -77,7 +77,7 @@ def main(argv=None):
     check_settings(check_training_settings(cfg) + check_masking_settings(cfg))
 
     # ========== 2. Tokenizer and data ==========
-    model_path = resolve_model_path(cfg.MODEL_PATH)
+    model_path = resolve_model_path(cfg.MODEL_PATH, tokenizer_only=cfg.DRY_RUN)
     tokenizer = load_tokenizer(model_path)
     data = load_training_data(cfg, tokenizer)
     # v3: the questions' medical terms are masked afresh each time an example is drawn

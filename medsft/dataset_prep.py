@@ -28,9 +28,15 @@ def download_dataset(dataset_id: str, revision: str | None = None) -> Path:
                         "Offline? Pass a local file in the same schema: python data.py --source=data/sample.jsonl") from None
 
 
+METADATA_FILES = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "configuration.json", "state.json"}
+
+
 def find_data_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """The data files of a downloaded dataset: .jsonl/.parquet/.csv; .json only when there are none of those."""
+    candidates = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
+                        and p.name.lower() not in METADATA_FILES
+                        and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = [p for p in candidates if p.suffix.lower() != ".json"] or candidates
     if not files:
         raise UserError(f"error: {folder}: no {'/'.join(SUPPORTED_SUFFIXES)} data file in the downloaded dataset")
     return files

@@ -6,8 +6,15 @@ from medsft.chat_format import build_messages, format_reply, render_training_tex
 from medsft.errors import UserError
 
 
-def resolve_model_path(model_path: str) -> str:
-    """A local folder as is; otherwise ModelScope's snapshot download, then the Hugging Face Hub."""
+TOKENIZER_FILES = ["*.json", "*.txt", "*.jinja"]  # config, tokenizer and chat template: no weights
+
+
+def resolve_model_path(model_path: str, tokenizer_only: bool = False) -> str:
+    """A local folder as is; otherwise ModelScope's snapshot download, then the Hugging Face Hub.
+
+    tokenizer_only fetches just the small files (a dry run needs no weights); a later full call adds the rest.
+    """
+    patterns = TOKENIZER_FILES if tokenizer_only else None
     if Path(model_path).is_dir():
         return model_path
     if Path(model_path).exists() or model_path.startswith((".", "/", "~")):
@@ -17,14 +24,14 @@ def resolve_model_path(model_path: str) -> str:
         from modelscope import snapshot_download
 
         print(f"downloading {model_path} from ModelScope ...", flush=True)
-        return snapshot_download(model_path)  # the path it returns, whatever the cache location
+        return snapshot_download(model_path, allow_patterns=patterns)  # the path it returns, wherever the cache is
     except Exception as e:  # ImportError, network and missing-model errors
         errors.append(f"ModelScope: {type(e).__name__}: {e}")
     try:
         from huggingface_hub import snapshot_download
 
         print(f"downloading {model_path} from the Hugging Face Hub ...", flush=True)
-        return snapshot_download(model_path)
+        return snapshot_download(model_path, allow_patterns=patterns)
     except Exception as e:
         errors.append(f"Hugging Face Hub: {type(e).__name__}: {e}")
     raise UserError(f"error: could not get model {model_path!r}:\n  " + "\n  ".join(errors)

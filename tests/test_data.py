@@ -180,3 +180,22 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert result.returncode != 0
     assert f"{source}: line 2: invalid JSON" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_downloaded_dataset_folder_is_read_without_its_metadata(tmp_path, monkeypatch):
+    from medsft import dataset_prep
+
+    snapshot = tmp_path / "snapshot"
+    (snapshot / "data").mkdir(parents=True)
+    write_jsonl(snapshot / "data" / "train.jsonl", [row(i) for i in range(12)])
+    (snapshot / "dataset_infos.json").write_text('{"default": {}}')
+    (snapshot / "configuration.json").write_text('{"framework": "pytorch"}')
+    (snapshot / "README.md").write_text("# dataset card")
+    (snapshot / ".mdl").write_text("x")
+    assert dataset_prep.find_data_files(snapshot) == [snapshot / "data" / "train.jsonl"]
+
+    monkeypatch.setattr(data, "download_dataset", lambda dataset_id, revision=None: snapshot)
+    manifest = data.main([f"--data_dir={tmp_path / 'out'}"])  # the default source: a ModelScope dataset id
+    assert manifest["source"] == "krisfu/delicate_medical_r1_data" and manifest["rows_read"] == 12
+    assert manifest["source_files"] == [str(snapshot / "data" / "train.jsonl")]
+
