@@ -52,12 +52,6 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def pick_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_base_model(model_path: str, load_in_4bit: bool, attn_implementation: str = "sdpa"):
     """Qwen3 in bf16, or in 4-bit NF4 with double quantisation and bf16 compute (QLoRA)."""
     import torch

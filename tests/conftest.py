@@ -24,12 +24,6 @@ SHORT_QUESTIONS = ["高血压患者头痛怎么办？", "糖尿病可以吃水�
                    "心电图异常要紧吗？", "腹泻脱水怎么办？", "湿疹反复怎么办？", "骨质疏松怎么预防？"]
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 gpu = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
 
 
