@@ -84,13 +84,13 @@ def main(argv=None):
     model = load_lora_model(model_path, cfg)
 
     # ========== 4. Trainer ==========
-    trainer = build_trainer(cfg, model, tokenizer, data, cfg.VERSION)
+    trainer = build_trainer(cfg, model, tokenizer, data)
 
     # ========== 5. Train (resumes from the newest checkpoint after a crash) ==========
     wall_time = train(trainer, resume, cfg)
 
     # ========== 6. Save the best adapter, summary.json and loss.png ==========
-    summary = save_results(cfg, trainer, tokenizer, wall_time, cfg.VERSION, cfg.KEY_CHANGE)
+    summary = save_results(cfg, trainer, tokenizer, wall_time)
 
     # ========== 7. One sample answer to a val question ==========
     print_sample_answer(model, tokenizer, data.val_rows[0]["question"], cfg)

@@ -526,7 +526,7 @@ def run_training_config(cfg, name: str, model_dir, paths, tokenizer=None) -> dic
             data.train_set = MaskedQuestionDataset(data.train_rows, tokenizer, settings)
         model = load_lora_model(str(model_dir), settings)
         result["trainable_params"] = model.trainable_params
-        trainer = build_trainer(settings, model, tokenizer, data, settings.VERSION)
+        trainer = build_trainer(settings, model, tokenizer, data)
         timer = step_timer(trainer)
         trainer.add_callback(timer)
         if cuda:

@@ -244,7 +244,7 @@ def resolve_report_to(choice: str, output_dir) -> list[str]:
     return ["swanlab"]
 
 
-def build_trainer(cfg, model, tokenizer, data: TrainingData, version: str):
+def build_trainer(cfg, model, tokenizer, data: TrainingData):
     import torch
     from transformers import TrainingArguments
 
@@ -253,7 +253,7 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData, version: str):
 
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
-        output_dir=cfg.OUTPUT_DIR, run_name=f"{version}-{Path(cfg.OUTPUT_DIR).name}",
+        output_dir=cfg.OUTPUT_DIR, run_name=f"{cfg.VERSION}-{Path(cfg.OUTPUT_DIR).name}",
         per_device_train_batch_size=cfg.BATCH_SIZE, per_device_eval_batch_size=cfg.EVAL_BATCH_SIZE,
         gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION, num_train_epochs=cfg.EPOCHS,
         max_steps=cfg.MAX_STEPS, learning_rate=cfg.LEARNING_RATE, lr_scheduler_type=cfg.LR_SCHEDULER,
@@ -311,7 +311,7 @@ def train(trainer, resume: str | None, cfg) -> float:
 # 6. results
 
 
-def save_results(cfg, trainer, tokenizer, wall_time: float, version: str, key_change: str) -> dict:
+def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
     """final/ (the best adapter, tokenizer, settings), summary.json and loss.png in OUTPUT_DIR."""
     import torch
 
@@ -330,7 +330,7 @@ def save_results(cfg, trainer, tokenizer, wall_time: float, version: str, key_ch
     train_logs = [r for r in trainer.state.log_history if "loss" in r]
     cuda = torch.cuda.is_available()
     summary = {
-        "version": version, "key_change": key_change,
+        "version": cfg.VERSION, "key_change": cfg.KEY_CHANGE,
         "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
         "best_val_loss": best["eval_loss"], "best_step": best["step"],
         "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 4),
@@ -343,7 +343,7 @@ def save_results(cfg, trainer, tokenizer, wall_time: float, version: str, key_ch
         "model_path": cfg.MODEL_PATH, "final_dir": str(final),
     }
     write_files_atomically({out / "summary.json": json.dumps(summary, ensure_ascii=False, indent=2) + "\n"})
-    plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{version}: {key_change}")
+    plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.VERSION}: {cfg.KEY_CHANGE}")
     print(f"best val loss {best['eval_loss']:.4f} at step {best['step']}; adapter in {final}/")
     print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'loss.png'}", flush=True)
     return summary
