@@ -14,7 +14,7 @@ from medsft.settings import check_settings, parse_settings
 
 # -----------------------------------------------------------------------------
 # source
-SOURCE = "krisfu/delicate_medical_r1_data"  # ModelScope dataset id, or a local .jsonl/.json/.csv/.parquet file
+SOURCE = "krisfu/delicate_medical_r1_data"  # ModelScope dataset id, or a local .jsonl/.json/.csv/.parquet file or folder
 REVISION = ""                               # dataset revision on ModelScope; "" = the default branch
 ON_BAD_ROW = "error"                        # "error" stops at bad rows (naming file and line); "skip" drops and counts them
 # split
@@ -36,8 +36,10 @@ def main(argv=None):
     ])
 
     # ========== 1. Find the source files (a local file, or a ModelScope download) ==========
-    local = Path(cfg.SOURCE)
-    if local.exists() or local.suffix:
+    local = Path(cfg.SOURCE).expanduser()
+    if local.is_dir():
+        files = find_data_files(local)
+    elif local.exists() or local.suffix or cfg.SOURCE.startswith(("/", ".", "~")):
         files = [local]
     else:
         print(f"downloading {cfg.SOURCE} from ModelScope ...", flush=True)

@@ -43,11 +43,15 @@ REPORT_PATH = "eval_report.json"                     # every number, as JSON; al
 
 
 def main(argv=None):
-    # ========== 1. Settings ==========
+    # ========== 1. Settings (MAX_LENGTH, SYSTEM_PROMPT, LONG_EXAMPLES default to the adapter's training run) ==========
     cfg = parse_settings(globals(), argv)
+    use_training_settings(cfg, globals())
     cfg.print("evaluate.py settings")
     score_only = bool(cfg.PREDICTIONS) and cfg.GENERATE == 0
+    report_path = Path(cfg.REPORT_PATH)
     check_settings([
+        (report_path.is_dir() or not report_path.parent.exists()) and f"report_path {report_path} must be a file "
+        "in an existing folder",
         cfg.PREDICTIONS and not Path(cfg.PREDICTIONS).is_file() and f"predictions {cfg.PREDICTIONS}: not found",
         cfg.PREDICTIONS and cfg.GENERATE > 0 and "give --predictions or --generate, not both",
         not score_only and not (Path(cfg.DATA_DIR) / "val.jsonl").is_file()
@@ -86,6 +90,18 @@ def main(argv=None):
     print_report(report)
     print(f"wrote {cfg.REPORT_PATH}")
     return report
+
+
+def use_training_settings(cfg, defaults: dict) -> None:
+    """Take MAX_LENGTH, SYSTEM_PROMPT and LONG_EXAMPLES from the adapter's settings.json unless given here."""
+    path = Path(cfg.ADAPTER_PATH) / "settings.json" if cfg.ADAPTER_PATH else None
+    if not path or not path.is_file():
+        return
+    trained = json.loads(path.read_text(encoding="utf-8"))
+    for name in ("MAX_LENGTH", "SYSTEM_PROMPT", "LONG_EXAMPLES"):
+        if name in trained and getattr(cfg, name) == defaults[name] and trained[name] != defaults[name]:
+            print(f"note: {name.lower()} = {trained[name]!r}, as the adapter was trained ({path})")
+            setattr(cfg, name, trained[name])
 
 
 def load_model_for_loss(cfg):

@@ -77,7 +77,13 @@ class MaskedQuestionDataset:
         self.masker = TermMasker(load_lexicon(cfg.LEXICON_PATH))
         self.prob, self.style, self.seed = cfg.MASK_PROB, cfg.MASK_STYLE, cfg.SEED
         self.max_length, self.system_prompt = cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT
-        self.epoch, self.masked_terms, self.found_terms = 0, 0, 0
+        self.drop_long = cfg.LONG_EXAMPLES == "drop"
+        self.epoch = 0
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """Start counting masked terms afresh (the training start calls this, so previews do not count)."""
+        self.masked_terms, self.found_terms = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -95,6 +101,7 @@ class MaskedQuestionDataset:
         self.found_terms += found
         row = self.rows[index]
         example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt, question=question)
-        if example is None:  # the masked question made it too long to fit even with the think cut: train it unmasked
+        if example is None or (self.drop_long and example["think_cut"]):
+            # masking lengthened the question past MAX_LENGTH: this draw trains the row unmasked (it fits as is)
             example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt)
         return example

@@ -52,16 +52,25 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
+def compute_dtype():
+    """bf16, except fp16 on GPUs without native bf16 (T4, V100), where bf16 is emulated and slow."""
+    import torch
+
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
+
+
 def load_base_model(model_path: str, load_in_4bit: bool, attn_implementation: str = "sdpa"):
-    """Qwen3 in bf16, or in 4-bit NF4 with double quantisation and bf16 compute (QLoRA)."""
+    """Qwen3 in bf16, or in 4-bit NF4 with double quantisation and bf16 compute (QLoRA); fp16 on old GPUs."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"dtype": torch.bfloat16, "attn_implementation": attn_implementation}
+    kwargs = {"dtype": compute_dtype(), "attn_implementation": attn_implementation}
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute_dtype(),
         )
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}

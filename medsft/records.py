@@ -79,7 +79,7 @@ def _parse_json(path: Path, text: str) -> list[tuple[int, dict]]:
 
 
 def _parse_csv(path: Path, text: str) -> list[tuple[int, dict]]:
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
     rows = []
     try:
         for row in reader:
@@ -90,8 +90,8 @@ def _parse_csv(path: Path, text: str) -> list[tuple[int, dict]]:
             if metrics:
                 row["metrics"] = metrics
             rows.append((reader.line_num, row))
-    except csv.Error as e:
-        raise DataError(path, reader.line_num, f"invalid CSV ({e})") from None
+    except csv.Error as e:  # the reader stops before counting the broken row's lines: it starts after the last good one
+        raise DataError(path, reader.line_num + 1, f"invalid CSV in the row starting on this line ({e})") from None
     return rows
 
 
@@ -138,7 +138,11 @@ def write_files_atomically(files: dict, remove=()) -> None:
         for temp in temps.values():
             Path(temp).unlink(missing_ok=True)
         raise
-    for path, temp in temps.items():
-        os.replace(temp, path)
+    try:
+        for path in list(temps):
+            os.replace(temps.pop(path), path)
+    finally:  # a failed rename leaves no temporary files behind
+        for temp in temps.values():
+            Path(temp).unlink(missing_ok=True)
     for path in remove:
         Path(path).unlink(missing_ok=True)

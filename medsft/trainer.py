@@ -1,6 +1,8 @@
 """A transformers Trainer whose loss skips the full-vocabulary logits, and whose eval loss is a true per-token mean."""
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -65,11 +67,19 @@ class QLoRATrainer(Trainer):
         self.last_eval_step = self.state.global_step
         if metric_key_prefix == "eval" and (self.best is None or result["loss"] < self.best["eval_loss"]):
             self.best = {"step": self.state.global_step, "eval_loss": result["loss"]}
-            self.model.save_pretrained(self.best_dir)
-            (self.best_dir / "eval.json").write_text(json.dumps(self.best) + "\n")
+            self.save_best()
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def save_best(self) -> None:
+        """Write the adapter and its eval record beside best/, then swap: a kill never leaves a torn best/."""
+        staging = self.best_dir.with_name(self.best_dir.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_pretrained(staging)
+        (staging / "eval.json").write_text(json.dumps(self.best) + "\n")
+        shutil.rmtree(self.best_dir, ignore_errors=True)
+        os.replace(staging, self.best_dir)
 
     def restore_best(self) -> dict:
         """Put the best adapter's weights back into the model (if later steps were worse) and return its record."""
@@ -142,6 +152,10 @@ class SetEpochCallback(TrainerCallback):
 
     def __init__(self, dataset):
         self.dataset = dataset
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if hasattr(self.dataset, "reset_counts"):
+            self.dataset.reset_counts()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.dataset.set_epoch(int((state.epoch or 0) + 1e-6))

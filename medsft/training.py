@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsft.chat_format import IGNORE_INDEX, build_training_example
-from medsft.errors import UserError
+from medsft.errors import DataError, UserError
 from medsft.records import read_jsonl, write_files_atomically
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Qwen3's linear layers
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -42,8 +43,20 @@ def check_training_settings(cfg) -> list:
         problems.append(f"lora_dropout must be in [0, 1), not {cfg.LORA_DROPOUT}")
     if not 0 <= cfg.WARMUP_RATIO < 1:
         problems.append(f"warmup_ratio must be in [0, 1), not {cfg.WARMUP_RATIO}")
-    if cfg.MAX_STEPS <= 0 and not cfg.EPOCHS > 0:
-        problems.append("set epochs > 0 or max_steps > 0")
+    if cfg.MAX_STEPS == 0 or cfg.MAX_STEPS < -1:
+        problems.append(f"max_steps must be -1 (use epochs) or positive, not {cfg.MAX_STEPS}")
+    elif cfg.MAX_STEPS == -1 and not cfg.EPOCHS > 0:
+        problems.append(f"epochs must be positive when max_steps is -1, not {cfg.EPOCHS}")
+    if not cfg.LORA_ALPHA > 0:
+        problems.append(f"lora_alpha must be positive, not {cfg.LORA_ALPHA}")
+    for name in ("MAX_GRAD_NORM", "WEIGHT_DECAY"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"{name.lower()} must be 0 or more, not {getattr(cfg, name)}")
+    if not cfg.TARGET_MODULES or set(cfg.TARGET_MODULES) - set(PROJECTIONS):
+        problems.append(f"target_modules must be some of {', '.join(PROJECTIONS)}, not {list(cfg.TARGET_MODULES)}")
+    if set(cfg.MODULES_TO_SAVE) - {"embed_tokens", "lm_head"}:
+        problems.append(f"modules_to_save may hold embed_tokens and lm_head, not {list(cfg.MODULES_TO_SAVE)}")
+    problems += _library_choice_problems(cfg)
     if cfg.LR_SCHEDULER not in SCHEDULERS:
         problems.append(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, not {cfg.LR_SCHEDULER!r}")
     if cfg.LONG_EXAMPLES not in ("shorten_think", "drop"):
@@ -54,6 +67,23 @@ def check_training_settings(cfg) -> list:
         problems.append(f"resume must be 'auto', 'never' or a checkpoint folder; {cfg.RESUME!r} is none of these")
     if not cfg.MODEL_PATH:
         problems.append("model_path is empty")
+    return problems
+
+
+def _library_choice_problems(cfg) -> list[str]:
+    import importlib.util
+
+    import torch
+    from transformers.training_args import OptimizerNames
+
+    problems = []
+    if cfg.OPTIM not in {o.value for o in OptimizerNames}:
+        problems.append(f"optim {cfg.OPTIM!r} is not a transformers optimizer (e.g. paged_adamw_8bit, adamw_torch)")
+    attention = {"sdpa", "eager"} | ({"flex_attention"} if torch.cuda.is_available() else set()) \
+        | ({"flash_attention_2"} if importlib.util.find_spec("flash_attn") else set())
+    if cfg.ATTN_IMPLEMENTATION not in attention:
+        problems.append(f"attn_implementation {cfg.ATTN_IMPLEMENTATION!r} is not available here "
+                        f"(choose from {', '.join(sorted(attention))})")
     return problems
 
 
@@ -93,10 +123,17 @@ def tokenize_rows(tokenizer, rows, cfg) -> tuple[list, list, dict]:
 
 
 def load_training_data(cfg, tokenizer) -> TrainingData:
+    from medsft.dataset_prep import check_row
+
     splits = {}
     for name in ("train", "val"):
         path = Path(cfg.DATA_DIR) / f"{name}.jsonl"
-        splits[name] = [row for _, row in read_jsonl(path)]
+        splits[name] = []
+        for line, raw in read_jsonl(path):  # a split written by hand gets the same checks as data.py's
+            row, _, problem = check_row(raw)
+            if row is None:
+                raise DataError(path, line, f"{problem}; run `python data.py --source={path}` to check and clean it")
+            splits[name].append(row)
         if not splits[name]:
             raise UserError(f"error: {path} has no rows; run `python data.py` again")
     train, train_rows, train_stats = tokenize_rows(tokenizer, splits["train"], cfg)
@@ -195,6 +232,9 @@ def load_lora_model(model_path: str, cfg):
         model.enable_input_require_grads()
     lora = build_lora_config(cfg, tied=bool(getattr(model.config, "tie_word_embeddings", False)))
     model = get_peft_model(model, lora)
+    for param in model.parameters():  # the optimizer's master weights: fp32 (a bf16 base gives bf16 copies)
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
@@ -249,9 +289,10 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData):
     from transformers import TrainingArguments
 
     from medsft.batching import Collator
+    from medsft.model_loading import compute_dtype
     from medsft.trainer import LoggingCallback, QLoRATrainer, SetEpochCallback, use_readable_logging
 
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cuda = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=cfg.OUTPUT_DIR, run_name=f"{cfg.VERSION}-{Path(cfg.OUTPUT_DIR).name}",
         per_device_train_batch_size=cfg.BATCH_SIZE, per_device_eval_batch_size=cfg.EVAL_BATCH_SIZE,
@@ -260,7 +301,8 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData):
         warmup_steps=cfg.WARMUP_RATIO, weight_decay=cfg.WEIGHT_DECAY, optim=cfg.OPTIM,
         max_grad_norm=cfg.MAX_GRAD_NORM, logging_steps=cfg.LOG_STEPS, logging_first_step=True,
         eval_strategy="steps", eval_steps=cfg.EVAL_STEPS, save_strategy="steps", save_steps=cfg.SAVE_STEPS,
-        save_total_limit=cfg.SAVE_TOTAL_LIMIT, bf16=bf16, gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
+        save_total_limit=cfg.SAVE_TOTAL_LIMIT, bf16=cuda and compute_dtype() == torch.bfloat16,
+        fp16=cuda and compute_dtype() == torch.float16, gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
         gradient_checkpointing_kwargs={"use_reentrant": False}, report_to=resolve_report_to(cfg.REPORT_TO, cfg.OUTPUT_DIR),
         seed=cfg.SEED, data_seed=cfg.SEED, remove_unused_columns=False, dataloader_num_workers=0,
         disable_tqdm=not cfg.PROGRESS_BAR,

@@ -199,3 +199,26 @@ def test_a_downloaded_dataset_folder_is_read_without_its_metadata(tmp_path, monk
     assert manifest["source"] == "krisfu/delicate_medical_r1_data" and manifest["rows_read"] == 12
     assert manifest["source_files"] == [str(snapshot / "data" / "train.jsonl")]
 
+
+
+def test_a_path_like_source_is_never_sent_to_modelscope(tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("a local path must not be downloaded")
+
+    monkeypatch.setattr(data, "download_dataset", no_download)
+    with pytest.raises(UserError, match="no such file"):
+        data.main([f"--source={tmp_path / 'missing'}", f"--data_dir={tmp_path / 'out'}"])
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    write_jsonl(folder / "part1.jsonl", [row(i) for i in range(6)])
+    write_jsonl(folder / "part2.jsonl", [row(i) for i in range(6, 12)])
+    manifest = data.main([f"--source={folder}", f"--data_dir={tmp_path / 'out'}"])
+    assert manifest["rows_read"] == 12
+
+
+def test_csv_with_an_unclosed_quote_names_the_line(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text('question,think,answer\n"头痛？",想,答\n"咳嗽？",想,"答\n', encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        data.main([f"--source={path}", f"--data_dir={tmp_path / 'out'}"])
+    assert "invalid CSV" in str(e.value) and e.value.line == 3

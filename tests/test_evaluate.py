@@ -43,7 +43,7 @@ def test_predictions_are_scored_with_the_documented_definitions(tmp_path):
 def test_loss_agrees_with_training_eval_loss(trained_adapter, tiny_model_dir, sample_data_dir, tmp_path):
     summary = json.loads((trained_adapter.parent / "summary.json").read_text())
     report = evaluate.main([f"--model_path={tiny_model_dir}", f"--adapter_path={trained_adapter}",
-                            f"--data_dir={sample_data_dir}", "--max_length=320", "--eval_batch_size=8",
+                            f"--data_dir={sample_data_dir}", "--eval_batch_size=8",  # max_length: the adapter's
                             f"--report_path={tmp_path / 'r.json'}"])
     # the same weights, mask and examples; only bf16 rounding in the 4-bit layers may differ
     assert report["val_loss"] == pytest.approx(summary["best_val_loss"], rel=1e-5)
@@ -78,6 +78,9 @@ def test_generate_answers_val_rows_and_the_redteam_set(trained_adapter, tiny_mod
 def test_bad_settings(tmp_path):
     with pytest.raises(UserError, match="not found"):
         evaluate.main([f"--predictions={tmp_path / 'missing.jsonl'}"])
+    (tmp_path / "p.jsonl").write_text('{"id": 1}\n')
+    with pytest.raises(UserError, match="report_path"):
+        evaluate.main([f"--predictions={tmp_path / 'p.jsonl'}", f"--report_path={tmp_path}"])
     (tmp_path / "bad.jsonl").write_text('{"id": 1}\n{oops\n')
     with pytest.raises(UserError, match="line 2"):
         evaluate.main([f"--predictions={tmp_path / 'bad.jsonl'}", f"--report_path={tmp_path / 'r.json'}"])

@@ -158,6 +158,7 @@ def test_a_few_rows_lose_most_of_their_training_loss(tiny_model_dir, tmp_path):
 
 class MaskingSettings:
     LEXICON_PATH, MASK_PROB, MASK_STYLE, SEED, MAX_LENGTH = "data/medical_terms.tsv", 0.15, "mask", 42, 2048
+    LONG_EXAMPLES = "shorten_think"
     from medsft.chat_format import SYSTEM_PROMPT
 
 
@@ -319,3 +320,27 @@ def test_trainable_parameters_of_qwen3_1_7b_v1_and_v2():
         inner = model.get_base_model()
         assert inner.lm_head.weight is inner.model.embed_tokens.weight
     assert counts == {"v1": 69_730_304, "v2": 69_730_304 + 151936 * 2048}  # v2 adds the one tied embedding
+
+
+def test_library_choices_are_checked_before_loading(tmp_path, sample_data_dir):
+    with pytest.raises(UserError) as e:
+        train_lora.main([f"--data_dir={sample_data_dir}", f"--output_dir={tmp_path}", "--optim=adamw",
+                         "--target_modules=foo_proj", "--attn_implementation=flash_attention_3", "--lora_alpha=0",
+                         "--max_steps=0", "--modules_to_save=lm_head,norm", "--model_path=/does/not/matter"])
+    for part in ("optim 'adamw'", "target_modules", "attn_implementation", "lora_alpha", "max_steps", "modules_to_save"):
+        assert part in str(e.value)
+
+
+def test_a_hand_made_split_with_a_bad_row_names_its_line(tiny_model_dir, sample_data_dir, tmp_path):
+    import shutil
+
+    from medsft.errors import DataError
+
+    data_dir = tmp_path / "d"
+    shutil.copytree(sample_data_dir, data_dir)
+    with (data_dir / "train.jsonl").open("a", encoding="utf-8") as f:
+        f.write('{"question": "只有问题，没有思考和回答"}\n')
+    lines = len((data_dir / "train.jsonl").read_text(encoding="utf-8").splitlines())
+    with pytest.raises(DataError) as e:
+        run(train_lora, tiny_model_dir, data_dir, tmp_path / "o", "--dry_run=True")
+    assert e.value.line == lines and "missing field 'think'" in str(e.value)
