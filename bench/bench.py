@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/bench.py`, Python puts ben
     sys.path.insert(0, str(ROOT))
 
 from medsft.errors import UserError  # noqa: E402
+from medsft.records import read_jsonl  # noqa: E402
 from medsft.settings import check_settings, parse_settings  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -362,6 +363,7 @@ def _lexicon_terms() -> list[str]:
 def example_length_stats(tokenizer, rows) -> dict:
     """Whole-example token lengths (p50, p90, p99, max) and the think's share of the tokens, as trained."""
     from medsft.chat_format import IGNORE_INDEX, build_training_example
+    from medsft.training import percentile
 
     lengths, think = [], 0
     for row in rows:
@@ -370,11 +372,8 @@ def example_length_stats(tokenizer, rows) -> dict:
         lengths.append(len(example["input_ids"]))
         think += example["think_end"] + 1 - prompt  # <think> ... </think>
     lengths.sort()
-
-    def percentile(q):
-        return lengths[min(len(lengths) - 1, math.ceil(q / 100 * len(lengths)) - 1)]
-
-    return {"rows": len(rows), "p50": percentile(50), "p90": percentile(90), "p99": percentile(99),
+    return {"rows": len(rows), "p50": percentile(lengths, 50), "p90": percentile(lengths, 90),
+            "p99": percentile(lengths, 99),
             "max": lengths[-1], "mean": round(sum(lengths) / len(lengths), 1),
             "think_share": round(think / sum(lengths), 4)}
 
@@ -578,8 +577,7 @@ def measure_inference(cfg, model_dir, paths) -> dict:
             adapter = fresh_adapter(cfg, model_dir, paths)
         result["adapter"] = str(adapter)
         assistant = MedicalAssistant(str(model_dir), str(adapter))
-        questions = [json.loads(line)["question"]
-                     for line in (paths.data / "val.jsonl").read_text(encoding="utf-8").splitlines()]
+        questions = [row["question"] for _, row in read_jsonl(paths.data / "val.jsonl")]
         questions = (questions * cfg.INFERENCE_BATCH)[:cfg.INFERENCE_BATCH]
         n = cfg.INFERENCE_NEW_TOKENS
         # min_new_tokens holds the end tokens back, so every reply is exactly n tokens long
@@ -717,7 +715,7 @@ def run_shipped_scripts(cfg, model_dir, paths) -> dict:
 
     adapter = out / "final" if (out / "final" / "adapter_config.json").is_file() else paths.adapters / _ADAPTER_CONFIG
     questions, predictions = paths.work / "script-questions.jsonl", paths.work / "script-questions.pred.jsonl"
-    val = [json.loads(line) for line in (paths.data / "val.jsonl").read_text(encoding="utf-8").splitlines()]
+    val = [row for _, row in read_jsonl(paths.data / "val.jsonl")]
     rows = [{"id": f"q{i}", "question": val[i % len(val)]["question"]} for i in range(cfg.SCRIPT_QUESTIONS)]
     questions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     predictions.unlink(missing_ok=True)  # it would resume from an earlier run's answers
@@ -726,8 +724,7 @@ def run_shipped_scripts(cfg, model_dir, paths) -> dict:
                  f"--max_new_tokens={cfg.INFERENCE_NEW_TOKENS}"]
     print("==== shipped: inference_lora.py -b ====", flush=True)
     run = run_logged(infer_cmd, cfg.TIMEOUT_S, extra_env=env)
-    answered = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()] \
-        if predictions.is_file() else []
+    answered = [row for _, row in read_jsonl(predictions)] if predictions.is_file() else []
     rates = [float(m.group(1)) for line in run["tail"] for m in [re.search(r"([\d.]+) tokens/s", line)] if m]
     infer = {"command": shlex.join(["python", *infer_cmd[1:]]), "ok": run["rc"] == 0 and len(answered) == len(rows),
              "rc": run["rc"], "timed_out": run["timed_out"], "seconds": run["seconds"], "answered": len(answered),

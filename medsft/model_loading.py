@@ -1,4 +1,5 @@
 """Finding, downloading and loading the base Qwen3 and its tokenizer."""
+import functools
 import os
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
+@functools.cache
 def compute_dtype():
     """bf16, except fp16 on GPUs without native bf16 (T4, V100), where bf16 is emulated and slow."""
     import torch

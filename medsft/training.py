@@ -143,7 +143,7 @@ def load_training_data(cfg, tokenizer) -> TrainingData:
     lengths = sorted(len(e["input_ids"]) for e in train)
     stats = {
         "train_examples": len(train), "val_examples": len(val),
-        "p50": _percentile(lengths, 50), "p90": _percentile(lengths, 90), "p99": _percentile(lengths, 99),
+        "p50": percentile(lengths, 50), "p90": percentile(lengths, 90), "p99": percentile(lengths, 99),
         "max": lengths[-1], "train_tokens": sum(lengths),
         "shortened": train_stats["shortened"] + val_stats["shortened"],
         "dropped": train_stats["dropped"] + val_stats["dropped"],
@@ -151,7 +151,8 @@ def load_training_data(cfg, tokenizer) -> TrainingData:
     return TrainingData(train_rows, val_rows, train, val, stats)
 
 
-def _percentile(sorted_values, q):
+def percentile(sorted_values, q):
+    """Nearest-rank percentile of an ascending list."""
     return sorted_values[min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1)]
 
 

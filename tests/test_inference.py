@@ -152,7 +152,7 @@ def test_stream_answer_shows_thinking_then_answer(capsys):
     inference_lora.stream_answer(FakeAssistant(pieces, reply), "问")
     out = capsys.readouterr().out
     assert out == ("==== 思考 / thinking ====\n想法\n==== 回答 / answer ====\n回答内容\n"
-                   f"[finish: length (hit max_new_tokens=30; the reply is cut off) | 30 new tokens in "
+                   "[finish: length (hit max_new_tokens=30; the reply is cut off) | 30 new tokens in "
                    + out.split(" new tokens in ")[1])
 
 
