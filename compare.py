@@ -6,6 +6,7 @@
 import json
 from pathlib import Path
 
+from medsft.console import markdown_table
 from medsft.errors import DataError
 from medsft.records import read_jsonl
 from medsft.settings import check_settings, parse_settings
@@ -18,8 +19,9 @@ PLOT_PATH = "comparison.png"   # val/train loss curves overlaid, learning-rate s
 # -----------------------------------------------------------------------------
 
 _DASH = "—"
-_HEADER = ("| version | key change | train loss | best val loss (step) | Δ val | steps | wall time "
-          "| tokens/s | peak mem (GiB) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+_HEADER = ["version", "key change", "train loss", "best val loss (step)", "Δ val", "steps", "wall time", "tokens/s",
+           "peak mem (GiB)"]
+_ALIGN = ["<", "<"] + [">"] * 7
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -66,7 +68,7 @@ def fmt_delta(val_loss, first_val_loss) -> str:
     return f"{(val_loss - first_val_loss) / first_val_loss * 100:+.1f}%"
 
 
-def table_row(run: dict, first: dict) -> str:
+def table_row(run: dict, first: dict) -> list[str]:
     s = run["summary"]
     best = fmt(s.get("best_val_loss"), ".4f")
     if s.get("best_step") is not None and best != _DASH:
@@ -75,7 +77,7 @@ def table_row(run: dict, first: dict) -> str:
     cells = [run["name"], str(s.get("key_change") or _DASH).replace("|", "\\|"), fmt(s.get("final_train_loss"), ".4f"),
              best, delta, fmt(s.get("steps"), ".0f"), fmt_duration(s.get("wall_time_s")),
              fmt(s.get("train_tokens_per_s"), ",.0f"), fmt(s.get("peak_gpu_mem_gib"), ".1f")]
-    return "| " + " | ".join(cells) + " |"
+    return cells
 
 
 def plot_runs(runs: list[dict], path: Path) -> None:
@@ -126,7 +128,7 @@ def main(argv=None):
                      "records": read_metrics(run_dir / "metrics.jsonl")})
 
     # ========== 3. Table ==========
-    table = "\n".join([_HEADER] + [table_row(run, runs[0]) for run in runs]) + "\n"
+    table = markdown_table(_HEADER, [table_row(run, runs[0]) for run in runs], _ALIGN) + "\n"
     print(table)
     table_path = Path(cfg.TABLE_PATH)
     table_path.parent.mkdir(parents=True, exist_ok=True)

@@ -165,13 +165,13 @@ def token_counter(cfg):
 
 
 def print_report(report: dict) -> None:
+    from medsft.console import markdown_table
     from medsft.safety_metrics import RATE_KEYS, format_report_table
 
     losses = [(k, v) for k, v in report.items() if k.endswith(("_loss", "_perplexity", "_tokens", "_examples"))]
     if losses:
-        print("| metric | value |\n|---|---|")
-        for key, value in losses:
-            print(f"| {key} | {value:.4f} |" if isinstance(value, float) and math.isfinite(value) else f"| {key} | {value} |")
+        print(markdown_table(["metric", "value"], [[key, f"{value:.4f}" if isinstance(value, float) and math.isfinite(value)
+                                                    else value] for key, value in losses], ["<", ">"]))
     if any(key in report for key in RATE_KEYS):
         print(format_report_table(report))
 

@@ -85,9 +85,9 @@ def scenario_system_prompt(scenario: str | None, system_prompt: str = SYSTEM_PRO
 
 
 def scenario_table() -> str:
-    lines = [f"{'name':<14}{'场景':<6}example question"]
-    lines += [f"{name:<14}{s.name_zh:<6}{s.example}" for name, s in SCENARIOS.items()]
-    return "\n".join(lines)
+    from medsft.console import text_table
+
+    return text_table(["name", "场景", "example question"], [[name, s.name_zh, s.example] for name, s in SCENARIOS.items()])
 
 
 def history_turn(question: str, reply: Reply) -> tuple[str, str]:

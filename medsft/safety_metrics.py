@@ -316,7 +316,7 @@ def format_value(key: str, value) -> str:
 def format_report_table(report: dict) -> str:
     """A markdown table of metric | value | definition, in METRIC_DEFINITIONS order (unknown keys last)."""
     keys = [k for k in METRIC_DEFINITIONS if k in report] + [k for k in report if k not in METRIC_DEFINITIONS]
-    lines = ["| metric | value | definition |", "|---|---|---|"]
-    for key in keys:
-        lines.append(f"| {key} | {format_value(key, report[key])} | {METRIC_DEFINITIONS.get(key, '')} |")
-    return "\n".join(lines)
+    from medsft.console import markdown_table
+
+    rows = [[key, format_value(key, report[key]), METRIC_DEFINITIONS.get(key, "")] for key in keys]
+    return markdown_table(["metric", "value", "definition"], rows)

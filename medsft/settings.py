@@ -1,13 +1,19 @@
 """Command-line overrides for the UPPER_CASE constants at the top of each script.
 
 `--max_length=1024` or `--max_length 1024` overrides `MAX_LENGTH`; the value is parsed to the type of
-the default. Unknown names and bad values stop the script with a message listing the valid names.
+the default. Unknown names and bad values stop the script, every problem on its own line (an unknown name
+with a "did you mean" suggestion); `-h`/`--help` prints every setting with its default and its comment.
 """
+import ast
+import difflib
+import io
 import json
 import sys
+import tokenize
 from pathlib import Path
 from types import SimpleNamespace
 
+from medsft.console import display_width, pad
 from medsft.errors import UserError
 
 _SIMPLE = (bool, int, float, str, list, tuple, type(None))
@@ -75,22 +81,23 @@ def parse_settings(namespace: dict, argv=None, aliases: dict | None = None, posi
     defaults = {k: v for k, v in namespace.items() if k.isupper() and not k.startswith("_") and isinstance(v, _SIMPLE)}
     argv = list(sys.argv[1:] if argv is None else argv)
     aliases = aliases or {}
-    values, problems, bare = dict(defaults), [], []
+    values, problems, unknown, bare = dict(defaults), [], [], []
     i = 0
     while i < len(argv):
         arg = argv[i]
         i += 1
         if arg in aliases:
             arg = "--" + aliases[arg]
-        if not arg.startswith("--"):
+        if not arg.startswith("--") and arg != "-h":
             bare.append(arg)
             continue
+        if arg in ("-h", "--help"):
+            print(help_text(namespace, defaults, aliases))
+            raise SystemExit(0)
         name, eq, text = arg[2:].partition("=")
-        if name in ("help", "h"):
-            raise UserError(_usage(defaults, aliases))
         key = name.replace("-", "_").upper()
         if key not in defaults:
-            problems.append(f"unknown setting --{name}")
+            unknown.append(_unknown(name, defaults))
             if not eq and i < len(argv) and not argv[i].startswith("-"):
                 i += 1
             continue
@@ -111,17 +118,78 @@ def parse_settings(namespace: dict, argv=None, aliases: dict | None = None, posi
             values[positional.upper()] = type(defaults[positional.upper()])(bare)
         else:
             problems.append(f"unexpected argument(s): {' '.join(bare)} (settings are given as --name=value)")
+    problems += unknown  # last, so the suggestion is the last line the user sees
     if problems:
-        raise UserError("error: " + "; ".join(problems) + "\n" + _usage(defaults, aliases))
+        problems[-1] += " (--help lists every setting)"
+        raise UserError("\n".join(f"error: {p}" for p in problems))
     return Settings(**values)
 
 
-def _usage(defaults: dict, aliases: dict) -> str:
-    lines = ["valid settings (--name=value):"]
-    lines += [f"  --{k.lower()}={v!r}" for k, v in defaults.items()]
+def _unknown(name: str, defaults: dict) -> str:
+    names = [k.lower() for k in defaults]
+    close = difflib.get_close_matches(name.replace("-", "_").lower(), names, n=1, cutoff=0.6)
+    return f"unknown setting --{name}" + (f"; did you mean --{close[0]}?" if close else "")
+
+
+def help_text(namespace: dict, defaults: dict, aliases: dict) -> str:
+    """The script's first docstring line, then every setting with its default and its comment, by group."""
+    script = namespace.get("__file__")
+    doc = (namespace.get("__doc__") or "").strip().splitlines()
+    lines = [f"usage: python {Path(script).name if script else 'SCRIPT'} [--name=value ...]"]
+    if doc:
+        lines += ["", doc[0]]
+    comments, groups = _constant_comments(script)
+    options = {k: f"--{k.lower()}={v!r}" for k, v in defaults.items()}
+    width = min(max((display_width(o) for o in options.values()), default=0), 36)
+    for key, option in options.items():
+        if key in groups:
+            lines += ["", groups[key]]
+        text = comments.get(key) or [""]
+        if display_width(option) > width:  # a long default gets its own line, the comment below it
+            lines.append(f"  {option}")
+            text = text if text != [""] else []
+        else:
+            lines.append(f"  {pad(option, width)}  {text[0]}".rstrip())
+            text = text[1:]
+        lines += [f"  {'':<{width}}  {more}" for more in text]
     if aliases:
-        lines.append("short forms: " + ", ".join(f"{a} = --{n}" for a, n in aliases.items()))
+        lines += ["", "short forms: " + ", ".join(f"{a} = --{n}" for a, n in aliases.items())]
     return "\n".join(lines)
+
+
+def _constant_comments(script) -> tuple[dict, dict]:
+    """({NAME: [comment lines]}, {NAME: group heading}) from a script's constants block.
+
+    The comment after `NAME = value` documents NAME, and so do comment-only lines indented under it; a
+    comment alone at column 0 (`# model`) heads the group of the constants below it.
+    """
+    comments, groups = {}, {}
+    if not script or not Path(script).is_file():
+        return comments, groups
+    source = Path(script).read_text(encoding="utf-8")
+    try:
+        spans = {(node.lineno, node.end_lineno): node.targets[0].id for node in ast.parse(source).body
+                 if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                 and node.targets[0].id.isupper()}
+        notes = [t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT]
+    except (SyntaxError, tokenize.TokenError):
+        return comments, groups
+    last, heading = None, None
+    for note in notes:
+        (row, col), text = note.start, note.string.lstrip("#").strip()
+        owner = next((name for (first, end), name in spans.items() if first <= row <= end), None)
+        if owner:
+            last = owner
+            comments.setdefault(owner, []).append(text)
+            if heading:
+                groups.setdefault(owner, heading)
+                heading = None
+        elif col == 0:
+            last = None
+            heading = text if text and not set(text) <= {"-"} else heading
+        elif last and text:
+            comments[last].append(text)  # an indented comment line continues the one above
+    return comments, groups
 
 
 def check_settings(problems: list[str]) -> None:

@@ -40,7 +40,7 @@ def run_compare(tmp_path, *run_dirs):
 
 def table_rows(table_path):
     lines = table_path.read_text(encoding="utf-8").strip().splitlines()
-    assert lines[0].startswith("| version |") and lines[1].startswith("|---")
+    assert lines[0].split("|")[1].strip() == "version" and lines[1].startswith("|---")
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
 
 

@@ -27,10 +27,56 @@ def test_only_upper_case_public_names_are_settings():
     assert "lower_case" not in cfg.as_dict() and "_PRIVATE" not in cfg.as_dict()
 
 
-def test_unknown_name_stops_with_the_valid_names():
+def test_unknown_name_ends_with_a_suggestion():
     with pytest.raises(UserError) as e:
-        parse_settings(DEFAULTS, ["--max_lenght=5"])
-    assert "unknown setting --max_lenght" in str(e.value) and "--max_length=2048" in str(e.value)
+        parse_settings(DEFAULTS, ["--max_lenght=5", "--packing=maybe"])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2 and "true or false" in lines[0]
+    assert lines[-1].startswith("error: unknown setting --max_lenght; did you mean --max_length?")
+    with pytest.raises(UserError) as e:
+        parse_settings(DEFAULTS, ["--zzz=1"])
+    assert "did you mean" not in str(e.value)
+
+
+def test_type_errors_are_collected():
+    with pytest.raises(UserError) as e:
+        parse_settings(DEFAULTS, ["--max_length=abc", "--learning_rate=fast"])
+    assert "integer" in str(e.value) and "number" in str(e.value)
+
+
+@pytest.mark.parametrize("script", ["train_lora.py", "inference_lora.py", "data.py", "evaluate.py"])
+def test_help_prints_every_setting_with_its_comment_and_exits_0(script):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    for flag in ("-h", "--help"):
+        done = subprocess.run([sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        source = (ROOT / script).read_text(encoding="utf-8")
+        block = source.split("# ----")[1]  # the ruled constants block
+        names = [line.split("=")[0].strip() for line in block.splitlines() if line[:1].isupper() and " = " in line]
+        assert len(names) > 5
+        for name in names:
+            assert f"--{name.lower()}=" in done.stdout, name
+    line = next(l for l in done.stdout.splitlines() if "--seed=" in l)
+    comment = next(l for l in source.splitlines() if l.startswith("SEED ")).split("#", 1)[1].strip()
+    assert line.rstrip().endswith(comment)
+
+
+def test_a_mistyped_name_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "train_lora.py", "--learning_rat=1e-4", "--batch_size=abc"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown setting --learning_rat; did you mean --learning_rate?")
+    assert "--batch_size takes an integer" in done.stderr
 
 
 @pytest.mark.parametrize("arg,message", [("--max_length=1.5", "integer"), ("--packing=maybe", "true or false"),
