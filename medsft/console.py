@@ -33,3 +33,36 @@ def text_table(header: list, rows: list[list]) -> str:
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(display_width(row[i]) for row in cells) for i in range(len(header))]
     return "\n".join("  ".join(pad(c, w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+# Known noise, each harmless here: (warning category, message regex)
+KNOWN_NOISE = [
+    # transformers >= 5.20 renamed gradient checkpointing; peft and older-compatible calls still use the old names
+    (FutureWarning, r"`(is_)?gradient_checkpointing\w*` is deprecated"),
+    # the DataLoader's default on a machine without a GPU
+    (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found"),
+    # bitsandbytes on CPU runs paged AdamW unpaged, which is what we want there
+    (UserWarning, r"Paged optimizers are not supported on CPU"),
+]
+
+
+class _DropMessages:
+    """A logging filter that drops records whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes):
+        self.prefixes = prefixes
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_known_noise() -> None:
+    """Silence the warnings every run printed and that say nothing about the run; real warnings still show."""
+    import logging
+    import warnings
+
+    for category, pattern in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    # bitsandbytes on CPU looks for an optional Hub kernel package and falls back to its own kernel
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        _DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community"))

@@ -17,9 +17,9 @@ def resolve_model_path(model_path: str, tokenizer_only: bool = False) -> str:
     """
     patterns = TOKENIZER_FILES if tokenizer_only else None
     if Path(model_path).is_dir():
-        return model_path
-    if Path(model_path).exists() or model_path.startswith((".", "/", "~")):
-        raise UserError(f"error: model path {model_path!r} is not a folder with a Qwen3 model")
+        return check_model_folder(model_path, tokenizer_only)
+    if Path(model_path).exists() or model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:
+        raise UserError(f"error: model path {model_path!r}: no such folder (a model id looks like Qwen/Qwen3-1.7B)")
     errors = []
     try:
         from modelscope import snapshot_download
@@ -35,8 +35,28 @@ def resolve_model_path(model_path: str, tokenizer_only: bool = False) -> str:
         return snapshot_download(model_path, allow_patterns=patterns)
     except Exception as e:
         errors.append(f"Hugging Face Hub: {type(e).__name__}: {e}")
-    raise UserError(f"error: could not get model {model_path!r}:\n  " + "\n  ".join(errors)
-                    + "\nDownload it yourself and pass the folder: --model_path=/path/to/Qwen3-1.7B")
+    raise UserError(f"error: could not get model {model_path!r}: there is no local folder of that name, and the "
+                    "downloads failed:\n  " + "\n  ".join(errors)
+                    + "\nCheck the spelling, or download the model yourself and pass its folder: "
+                    "--model_path=/path/to/Qwen3-1.7B")
+
+
+def check_model_folder(folder: str, tokenizer_only: bool = False) -> str:
+    """The folder, if it holds a model's config, tokenizer and (unless tokenizer_only) weights; else one clear error."""
+    path = Path(folder)
+    have = {p.name for p in path.iterdir()}
+    missing = [] if "config.json" in have else ["config.json"]
+    if "tokenizer.json" not in have and not {"vocab.json", "merges.txt"} <= have:
+        missing.append("the tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+    if "tokenizer_config.json" not in have:
+        missing.append("tokenizer_config.json")
+    if not tokenizer_only and not any(name.endswith((".safetensors", ".bin")) for name in have):
+        missing.append("the weights (*.safetensors)")
+    if missing:
+        what = "is empty" if not have else "has no " + ", no ".join(missing)
+        raise UserError(f"error: model folder {folder} {what}; pass a complete model folder (as downloaded) "
+                        "with --model_path")
+    return folder
 
 
 def load_tokenizer(model_path: str):

@@ -2,6 +2,7 @@
 
 Each function is one step of the scripts' main(), in call order.
 """
+import hashlib
 import json
 import math
 import os
@@ -186,9 +187,27 @@ def last_complete_checkpoint(out: Path) -> str | None:
     return str(complete[0]) if complete else None
 
 
+# Settings a resumed run may change: they change how the run is watched and saved, or how fast it runs, never
+# what it trains (the speed options give the same loss and update). Anything else must match the checkpoint's.
+RESUME_MAY_CHANGE = {"EVAL_STEPS", "EVAL_BATCH_SIZE", "SAVE_STEPS", "SAVE_TOTAL_LIMIT", "LOG_STEPS", "REPORT_TO",
+                     "PROGRESS_BAR", "RESUME", "OVERWRITE", "DRY_RUN", "SAMPLE_MAX_NEW_TOKENS", "OUTPUT_DIR",
+                     "PACKING", "LOSS_CHUNK_SIZE", "GRADIENT_CHECKPOINTING", "ATTN_IMPLEMENTATION", "USE_LIGER_KERNEL"}
+RESUME_MAY_EXTEND = ("MAX_STEPS", "EPOCHS")  # a longer run continues the same one
+
+
+def data_fingerprint(data_dir) -> str:
+    """sha256 of train.jsonl and val.jsonl: a resumed run must train on the same data."""
+    digest = hashlib.sha256()
+    for name in ("train.jsonl", "val.jsonl"):
+        digest.update((Path(data_dir) / name).read_bytes())
+    return digest.hexdigest()
+
+
 def plan_output_dir(cfg, n_train: int) -> str | None:
-    """The checkpoint to resume from, or None for a fresh run; a finished run is never silently overwritten."""
+    """The checkpoint to resume from, or None for a fresh run; a finished run is never silently overwritten,
+    and a resume never silently changes what the run trains."""
     out = Path(cfg.OUTPUT_DIR)
+    cfg.DATA_SHA256 = data_fingerprint(cfg.DATA_DIR)  # saved in settings.json with the constants
     last = last_complete_checkpoint(out)
     if cfg.OVERWRITE:
         for path in out.glob("checkpoint-*"):
@@ -197,17 +216,40 @@ def plan_output_dir(cfg, n_train: int) -> str | None:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         return None
+    resume = None
     if cfg.RESUME not in ("auto", "never"):
-        return cfg.RESUME
-    if cfg.RESUME == "auto" and last:
+        resume = cfg.RESUME
+    elif cfg.RESUME == "auto" and last:
         step = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"]
         if step < planned_steps(cfg, n_train):
-            print(f"resuming from {last} (step {step})")
-            return last
+            resume = last
+    if resume:
+        check_resume_settings(cfg, out / "settings.json")
+        step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+        print(f"resuming from {resume} (step {step})")
+        return resume
     if (out / "final").exists() or last:
         raise UserError(f"error: {out} already holds a run ({'final/' if (out / 'final').exists() else last}) "
                         "and there is nothing to resume; pass --overwrite=True to replace it, or another --output_dir")
     return None
+
+
+def check_resume_settings(cfg, saved_path: Path) -> None:
+    """Stop when the new settings would change what the resumed run trains; say so when it is only extended."""
+    if not saved_path.is_file():
+        return
+    saved, new = json.loads(saved_path.read_text(encoding="utf-8")), cfg.as_dict()
+    changed = [name for name in sorted(set(saved) | set(new))
+               if name not in RESUME_MAY_CHANGE and name not in RESUME_MAY_EXTEND and saved.get(name) != new.get(name)]
+    if changed:
+        listed = ", ".join(f"{name.lower()} {saved.get(name)!r} → {new.get(name)!r}" for name in changed)
+        raise UserError(f"error: {cfg.OUTPUT_DIR} holds a run trained with other settings ({listed}); resuming would "
+                        "mix the two. Restore the old values to continue it, or pass --overwrite=True to start afresh "
+                        "(or use another --output_dir)")
+    extended = [f"{name.lower()} {saved[name]!r} → {new[name]!r}" for name in RESUME_MAY_EXTEND
+                if name in saved and saved[name] != new[name]]
+    if extended:
+        print(f"extending the run ({', '.join(extended)}); the learning-rate schedule now spans the new length")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,6 +260,7 @@ def load_lora_model(model_path: str, cfg):
     """The base model (4-bit NF4 unless LOAD_IN_4BIT=False) with fresh LoRA adapters."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
 
     from medsft.model_loading import load_base_model
 
@@ -232,6 +275,7 @@ def load_lora_model(model_path: str, cfg):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = build_lora_config(cfg, tied=bool(getattr(model.config, "tie_word_embeddings", False)))
+    set_seed(cfg.SEED)  # the LoRA initialisation is random: the same SEED gives the same adapter
     model = get_peft_model(model, lora)
     for param in model.parameters():  # the optimizer's master weights: fp32 (a bf16 base gives bf16 copies)
         if param.requires_grad and param.dtype != torch.float32:
