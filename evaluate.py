@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from medsft import chat_format
+from medsft.assistant import check_adapter_path
 from medsft.errors import UserError
 from medsft.records import read_jsonl, write_files_atomically
 from medsft.settings import check_settings, parse_settings
@@ -59,6 +60,8 @@ def main(argv=None):
         cfg.GENERATE > 0 and not Path(cfg.REDTEAM_PATH).is_file() and f"redteam_path {cfg.REDTEAM_PATH}: not found",
         cfg.GENERATE < 0 and "generate must be >= 0",
     ])
+    if cfg.ADAPTER_PATH and not score_only:
+        check_adapter_path(cfg.ADAPTER_PATH)  # before the base model loads
     report = {} if score_only else {"model_path": cfg.MODEL_PATH, "adapter_path": cfg.ADAPTER_PATH or None}
 
     # ========== 2. Loss and perplexity on val (and test) ==========

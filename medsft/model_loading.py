@@ -47,13 +47,13 @@ def check_model_folder(folder: str, tokenizer_only: bool = False) -> str:
     have = {p.name for p in path.iterdir()}
     missing = [] if "config.json" in have else ["config.json"]
     if "tokenizer.json" not in have and not {"vocab.json", "merges.txt"} <= have:
-        missing.append("the tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+        missing.append("a tokenizer (tokenizer.json, or vocab.json and merges.txt)")
     if "tokenizer_config.json" not in have:
         missing.append("tokenizer_config.json")
     if not tokenizer_only and not any(name.endswith((".safetensors", ".bin")) for name in have):
-        missing.append("the weights (*.safetensors)")
+        missing.append("weights (*.safetensors or *.bin)")
     if missing:
-        what = "is empty" if not have else "has no " + ", no ".join(missing)
+        what = "is empty" if not have else "lacks " + ", ".join(missing)
         raise UserError(f"error: model folder {folder} {what}; pass a complete model folder (as downloaded) "
                         "with --model_path")
     return folder
