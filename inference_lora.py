@@ -16,7 +16,7 @@ from pathlib import Path
 from medsft import chat_format
 from medsft.assistant import (SCENARIOS, MedicalAssistant, ThinkAnswerSplitter, append_rows, check_adapter_path,
                               finished_ids, history_turn, prediction_row, read_batch_file, scenario_table)
-from medsft.errors import UserError
+from medsft.errors import UserError, exit_on_interrupt
 from medsft.model_loading import warn_if_cpu
 from medsft.settings import check_settings, parse_settings
 
@@ -63,6 +63,7 @@ def main(argv=None):
     if mode == "batch":
         items = read_batch_file(cfg.BATCH_FILE, cfg.SCENARIO or None)
         output_file = Path(cfg.OUTPUT_FILE or Path(cfg.BATCH_FILE).with_suffix(".pred.jsonl"))
+        check_batch_resume(cfg, output_file)
     cfg.print("inference settings")
 
     # ========== 3. Base model (bf16, or 4-bit NF4) + the LoRA adapter ==========
@@ -76,7 +77,10 @@ def main(argv=None):
     # ========== 4. Answer: one question, a batch file, or a chat ==========
     if mode == "question":
         print(f"问题 / question: {cfg.QUESTION.strip()}")
-        return stream_answer(assistant, cfg.QUESTION, cfg.SCENARIO or None)
+        try:
+            return stream_answer(assistant, cfg.QUESTION, cfg.SCENARIO or None)
+        except KeyboardInterrupt:
+            exit_on_interrupt("interrupted: the answer was stopped")
     if mode == "batch":
         write_settings_beside(cfg, output_file)
         return answer_batch_file(assistant, items, cfg.BATCH_FILE, output_file, cfg.BATCH_SIZE)
@@ -206,6 +210,24 @@ def chat(assistant: MedicalAssistant, scenario=None, read_line=input):
 # batch mode
 
 
+# what decides a prediction: a batch output resumed under other values would mix answers of two settings
+PREDICTION_SETTINGS = ("MODEL_PATH", "ADAPTER_PATH", "LOAD_IN_4BIT", "SYSTEM_PROMPT", "SCENARIO", "MAX_NEW_TOKENS",
+                       "TEMPERATURE", "TOP_P", "TOP_K", "SEED")
+
+
+def check_batch_resume(cfg, output_file: Path) -> None:
+    """Refuse to add answers made with other settings to an output file that already has some."""
+    saved_path = output_file.with_suffix(".settings.json")
+    if not output_file.is_file() or not output_file.stat().st_size or not saved_path.is_file():
+        return
+    saved, new = json.loads(saved_path.read_text(encoding="utf-8")), cfg.as_dict()
+    changed = [f"{name.lower()} {saved.get(name)!r} → {new[name]!r}" for name in PREDICTION_SETTINGS
+               if name in saved and saved[name] != new[name]]
+    if changed:
+        raise UserError(f"error: {output_file} holds answers made with other settings ({', '.join(changed)}); "
+                        "pass another -o/--output_file for these settings, or restore the old values to continue it")
+
+
 def write_settings_beside(cfg, output_file: Path) -> None:
     """OUTPUT.settings.json: the model, adapter and sampling the predictions came from."""
     path = output_file.with_suffix(".settings.json")
@@ -222,7 +244,11 @@ def answer_batch_file(assistant: MedicalAssistant, items, batch_file, output_fil
     start, tokens, batches = time.perf_counter(), 0, (len(todo) + batch_size - 1) // batch_size
     for n, first in enumerate(range(0, len(todo), batch_size), start=1):
         chunk = todo[first : first + batch_size]
-        replies = assistant.ask_batch([item.question for item in chunk], [item.scenario for item in chunk])
+        try:
+            replies = assistant.ask_batch([item.question for item in chunk], [item.scenario for item in chunk])
+        except KeyboardInterrupt:
+            exit_on_interrupt(f"interrupted: {len(items) - len(todo) + first} of {len(items)} questions are answered "
+                              f"in {output_file}; run the same command again to answer the rest")
         append_rows(output_file, [prediction_row(item, reply) for item, reply in zip(chunk, replies)])
         tokens += sum(reply.new_tokens for reply in replies)
         stopped = sum(reply.finish_reason == "stop" for reply in replies)

@@ -19,3 +19,22 @@ class DataError(UserError):
         where = f"{path}: {unit} {line}" if line else f"{path}"
         super().__init__(f"error: {where}: {problem}")
         self.path, self.line, self.problem = str(path), line, problem
+
+
+class Interrupted(SystemExit):
+    """Ctrl-C, turned into one line saying where the run stopped and how to go on (exit code 130, as shells use)."""
+
+    def __init__(self, message: str):
+        super().__init__(130)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def exit_on_interrupt(message: str):
+    """Print `message` instead of a KeyboardInterrupt traceback and exit with code 130."""
+    import sys
+
+    print(f"\n{message}", file=sys.stderr, flush=True)
+    raise Interrupted(message) from None
