@@ -53,7 +53,7 @@ class _DropMessages:
         self.prefixes = prefixes
 
     def filter(self, record) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
+        return not record.getMessage().startswith(self.prefixes)
 
 
 def quiet_known_noise() -> None:
@@ -66,3 +66,6 @@ def quiet_known_noise() -> None:
     # bitsandbytes on CPU looks for an optional Hub kernel package and falls back to its own kernel
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         _DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    # torchao (imported by peft when installed) tries its CUDA-only extensions on any machine
+    logging.getLogger("torchao").addFilter(_DropMessages("Failed to load "))
+    logging.getLogger("torch.utils._pytree").addFilter(_DropMessages("<enum "))

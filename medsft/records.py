@@ -117,6 +117,12 @@ def jsonl_text(rows) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_files_atomically(files: dict, remove=()) -> None:
     """Write {path: text} so that readers see all the old files or all the new ones, never a half-written file.
 
@@ -130,6 +136,7 @@ def write_files_atomically(files: dict, remove=()) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             temps[path] = temp
+            os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
                 f.write(text)
                 f.flush()
