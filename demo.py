@@ -49,7 +49,7 @@ def main(argv=None):
         f"--lexicon_path={ROOT / 'data' / 'medical_terms.tsv'}", f"--max_steps={cfg.MAX_STEPS}",
         f"--eval_steps={max(1, cfg.MAX_STEPS // 2)}", f"--save_steps={max(1, cfg.MAX_STEPS // 2)}",
         f"--max_length={cfg.MAX_LENGTH}", "--batch_size=1", "--gradient_accumulation=1", "--eval_batch_size=8",
-        "--overwrite=True", "--report_to=none", "--sample_max_new_tokens=16",
+        "--overwrite=True", "--report_to=none", "--sample_max_new_tokens=16", "--log_steps=1",
     ])
 
     # ========== 4. Inference: the trained adapter on the tiny base ==========

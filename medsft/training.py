@@ -474,6 +474,7 @@ def print_sample_answer(model, tokenizer, question: str, cfg) -> str:
     prepare_for_generation(model)
     reply = generate_replies(model, tokenizer, [question], system_prompt=cfg.SYSTEM_PROMPT,
                              max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS, temperature=0.0)[0]
-    print(f"==== sample answer to a val question ====\nQuestion: {question}\n\n{reply.text}\n"
+    shown = reply.text if reply.text.strip() else f"(empty reply: {reply.new_tokens} whitespace tokens)"
+    print(f"==== sample answer to a val question ====\nQuestion: {question}\n\n{shown}\n"
           f"[finish: {reply.finish_reason}, {reply.new_tokens} new tokens]", flush=True)
     return reply.text

@@ -21,3 +21,21 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert "[finish: " in out and result["reply"].new_tokens <= demo.MAX_NEW_TOKENS
     assert out.count("NOT a medical model") == 2  # said at the start and at the end
     assert str(final) in out.split("==== demo finished ====")[1]
+    records = [json.loads(line) for line in (tmp_path / "train-v3" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, demo.MAX_STEPS + 1))  # loss.png has a curve
+
+
+def test_a_whitespace_sample_answer_is_shown_as_such(monkeypatch, capsys):
+    import medsft.generation
+    from medsft.generation import Reply
+    from medsft.training import print_sample_answer
+
+    class Settings:
+        SYSTEM_PROMPT, SAMPLE_MAX_NEW_TOKENS = "系统", 16
+
+    monkeypatch.setattr(medsft.generation, "prepare_for_generation", lambda model: None)
+    monkeypatch.setattr(medsft.generation, "generate_replies",
+                        lambda *a, **k: [Reply("\n" * 16, "", "", "length", 16)])
+    print_sample_answer(None, None, "头痛怎么办？", Settings())
+    out = capsys.readouterr().out
+    assert "(empty reply: 16 whitespace tokens)" in out and "\n\n\n" not in out
