@@ -1,0 +1,240 @@
+"""merge_lora.py on the tiny Qwen3: a plain, tied model folder that matches base+adapter, and clean refusals."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import merge_lora
+import train_lora
+import train_lora2
+from medsft import model_export
+from medsft.errors import UserError
+from tests.conftest import FAST_TRAINING
+
+IDS = [151644, 8948, 198, 100, 200, 300, 151645, 198, 151644, 77091, 198, 151667, 198, 400, 500]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_model_dir, short_data_dir) -> dict:
+    """v1 (LoRA only) and v2 (LoRA + the tied embedding) finals, trained hard enough to move the logits."""
+    finals = {}
+    for version, script in (("v1", train_lora), ("v2", train_lora2)):
+        out = tmp_path_factory.mktemp(f"merge-{version}")
+        script.main([f"--model_path={tiny_model_dir}", f"--data_dir={short_data_dir}", f"--output_dir={out}",
+                     *FAST_TRAINING, "--learning_rate=1e-2"])
+        finals[version] = out / "final"
+    return finals
+
+
+@pytest.fixture(scope="module")
+def merged(adapters, tmp_path_factory, short_data_dir) -> dict:
+    """{version: (merged folder, what main returned)}; the base comes from the adapter's settings.json."""
+    folders = {}
+    for version, adapter in adapters.items():
+        out = tmp_path_factory.mktemp(f"merged-{version}") / "model"
+        record = merge_lora.main([f"--adapter_path={adapter}", f"--output_dir={out}", f"--data_dir={short_data_dir}",
+                                  "--max_shard_size=10MB"])
+        folders[version] = (out, record)
+    return folders
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def base_plus_adapter(base_dir, adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.bfloat16).float()
+    return PeftModel.from_pretrained(base, str(adapter_dir)).float().eval()
+
+
+def everything_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def refused(argv) -> str:
+    with pytest.raises(UserError) as e:
+        merge_lora.main(argv)
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
+    return message
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_merged_model_loads_without_peft_matches_base_plus_adapter_and_stays_tied(version, merged, adapters,
+                                                                                  tiny_model_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+    folder, record = merged[version]
+    assert not (folder / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    assert type(model) is Qwen3ForCausalLM and model.dtype == torch.bfloat16
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # one matrix, as in Qwen3
+
+    reference_model = base_plus_adapter(tiny_model_dir, adapters[version])
+    reference = logits(reference_model)
+    with reference_model.disable_adapter():
+        base = logits(reference_model)
+    difference = (logits(model.float()) - reference).abs().max().item()
+    effect = (base - reference).abs().max().item()
+    assert difference <= model_export.RELATIVE_TOLERANCE * reference.abs().max().item()
+    assert effect > 20 * difference  # the adapter really moves the logits, and the merge carries that move
+
+    embedding = AutoModelForCausalLM.from_pretrained(str(folder)).model.embed_tokens.weight
+    base_embedding = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).model.embed_tokens.weight
+    if version == "v2":  # the shared matrix is the trained embedding, not the base's copy
+        trained = load_file(adapters[version] / "adapter_model.safetensors")["base_model.model.model.embed_tokens.weight"]
+        assert torch.equal(embedding, trained.to(torch.bfloat16))
+        assert not torch.equal(embedding, base_embedding)
+    else:
+        assert torch.equal(embedding, base_embedding)
+
+    check = record["check"]
+    assert check["tied"] and check["embedding_is_the_trained_one"]
+    assert check["max_abs_logit_difference"] <= check["tolerance"] * check["max_abs_logit"]
+    assert check["adapter_effect"] > 20 * check["max_abs_logit_difference"]
+    assert check["source"].endswith("val.jsonl") and check["tokens_compared"] > 50
+
+
+def test_the_folder_has_shards_config_thinking_sampling_tokenizer_settings_and_merge_json(merged, adapters,
+                                                                                          tiny_model_dir):
+    folder, record = merged["v2"]
+    names = set(everything_under(folder))
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+            "tokenizer_config.json", "chat_template.jinja", "settings.json", "merge.json"} <= names
+    assert len([n for n in names if n.startswith("model-000")]) == 2  # --max_shard_size=10MB splits the tiny model
+    assert not [n for n in names if n.endswith(".tmp")]
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [151645, 151643]
+    assert (generation["do_sample"], generation["temperature"], generation["top_p"], generation["top_k"]) \
+        == (True, 0.6, 0.95, 20)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and "quantization_config" not in config
+    assert json.loads((folder / "settings.json").read_text()) == json.loads((adapters["v2"] / "settings.json").read_text())
+    saved = json.loads((folder / "merge.json").read_text())
+    assert saved == record
+    assert saved["base"] == str(tiny_model_dir) and saved["adapter"] == str(adapters["v2"])
+    assert {"torch", "transformers", "peft"} <= set(saved["versions"])
+    assert (folder / "model-00001-of-00002.safetensors").stat().st_mode & 0o044  # readable by a server's user too
+
+    from medsft.model_loading import load_tokenizer
+
+    assert load_tokenizer(str(folder)).chat_template  # renders Qwen3's template with <think> blocks
+
+
+def test_inference_and_evaluate_take_the_merged_folder_with_an_empty_adapter_path(merged, adapters, tiny_model_dir,
+                                                                                  short_data_dir, tmp_path, capsys):
+    import evaluate
+    import inference_lora
+
+    folder, _ = merged["v2"]
+    reply = inference_lora.main([f"--model_path={folder}", "--adapter_path=", "-q", "高血压患者头痛怎么办？",
+                                 "--max_new_tokens=8"])
+    out = capsys.readouterr().out
+    assert f"loaded {folder} (no adapter)" in out and "[finish:" in out and reply.new_tokens == 8
+
+    reports = {}
+    for name, model_path, adapter in (("merged", folder, ""), ("adapter", tiny_model_dir, adapters["v2"])):
+        reports[name] = evaluate.main([f"--model_path={model_path}", f"--adapter_path={adapter}",
+                                       f"--data_dir={short_data_dir}", "--load_in_4bit=False",
+                                       f"--report_path={tmp_path / name}.json"])
+    assert f"max_length = 320, as the adapter was trained ({folder / 'settings.json'})" in capsys.readouterr().out
+    assert reports["merged"]["val_loss"] == pytest.approx(reports["adapter"]["val_loss"], abs=0.02)
+
+
+def test_an_existing_output_is_kept_and_replaced_only_with_overwrite(adapters, short_data_dir, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("an earlier merge")
+    message = refused([f"--adapter_path={adapters['v1']}", f"--output_dir={out}"])
+    assert "already exists" in message and "--overwrite=True" in message
+    assert everything_under(tmp_path) == ["model", "model/old.txt"]
+
+    merge_lora.main([f"--adapter_path={adapters['v1']}", f"--output_dir={out}", "--overwrite=True",
+                     f"--data_dir={short_data_dir}"])
+    assert not (out / "old.txt").exists() and (out / "merge.json").is_file() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # neither the old folder nor a temporary one is left
+
+
+def test_a_missing_adapter_is_refused_and_nothing_is_written(tmp_path):
+    message = refused([f"--adapter_path={tmp_path / 'nope'}", f"--output_dir={tmp_path / 'model'}"])
+    assert "not found" in message and str(tmp_path / "nope") in message
+    assert everything_under(tmp_path) == []
+
+
+def test_a_base_of_another_shape_is_refused_and_nothing_is_written(adapters, tmp_path):
+    from medsft.tiny_model import build_tiny_qwen3
+
+    other = build_tiny_qwen3(tmp_path / "other-base", hidden=32, intermediate=64)
+    before = everything_under(tmp_path)
+    message = refused([f"--model_path={other}", f"--adapter_path={adapters['v1']}", f"--output_dir={tmp_path / 'm'}"])
+    assert "does not match the base model" in message and "--model_path" in message
+    assert everything_under(tmp_path) == before
+
+
+def test_an_unwritable_output_is_refused_and_nothing_is_written(adapters, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    message = refused([f"--adapter_path={adapters['v1']}", f"--output_dir={tmp_path / 'a-file' / 'model'}"])
+    assert "cannot be written" in message
+    assert everything_under(tmp_path) == ["a-file"]
+
+
+def test_a_quantised_base_is_refused(adapters, tiny_model_dir, tmp_path):
+    base = tmp_path / "base-4bit"
+    shutil.copytree(tiny_model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+    message = refused([f"--model_path={base}", f"--adapter_path={adapters['v1']}", f"--output_dir={tmp_path / 'm'}"])
+    assert "quantised" in message and "bitsandbytes" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base-4bit"]
+
+
+def test_a_merge_that_loses_the_adapter_fails_the_check_and_writes_nothing(adapters, short_data_dir, tmp_path,
+                                                                           monkeypatch, capsys):
+    monkeypatch.setattr(merge_lora, "merge_adapter", lambda model: model.unload())  # drops the LoRA weights
+    message = refused([f"--adapter_path={adapters['v1']}", f"--output_dir={tmp_path / 'm'}",
+                       f"--data_dir={short_data_dir}"])
+    assert "logits differ from base+adapter" in message and "nothing was written" in message
+    assert everything_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("failure", ["untied", "tied_to_the_base_copy"])
+def test_a_merge_that_unties_or_ties_to_the_base_embedding_fails_the_check_and_writes_nothing(
+        failure, adapters, short_data_dir, tmp_path, monkeypatch):
+    """peft#2777's failures: lm_head and embed_tokens saved as two matrices, or the shared one is the base's copy."""
+    def broken_merge(model):
+        original = model.get_base_model().model.embed_tokens.original_module.weight.detach().clone()
+        merged_model = model_export.merge_adapter(model)
+        merged_model.model.embed_tokens.weight = torch.nn.Parameter(original)
+        if failure == "tied_to_the_base_copy":
+            merged_model.lm_head.weight = merged_model.model.embed_tokens.weight
+        return merged_model
+
+    monkeypatch.setattr(merge_lora, "merge_adapter", broken_merge)
+    message = refused([f"--adapter_path={adapters['v2']}", f"--output_dir={tmp_path / 'm'}",
+                       f"--data_dir={short_data_dir}"])
+    expected = "is not tied" if failure == "untied" else "embedding is not the adapter's trained one"
+    assert expected in message and "nothing was written" in message
+    assert everything_under(tmp_path) == []
+
+
+def test_check_examples_come_from_val_jsonl_or_built_in_prompts(tokenizer, short_data_dir, tmp_path):
+    examples, source = model_export.check_examples(tokenizer, short_data_dir, count=4, max_tokens=40)
+    assert source.endswith("val.jsonl") and 1 <= len(examples) <= 4 and all(len(e) <= 40 for e in examples)
+    examples, source = model_export.check_examples(tokenizer, tmp_path, count=2)
+    assert source == "built-in prompts" and len(examples) == 2
+    assert tokenizer.decode(examples[0]).endswith("<|im_end|>\n")  # whole training texts: the reply is compared too
+
+
+def test_the_recorded_base_is_settings_json_then_adapter_config(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen3-0.6B"}))
+    assert model_export.recorded_base(tmp_path) == "Qwen/Qwen3-0.6B"
+    (tmp_path / "settings.json").write_text(json.dumps({"MODEL_PATH": "/models/Qwen3-1.7B"}))
+    assert model_export.recorded_base(tmp_path) == "/models/Qwen3-1.7B"
