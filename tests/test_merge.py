@@ -238,3 +238,87 @@ def test_the_recorded_base_is_settings_json_then_adapter_config(tmp_path):
     assert model_export.recorded_base(tmp_path) == "Qwen/Qwen3-0.6B"
     (tmp_path / "settings.json").write_text(json.dumps({"MODEL_PATH": "/models/Qwen3-1.7B"}))
     assert model_export.recorded_base(tmp_path) == "/models/Qwen3-1.7B"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# deploy/: the Ollama Modelfile and the OpenAI client example
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_modelfile_uses_the_training_prompt_both_end_tokens_and_thinking_sampling():
+    from medsft.chat_format import SYSTEM_PROMPT
+
+    text = (ROOT / "deploy" / "Modelfile").read_text(encoding="utf-8")
+    parameters = [line.split(None, 2)[1:] for line in text.splitlines() if line.startswith("PARAMETER ")]
+    assert [value for name, value in parameters if name == "stop"] == ['"<|im_end|>"', '"<|endoftext|>"']
+    sampling = {name: float(value) for name, value in parameters if name in ("temperature", "top_p", "top_k")}
+    assert sampling == {k: v for k, v in model_export.THINKING_SAMPLING.items() if k != "do_sample"}
+    assert f'SYSTEM """{SYSTEM_PROMPT}"""' in text
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    for piece in ("<|im_start|>system\n{{ .System }}<|im_end|>\n", "<|im_start|>user\n{{ .Content }}<|im_end|>\n",
+                  "<|im_start|>assistant\n{{ end }}"):
+        assert piece in template
+
+
+def test_the_client_example_prints_the_reasoning_and_the_answer_apart(tmp_path):
+    """Against a stand-in server that answers as vLLM's qwen3 reasoning parser does (vLLM is not installed here)."""
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    requests = []
+
+    class VLLMLike(BaseHTTPRequestHandler):
+        def do_POST(self):
+            requests.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            field = "reasoning" if len(requests) == 1 else "reasoning_content"  # vLLM >= 0.11.2, and older
+            message = {"role": "assistant", field: "用户问的是血糖。", "content": "可以少量吃低糖水果。"}
+            body = json.dumps({"id": "1", "object": "chat.completion", "created": 0, "model": "qwen3-medical",
+                               "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), VLLMLike)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**__import__("os").environ, "OPENAI_BASE_URL": f"http://127.0.0.1:{server.server_port}/v1",
+               "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+        outputs = [subprocess.run([sys.executable, str(ROOT / "deploy" / "openai_client.py"), "糖尿病人可以吃水果吗？"],
+                                  env=env, capture_output=True, text=True, timeout=60) for _ in range(2)]
+    finally:
+        server.shutdown()
+    for result in outputs:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == ("==== 思考 / reasoning ====\n用户问的是血糖。\n==== 回答 / answer ====\n"
+                                 "可以少量吃低糖水果。\n")
+    path, request = requests[0]
+    assert path == "/v1/chat/completions" and request["model"] == "qwen3-medical"
+    assert (request["temperature"], request["top_p"], request["top_k"]) == (0.6, 0.95, 20)
+    from medsft.chat_format import SYSTEM_PROMPT
+
+    assert request["messages"] == [{"role": "system", "content": SYSTEM_PROMPT},
+                                   {"role": "user", "content": "糖尿病人可以吃水果吗？"}]
+
+
+def test_qwen3_1_7b_parameter_count_behind_the_readme_memory_table():
+    """The real Qwen3-1.7B shape on the meta device: the README derives memory per format from these counts."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.model.embed_tokens.weight.numel()
+    linear = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name)
+    assert (total, embedding, linear) == (1_720_574_976, 311_164_928, 1_409_286_144)
+    kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+    assert kv_bytes_per_token == 114_688  # bf16 K and V of every layer
