@@ -1,5 +1,6 @@
 """merge_lora.py on the tiny Qwen3: a plain, tied model folder that matches base+adapter, and clean refusals."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -289,7 +290,7 @@ def test_the_client_example_prints_the_reasoning_and_the_answer_apart(tmp_path):
     server = HTTPServer(("127.0.0.1", 0), VLLMLike)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        env = {**__import__("os").environ, "OPENAI_BASE_URL": f"http://127.0.0.1:{server.server_port}/v1",
+        env = {**os.environ, "OPENAI_BASE_URL": f"http://127.0.0.1:{server.server_port}/v1",
                "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
         outputs = [subprocess.run([sys.executable, str(ROOT / "deploy" / "openai_client.py"), "糖尿病人可以吃水果吗？"],
                                   env=env, capture_output=True, text=True, timeout=60) for _ in range(2)]
@@ -322,3 +323,53 @@ def test_qwen3_1_7b_parameter_count_behind_the_readme_memory_table():
     assert (total, embedding, linear) == (1_720_574_976, 311_164_928, 1_409_286_144)
     kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
     assert kv_bytes_per_token == 114_688  # bf16 K and V of every layer
+
+
+GO_RENDER = r"""package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct{ Role, Content string }
+type Values struct {
+	System   string
+	Messages []Message
+}
+
+func main() {
+	source, _ := os.ReadFile(os.Args[1])
+	var values Values
+	if err := json.NewDecoder(os.Stdin).Decode(&values); err != nil {
+		panic(err)
+	}
+	if err := template.Must(template.New("t").Parse(string(source))).Execute(os.Stdout, values); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs Go (Ollama's templates are Go text/template)")
+def test_the_modelfile_template_renders_what_qwen3s_chat_template_renders(tokenizer, tmp_path):
+    """Go's text/template, which Ollama uses, on the template's data as Ollama passes it: .System and .Messages."""
+    import subprocess
+
+    from medsft.chat_format import SYSTEM_PROMPT, render_prompt
+
+    text = (ROOT / "deploy" / "Modelfile").read_text(encoding="utf-8")
+    (tmp_path / "template.txt").write_text(text.split('TEMPLATE """', 1)[1].split('"""', 1)[0], encoding="utf-8")
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    history = [("糖尿病人可以吃水果吗？", "可以少量吃低糖水果。")]
+    for past, question in (([], "胸痛持续了3天，需要立即就医吗？"), (history, "那苹果呢？")):
+        messages = [{"Role": "system", "Content": SYSTEM_PROMPT}]
+        for q, a in past:
+            messages += [{"Role": "user", "Content": q}, {"Role": "assistant", "Content": a}]
+        messages.append({"Role": "user", "Content": question})
+        rendered = subprocess.run(["go", "run", "render.go", "template.txt"], cwd=tmp_path, capture_output=True,
+                                  text=True, timeout=300, env={**os.environ, "GOCACHE": str(tmp_path / "cache")},
+                                  input=json.dumps({"System": SYSTEM_PROMPT, "Messages": messages}))
+        assert rendered.returncode == 0, rendered.stderr
+        assert rendered.stdout == render_prompt(tokenizer, question, SYSTEM_PROMPT, past)
