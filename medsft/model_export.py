@@ -23,7 +23,7 @@ THINKING_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_
 
 # A correct merge differs from base+adapter only by writing the merged weights in bf16: 8 significant bits,
 # so each weight moves by at most 2^-9 (0.2%) of itself. Those errors are independent and mostly cancel in
-# each layer's sums; on the tiny test model they move the logits by ~0.3% of the largest one. 2% leaves room
+# each layer's sums; on the tiny test model they move the logits by 0.16-0.21% of the largest one. 2% leaves room
 # for a deeper model, while a broken merge (the adapter lost, the embedding untied or tied to the base's
 # copy) moves the logits by the adapter's whole effect, which merge.json records beside the difference.
 RELATIVE_TOLERANCE = 0.02
@@ -136,12 +136,12 @@ def trained_embedding(adapter_path):
 
 def merge_adapter(peft_model):
     """merge_and_unload(), then the plain model, tied again when its config says so (peft#2777's failure)."""
+    import torch
+
     merged = peft_model.merge_and_unload()
     if getattr(merged.config, "tie_word_embeddings", False):
         output, embedding = merged.get_output_embeddings(), merged.get_input_embeddings()
         if output.weight is not embedding.weight:
-            import torch
-
             if not torch.equal(output.weight, embedding.weight):
                 raise UserError("error: after merging, lm_head and embed_tokens differ although the base ties "
                                 "them (the adapter trains them separately); this cannot be written as a tied model")
@@ -185,9 +185,14 @@ def largest_difference(a: list, b: list) -> float:
 
 def check_written_model(folder, reference: list, base_logits: list, examples, embedding, device: str) -> dict:
     """Reload `folder` with plain transformers (no peft) and compare it with base+adapter; raises if it differs."""
+    import gc
+
     import torch
     from transformers import AutoModelForCausalLM
 
+    gc.collect()  # the merged model, written and dropped by the caller, must not share the GPU with its reload
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
     tied_config = bool(getattr(model.config, "tie_word_embeddings", False))
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight

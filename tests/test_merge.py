@@ -12,7 +12,7 @@ import train_lora
 import train_lora2
 from medsft import model_export
 from medsft.errors import UserError
-from tests.conftest import FAST_TRAINING
+from tests.conftest import FAST_TRAINING, gpu
 
 IDS = [151644, 8948, 198, 100, 200, 300, 151645, 198, 151644, 77091, 198, 151667, 198, 400, 500]
 
@@ -373,3 +373,18 @@ def test_the_modelfile_template_renders_what_qwen3s_chat_template_renders(tokeni
                                   input=json.dumps({"System": SYSTEM_PROMPT, "Messages": messages}))
         assert rendered.returncode == 0, rendered.stderr
         assert rendered.stdout == render_prompt(tokenizer, question, SYSTEM_PROMPT, past)
+
+
+@gpu
+def test_merging_on_the_gpu_matches_the_cpu_merge(adapters, merged, short_data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    record = merge_lora.main([f"--adapter_path={adapters['v2']}", f"--output_dir={tmp_path / 'm'}", "--device=cuda",
+                              f"--data_dir={short_data_dir}", "--max_shard_size=10MB"])
+    assert record["device"] == "cuda" and record["check"]["tied"]
+    cpu_folder = merged["v2"][0]
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        gpu_weights, cpu_weights = load_file(tmp_path / "m" / shard), load_file(cpu_folder / shard)
+        assert gpu_weights.keys() == cpu_weights.keys()
+        for name in gpu_weights:  # float32 merges on either device, rounded once to bf16: at most one bf16 step apart
+            torch.testing.assert_close(gpu_weights[name].float(), cpu_weights[name].float(), rtol=1e-2, atol=1e-3)
