@@ -14,9 +14,8 @@ base+adapter. The folder is written beside OUTPUT_DIR and renamed into place onl
 import time
 
 from medsft import chat_format, model_export
-from medsft.assistant import check_adapter_path
 from medsft.errors import UserError
-from medsft.model_export import (check_examples, check_written_model,
+from medsft.model_export import (adapter_problems, check_examples, check_written_model,
                                  library_versions, load_base_and_adapter, logits_of, merge_adapter, output_problems,
                                  pick_device, quantisation_of, recorded_base, save_model_files, staged_folder,
                                  training_settings)
@@ -41,15 +40,14 @@ CHECK_MAX_TOKENS = 256                             # tokens per example
 def main(argv=None):
     # ========== 1. Settings: every problem reported before the model loads ==========
     cfg = parse_settings(globals(), argv)
-    if cfg.ADAPTER_PATH:
-        check_adapter_path(cfg.ADAPTER_PATH)
-    trained = training_settings(cfg.ADAPTER_PATH) if cfg.ADAPTER_PATH else {}
-    if not cfg.MODEL_PATH and cfg.ADAPTER_PATH:
+    bad_adapter = adapter_problems(cfg.ADAPTER_PATH)
+    trained = {} if bad_adapter else training_settings(cfg.ADAPTER_PATH)
+    if not cfg.MODEL_PATH and not bad_adapter:
         cfg.MODEL_PATH = recorded_base(cfg.ADAPTER_PATH) or ""
     cfg.print("merge settings")
     problems = [p for p in [
-        not cfg.ADAPTER_PATH and "adapter_path is empty: name the adapter to merge (OUTPUT_DIR/final of a run)",
-        cfg.ADAPTER_PATH and not cfg.MODEL_PATH and f"{cfg.ADAPTER_PATH} records no base model; pass --model_path",
+        *bad_adapter,
+        not bad_adapter and not cfg.MODEL_PATH and f"{cfg.ADAPTER_PATH} records no base model; pass --model_path",
         cfg.MODEL_PATH and quantisation_of(cfg.MODEL_PATH) and f"the base {cfg.MODEL_PATH} is a quantised model "
         f"({quantisation_of(cfg.MODEL_PATH)}); merging into it would round the merged weights to its precision; "
         "pass the original bf16 base with --model_path",

@@ -61,6 +61,19 @@ def training_settings(adapter_path) -> dict:
     return {}
 
 
+def adapter_problems(adapter_path) -> list[str]:
+    """Why `adapter_path` is not a LoRA adapter folder (OUTPUT_DIR/final of a run); [] when it is."""
+    path = Path(adapter_path)
+    if not str(adapter_path):
+        return ["adapter_path is empty: name the adapter to merge (OUTPUT_DIR/final of a training run)"]
+    if not path.exists():
+        return [f"adapter_path {path} not found; name the adapter to merge (OUTPUT_DIR/final of a training run)"]
+    if not (path / "adapter_config.json").is_file():
+        hint = f"; did you mean {path / 'final'}?" if (path / "final" / "adapter_config.json").is_file() else ""
+        return [f"adapter_path {path} has no adapter_config.json, so it is not a LoRA adapter{hint}"]
+    return []
+
+
 def quantisation_of(model_path) -> str | None:
     """The quantisation method of a saved model folder (bitsandbytes, gptq, awq, ...), or None."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -211,8 +224,8 @@ def check_written_model(folder, reference: list, base_logits: list, examples, em
         "tied": tied, "embedding_is_the_trained_one": embedding_matches,
     }
     if tied_config and not tied:
-        raise UserError(f"error: the merged model reloaded from disk is not tied (lm_head and embed_tokens are "
-                        f"two matrices) although its config ties them; nothing was written to the output folder")
+        raise UserError("error: the merged model reloaded from disk is not tied (lm_head and embed_tokens are "
+                        "two matrices) although its config ties them; nothing was written to the output folder")
     if not embedding_matches:
         raise UserError("error: the merged model's embedding is not the adapter's trained one (or the base's "
                         "when the adapter trains none); nothing was written to the output folder")

@@ -163,9 +163,13 @@ def test_an_existing_output_is_kept_and_replaced_only_with_overwrite(adapters, s
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # neither the old folder nor a temporary one is left
 
 
-def test_a_missing_adapter_is_refused_and_nothing_is_written(tmp_path):
+def test_a_missing_adapter_is_refused_and_nothing_is_written(adapters, tmp_path):
     message = refused([f"--adapter_path={tmp_path / 'nope'}", f"--output_dir={tmp_path / 'model'}"])
     assert "not found" in message and str(tmp_path / "nope") in message
+    assert everything_under(tmp_path) == []
+    run_folder = adapters["v1"].parent  # OUTPUT_DIR instead of OUTPUT_DIR/final
+    message = refused([f"--adapter_path={run_folder}", f"--output_dir={tmp_path / 'model'}"])
+    assert "no adapter_config.json" in message and f"did you mean {run_folder / 'final'}?" in message
     assert everything_under(tmp_path) == []
 
 
