@@ -278,16 +278,22 @@ def staged_folder(output_dir, overwrite: bool = False):
     problems = output_problems(out, overwrite)
     if problems:
         raise UserError(f"error: {problems[0]}")
+    created = [p for p in [out.absolute().parent, *out.absolute().parent.parents] if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    done = False
     try:
         yield temp
         _make_readable(temp)
         _replace_folder(temp, out, overwrite)
+        done = True
     except OSError as e:
         raise UserError(f"error: could not write {out}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+        for folder in [] if done else created:  # the parent folders made for it, innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _replace_folder(new: Path, out: Path, overwrite: bool) -> None:

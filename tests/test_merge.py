@@ -204,7 +204,7 @@ def test_a_quantised_base_is_refused(adapters, tiny_model_dir, tmp_path):
 def test_a_merge_that_loses_the_adapter_fails_the_check_and_writes_nothing(adapters, short_data_dir, tmp_path,
                                                                            monkeypatch, capsys):
     monkeypatch.setattr(merge_lora, "merge_adapter", lambda model: model.unload())  # drops the LoRA weights
-    message = refused([f"--adapter_path={adapters['v1']}", f"--output_dir={tmp_path / 'm'}",
+    message = refused([f"--adapter_path={adapters['v1']}", f"--output_dir={tmp_path / 'new' / 'folders' / 'm'}",
                        f"--data_dir={short_data_dir}"])
     assert "logits differ from base+adapter" in message and "nothing was written" in message
     assert everything_under(tmp_path) == []
