@@ -392,3 +392,20 @@ def test_merging_on_the_gpu_matches_the_cpu_merge(adapters, merged, short_data_d
         assert gpu_weights.keys() == cpu_weights.keys()
         for name in gpu_weights:  # float32 merges on either device, rounded once to bf16: at most one bf16 step apart
             torch.testing.assert_close(gpu_weights[name].float(), cpu_weights[name].float(), rtol=1e-2, atol=1e-3)
+
+
+def test_write_model_folder_is_reusable_for_any_finished_model(tiny_model_dir, tokenizer, tmp_path):
+    """What a full fine-tune script calls: the same plain folder, written atomically, never over an existing one."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).float()
+    out = model_export.write_model_folder(tmp_path / "full", model, tokenizer, settings={"VERSION": "full"},
+                                          extra_files={"train.json": {"steps": 3}})
+    assert json.loads((out / "settings.json").read_text()) == {"VERSION": "full"}
+    assert json.loads((out / "train.json").read_text()) == {"steps": 3}
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [151645, 151643]
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out))
+    assert reloaded.dtype == torch.bfloat16 and reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    with pytest.raises(UserError, match="already exists"):
+        model_export.write_model_folder(out, model, tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
