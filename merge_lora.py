@@ -18,7 +18,7 @@ from medsft.errors import UserError
 from medsft.model_export import (adapter_problems, check_examples, check_written_model,
                                  library_versions, load_base_and_adapter, logits_of, merge_adapter, output_problems,
                                  pick_device, quantisation_of, recorded_base, save_model_files, staged_folder,
-                                 training_settings)
+                                 training_settings, write_json)
 from medsft.settings import check_settings, parse_settings
 
 # -----------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def main(argv=None):
         merge_record = {"base": cfg.MODEL_PATH, "adapter": cfg.ADAPTER_PATH, "versions": library_versions(),
                         "device": device, "check": check, "seconds": round(time.perf_counter() - start, 1),
                         "settings": cfg.as_dict()}
-        _write_json(temp / "merge.json", merge_record)
+        write_json(temp / "merge.json", merge_record)
     print(f"wrote {cfg.OUTPUT_DIR}/ (a plain model folder: no peft needed to load it)")
     return merge_record
 
@@ -112,12 +112,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _write_json(path, content) -> None:
-    import json
-
-    path.write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

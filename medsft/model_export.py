@@ -263,8 +263,7 @@ def save_model_files(folder, model, tokenizer, settings: dict | None = None, max
     model.save_pretrained(str(folder), max_shard_size=max_shard_size, safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
     if settings is not None:
-        text = json.dumps(settings, ensure_ascii=False, indent=2) + "\n"
-        (Path(folder) / "settings.json").write_text(text, encoding="utf-8")
+        write_json(Path(folder) / "settings.json", settings)
 
 
 @contextlib.contextmanager
@@ -328,8 +327,12 @@ def write_model_folder(output_dir, model, tokenizer, settings: dict | None = Non
     with staged_folder(output_dir, overwrite) as temp:
         save_model_files(temp, model, tokenizer, settings, max_shard_size)
         for name, content in (extra_files or {}).items():
-            (temp / name).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            write_json(temp / name, content)
     return Path(output_dir)
+
+
+def write_json(path, content) -> None:
+    Path(path).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 def library_versions() -> dict:
