@@ -185,14 +185,19 @@ def check_examples(tokenizer, data_dir, system_prompt: str = SYSTEM_PROMPT, coun
 
 def logits_of(model, examples) -> list:
     """float32 logits on the CPU, one [tokens, vocab] tensor per example."""
+    return list(iter_logits(model, examples))
+
+
+def iter_logits(model, examples):
     import torch
 
     device = next(model.parameters()).device
-    with torch.no_grad():
-        return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in examples]
+    for ids in examples:
+        with torch.no_grad():
+            yield model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
 
 
-def largest_difference(a: list, b: list) -> float:
+def largest_difference(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
@@ -211,10 +216,9 @@ def check_written_model(folder, reference: list, base_logits: list, examples, em
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     embedding_matches = torch.equal(model.get_input_embeddings().weight.detach().cpu(), embedding)
     model.to(device=device, dtype=torch.float32)
-    merged = logits_of(model, examples)
+    difference = largest_difference(iter_logits(model, examples), reference)  # one example's logits at a time
     del model
     scale = max(r.abs().max().item() for r in reference)
-    difference = largest_difference(merged, reference)
     effect = largest_difference(base_logits, reference)
     result = {
         "max_abs_logit_difference": difference, "max_abs_logit": scale,
