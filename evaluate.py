@@ -96,9 +96,10 @@ def main(argv=None):
 
 
 def use_training_settings(cfg, defaults: dict) -> None:
-    """Take MAX_LENGTH, SYSTEM_PROMPT and LONG_EXAMPLES from the adapter's settings.json unless given here."""
-    path = Path(cfg.ADAPTER_PATH) / "settings.json" if cfg.ADAPTER_PATH else None
-    if not path or not path.is_file():
+    """Take MAX_LENGTH, SYSTEM_PROMPT and LONG_EXAMPLES from the adapter's settings.json (a merged model's, when
+    there is no adapter) unless given here."""
+    path = Path(cfg.ADAPTER_PATH or cfg.MODEL_PATH) / "settings.json"
+    if not path.is_file():
         return
     trained = json.loads(path.read_text(encoding="utf-8"))
     for name in ("MAX_LENGTH", "SYSTEM_PROMPT", "LONG_EXAMPLES"):
