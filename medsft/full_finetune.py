@@ -10,6 +10,8 @@ import functools
 import os
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from medsft.errors import UserError
 
 # transformers' names for torchao's low-bit AdamW, which can round bf16 weights stochastically
@@ -96,6 +98,7 @@ def use_full_model_training(trainer, cfg) -> None:
             "lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
             "bf16_stochastic_round": cfg.BF16_STOCHASTIC_ROUND})
     trainer.restore_best = functools.partial(restore_best_full_model, trainer)
+    trainer.add_callback(ReplicaCheck())
 
 
 @functools.cache
@@ -117,6 +120,39 @@ def low_bit_adamw(optim: str):
 
     LowBitAdamW.__name__ = LowBitAdamW.__qualname__ = base.__name__
     return LowBitAdamW
+
+
+class ReplicaCheck(TrainerCallback):
+    """At every evaluation under DDP: do all ranks hold the same weights? (see sync_replicas)"""
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        sync_replicas(model)
+
+
+def sync_replicas(model) -> bool:
+    """True when every rank holds the same weights; otherwise rank 0's are copied to all, with a warning.
+
+    DDP averages the gradients but each rank updates its own weights, and stochastic rounding draws random
+    numbers there. The trainer seeds every rank alike, so they should agree; this checks it, cheaply.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if model is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    params = list(model.parameters())
+    sums = torch.stack([p.detach().float().sum() for p in params] + [p.detach().float().square().sum() for p in params])
+    high, low = sums.clone(), sums.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    if torch.equal(high, low):
+        return True
+    if dist.get_rank() == 0:
+        print("warning: the GPUs' copies of the weights drifted apart (stochastic rounding drew different random "
+              "numbers); copying rank 0's weights to all", flush=True)
+    for p in params:
+        dist.broadcast(p.data, src=0)
+    return False
 
 
 def restore_best_full_model(trainer) -> dict:

@@ -220,3 +220,31 @@ def test_many_small_bf16_steps_add_up_to_the_fp32_result(decoder_weights_and_gra
     rounded = adamw_8bit_steps(start, grads, torch.bfloat16, stochastic_round=False, steps=20)
     assert share_of_exact_update(start, stochastic, exact) == pytest.approx(1.0, abs=0.03)
     assert share_of_exact_update(start, rounded, exact) < 0.5
+
+
+# ---- several GPUs -------------------------------------------------------------------------------------------
+
+
+def _replica_check_worker(rank, init_file, results):
+    import torch.distributed as dist
+
+    from medsft.full_finetune import sync_replicas
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    if rank == 1:  # one stochastic rounding that went the other way on this rank
+        with torch.no_grad():
+            model.weight.view(torch.int16)[0, 0] += 1  # the neighbouring bf16 number
+    first, second = sync_replicas(model), sync_replicas(model)
+    results[rank] = (first, second, model.weight.float().sum().item())
+    dist.destroy_process_group()
+
+
+def test_replicas_that_drifted_apart_are_detected_and_resynced(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_replica_check_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    assert results[0][:2] == results[1][:2] == (False, True)
+    assert results[0][2] == results[1][2]
