@@ -11,7 +11,7 @@ import evaluate
 import inference_lora
 import train
 from medsft.errors import UserError
-from tests.conftest import FAST_TRAINING, SAMPLE
+from tests.conftest import FAST_TRAINING, SAMPLE, gpu
 
 
 @pytest.fixture(scope="module")
@@ -178,17 +178,17 @@ def decoder_weights_and_grads(tiny_model_dir):
     return [n for n, _ in named], [p.detach().clone() for _, p in named], [p.grad.clone() for _, p in named]
 
 
-def adamw_8bit_steps(start, grads, dtype, stochastic_round: bool, steps: int, lr=5e-6):
+def adamw_8bit_steps(start, grads, dtype, stochastic_round: bool, steps: int, lr=5e-6, device="cpu"):
     from medsft.full_finetune import low_bit_adamw
 
-    params = [torch.nn.Parameter(w.to(dtype, copy=True)) for w in start]
+    params = [torch.nn.Parameter(w.to(device, dtype, copy=True)) for w in start]
     optimizer = low_bit_adamw("adamw_torch_8bit")(params, lr=lr, weight_decay=0.0,
                                                  bf16_stochastic_round=stochastic_round)
     for _ in range(steps):
         for p, g in zip(params, grads):
-            p.grad = g.to(dtype)
+            p.grad = g.to(device, dtype)
         optimizer.step()
-    return [p.detach().float() for p in params]
+    return [p.detach().float().cpu() for p in params]
 
 
 def share_of_exact_update(start, end, exact) -> float:
@@ -220,6 +220,14 @@ def test_many_small_bf16_steps_add_up_to_the_fp32_result(decoder_weights_and_gra
     rounded = adamw_8bit_steps(start, grads, torch.bfloat16, stochastic_round=False, steps=20)
     assert share_of_exact_update(start, stochastic, exact) == pytest.approx(1.0, abs=0.03)
     assert share_of_exact_update(start, rounded, exact) < 0.5
+
+
+@gpu
+def test_on_gpu_the_compiled_step_keeps_small_updates_too(decoder_weights_and_grads):
+    _, start, grads = decoder_weights_and_grads
+    exact = adamw_8bit_steps(start, grads, torch.float32, False, steps=1, device="cuda")
+    stochastic = adamw_8bit_steps(start, grads, torch.bfloat16, stochastic_round=True, steps=1, device="cuda")
+    assert 0.9 < share_of_exact_update(start, stochastic, exact) < 1.1
 
 
 # ---- several GPUs -------------------------------------------------------------------------------------------
