@@ -66,7 +66,7 @@ def main(argv=None):
     ])
     report = {} if score_only else {"model_path": cfg.MODEL_PATH, "adapter_path": cfg.ADAPTER_PATH or None}
 
-    # ========== 2. Loss and perplexity on val (and test) ==========
+    # ========== 2. Loss and perplexity on val (and test, and the gold set) ==========
     if not score_only:
         model, tokenizer = load_model_for_loss(cfg)
         for split in ("val", "test", "gold"):

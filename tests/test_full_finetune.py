@@ -256,3 +256,11 @@ def test_replicas_that_drifted_apart_are_detected_and_resynced(tmp_path):
     mp.spawn(_replica_check_worker, args=(str(tmp_path / "init"), results), nprocs=2)
     assert results[0][:2] == results[1][:2] == (False, True)
     assert results[0][2] == results[1][2]
+
+
+def test_generate_from_gold_without_a_gold_set_is_refused_before_loading(sample_data_dir, tmp_path):
+    with pytest.raises(UserError, match="gold.jsonl is not there; run `python data.py --gold_size=N`"):
+        evaluate.main(["--model_path=/nonexistent", f"--data_dir={sample_data_dir}", "--generate=2",
+                       "--generate_from=gold", f"--report_path={tmp_path / 'r.json'}"])
+    with pytest.raises(UserError, match="generate_from must be 'val' or 'gold'"):
+        evaluate.main([f"--data_dir={sample_data_dir}", "--generate_from=test", f"--report_path={tmp_path / 'r.json'}"])
