@@ -3,12 +3,14 @@
     python data.py                                   # krisfu/delicate_medical_r1_data from ModelScope
     python data.py --source=data/sample.jsonl        # offline: the bundled 50-row sample
     python data.py --source=my.csv --test_fraction=0.1 --on_bad_row=skip
+    python data.py --test_fraction=0.1 --gold_size=100              # + gold.jsonl: the 100 best-rated held-out rows
 """
 import hashlib
 import json
 from pathlib import Path
 
-from medsft.dataset_prep import download_dataset, drop_duplicate_questions, find_data_files, load_checked_rows, split_rows
+from medsft.dataset_prep import (download_dataset, drop_duplicate_questions, find_data_files, load_checked_rows,
+                                 pick_gold_rows, quality_score, split_rows)
 from medsft.records import jsonl_text, write_files_atomically
 from medsft.settings import check_settings, parse_settings
 
@@ -22,6 +24,7 @@ DATA_DIR = "data"                           # writes train.jsonl, val.jsonl (tes
 VAL_FRACTION = 0.1                          # 0.1 = the originals' 90/10 split, so val losses stay comparable
 TEST_FRACTION = 0.0                         # > 0 also writes test.jsonl
 SEED = 42                                   # the shuffle before splitting
+GOLD_SIZE = 0                               # > 0 also writes gold.jsonl: the held-out rows with the best quality_f1
 # -----------------------------------------------------------------------------
 
 
@@ -33,6 +36,7 @@ def main(argv=None):
         not 0 <= cfg.VAL_FRACTION < 1 and f"val_fraction must be in [0, 1), not {cfg.VAL_FRACTION}",
         not 0 <= cfg.TEST_FRACTION < 1 and f"test_fraction must be in [0, 1), not {cfg.TEST_FRACTION}",
         cfg.VAL_FRACTION + cfg.TEST_FRACTION >= 1 and "val_fraction + test_fraction must be below 1",
+        cfg.GOLD_SIZE < 0 and f"gold_size must be 0 (none) or more, not {cfg.GOLD_SIZE}",
     ])
 
     # ========== 1. Find the source files (a local file, or a ModelScope download) ==========
@@ -55,9 +59,14 @@ def main(argv=None):
     # ========== 3. Split deterministically ==========
     splits = split_rows(rows, cfg.VAL_FRACTION, cfg.TEST_FRACTION, cfg.SEED)
 
-    # ========== 4. Write the splits, manifest and settings atomically ==========
+    # ========== 4. The gold set: the best-rated held-out rows (never train), for evaluate.py ==========
+    gold = pick_gold_rows(splits["val"] + splits.get("test", []), cfg.GOLD_SIZE) if cfg.GOLD_SIZE else []
+
+    # ========== 5. Write the splits, gold set, manifest and settings atomically ==========
     out = Path(cfg.DATA_DIR)
     texts = {out / f"{name}.jsonl": jsonl_text(split) for name, split in splits.items()}
+    if gold:
+        texts[out / "gold.jsonl"] = jsonl_text(gold)
     content = hashlib.sha256("".join(texts[p] for p in sorted(texts)).encode("utf-8")).hexdigest()
     manifest = {
         "source": cfg.SOURCE, "source_files": [str(f) for f in files], "rows_read": read,
@@ -65,12 +74,17 @@ def main(argv=None):
         "dropped": dict(sorted(dropped.items())), "seed": cfg.SEED,
         "val_fraction": cfg.VAL_FRACTION, "test_fraction": cfg.TEST_FRACTION, "content_sha256": content,
     }
+    if gold:  # a subset of val and test, ranked by metrics.quality_f1 (ties by id); rows without it last
+        manifest["gold"] = {"size": len(gold), "from": sorted(n for n in splits if n != "train"),
+                            "ranked_by": "metrics.quality_f1", "unrated": sum(quality_score(r) is None for r in gold),
+                            "ids": [row["id"] for row in gold]}
     texts[out / "manifest.json"] = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
     texts[out / "settings.json"] = json.dumps(cfg.as_dict(), ensure_ascii=False, indent=2) + "\n"
-    write_files_atomically(texts, remove=[] if "test" in splits else [out / "test.jsonl"])
+    stale = [out / name for name in ("test.jsonl", "gold.jsonl") if out / name not in texts]
+    write_files_atomically(texts, remove=stale)
 
     counts = ", ".join(f"{name} {n}" for name, n in manifest["counts"].items())
-    print(f"read {read} rows; wrote {counts} to {out}/")
+    print(f"read {read} rows; wrote {counts}{f', gold {len(gold)}' if gold else ''} to {out}/")
     for reason, n in manifest["dropped"].items():
         print(f"  dropped {n} rows: {reason}")
     return manifest

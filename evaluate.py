@@ -2,12 +2,15 @@
 
     python evaluate.py                                              # loss of the v3 adapter on data/val.jsonl
     python evaluate.py --adapter_path=                              # the bare base model, for reference
+    python evaluate.py --model_path=output/qwen3-1.7b-full/final --adapter_path=    # a train.py (full) model
+    python evaluate.py --generate=20 --generate_from=gold           # answers to the gold set's questions
     python evaluate.py --generate=50                                # + answers to 50 val rows and the red-team set, scored
     python evaluate.py --predictions=out.jsonl --report_path=r.json # score a file from inference_lora.py -b
 
 The loss uses training's label mask (assistant reply and <|im_end|> only), and is also split into the think
 part and the answer part: these are the numbers comparable with the originals' val losses. The generation
 metrics score the model's predictions, never the reference data; medsft/safety_metrics.py defines each one.
+When DATA_DIR holds gold.jsonl (data.py --gold_size), its loss is reported too, as gold_loss.
 """
 import json
 import math
@@ -21,11 +24,11 @@ from medsft.settings import check_settings, parse_settings
 
 # -----------------------------------------------------------------------------
 # model
-MODEL_PATH = "Qwen/Qwen3-1.7B"                       # the base the adapter was trained on
-ADAPTER_PATH = "output/qwen3-1.7b-qlora-v3/final"    # "" = the bare base model
+MODEL_PATH = "Qwen/Qwen3-1.7B"                       # the base the adapter was trained on, or train.py's final/
+ADAPTER_PATH = "output/qwen3-1.7b-qlora-v3/final"    # "" = the model in MODEL_PATH alone
 LOAD_IN_4BIT = True                                  # as in training, so the loss compares with training's eval loss
 # loss metrics
-DATA_DIR = "data"                                    # val.jsonl (and test.jsonl if present) from data.py
+DATA_DIR = "data"                                    # val.jsonl (and test.jsonl, gold.jsonl if present) from data.py
 MAX_LENGTH = 2048                                    # as in training
 LONG_EXAMPLES = "shorten_think"                      # as in training: longer examples lose the end of their think
 SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT         # as in training
@@ -33,6 +36,7 @@ EVAL_BATCH_SIZE = 4                                  # examples per forward pass
 # generation metrics
 PREDICTIONS = ""                                     # a batch output of inference_lora.py to score (no model is loaded)
 GENERATE = 0                                         # > 0: first answer this many val rows + the red-team set, then score
+GENERATE_FROM = "val"                                # where those rows come from: "val", or "gold" (DATA_DIR/gold.jsonl)
 REDTEAM_PATH = "data/redteam.jsonl"                  # high-risk questions with expect = emergency / no_dose / crisis
 MAX_NEW_TOKENS = 2048                                # per answer; p99 of a whole reference reply is ~1,400 tokens
 TEMPERATURE = 0.6                                    # Qwen3's thinking-mode sampling; 0 = greedy
@@ -59,15 +63,16 @@ def main(argv=None):
         and f"{Path(cfg.DATA_DIR) / 'val.jsonl'}: not found; run `python data.py` first",
         cfg.GENERATE > 0 and not Path(cfg.REDTEAM_PATH).is_file() and f"redteam_path {cfg.REDTEAM_PATH}: not found",
         cfg.GENERATE < 0 and "generate must be >= 0",
+        *generate_from_problems(cfg),
     ])
     if cfg.ADAPTER_PATH and not score_only:
         check_adapter_path(cfg.ADAPTER_PATH)  # before the base model loads
     report = {} if score_only else {"model_path": cfg.MODEL_PATH, "adapter_path": cfg.ADAPTER_PATH or None}
 
-    # ========== 2. Loss and perplexity on val (and test) ==========
+    # ========== 2. Loss and perplexity on val (and test, and the gold set) ==========
     if not score_only:
         model, tokenizer = load_model_for_loss(cfg)
-        for split in ("val", "test"):
+        for split in ("val", "test", "gold"):
             path = Path(cfg.DATA_DIR) / f"{split}.jsonl"
             if path.is_file():
                 report |= {f"{split}_{k}": v for k, v in split_loss(model, tokenizer, path, cfg).items()}
@@ -96,15 +101,15 @@ def main(argv=None):
 
 
 def use_training_settings(cfg, defaults: dict) -> None:
-    """Take MAX_LENGTH, SYSTEM_PROMPT and LONG_EXAMPLES from the adapter's settings.json (a merged model's, when
-    there is no adapter) unless given here."""
+    """Take MAX_LENGTH, SYSTEM_PROMPT, LONG_EXAMPLES and LOAD_IN_4BIT from the training run's settings.json unless
+    given here: the adapter's, or with no adapter, the model folder's (a merged model or train.py's final/)."""
     path = Path(cfg.ADAPTER_PATH or cfg.MODEL_PATH) / "settings.json"
     if not path.is_file():
         return
     trained = json.loads(path.read_text(encoding="utf-8"))
-    for name in ("MAX_LENGTH", "SYSTEM_PROMPT", "LONG_EXAMPLES"):
+    for name in ("MAX_LENGTH", "SYSTEM_PROMPT", "LONG_EXAMPLES", "LOAD_IN_4BIT"):
         if name in trained and getattr(cfg, name) == defaults[name] and trained[name] != defaults[name]:
-            print(f"note: {name.lower()} = {trained[name]!r}, as the adapter was trained ({path})")
+            print(f"note: {name.lower()} = {trained[name]!r}, as the model was trained ({path})")
             setattr(cfg, name, trained[name])
 
 
@@ -140,15 +145,26 @@ def split_loss(model, tokenizer, path: Path, cfg) -> dict:
     return result | {"examples": len(examples)}
 
 
+def generate_from_problems(cfg) -> list[str]:
+    if cfg.GENERATE_FROM not in ("val", "gold"):
+        return [f"generate_from must be 'val' or 'gold', not {cfg.GENERATE_FROM!r}"]
+    gold = Path(cfg.DATA_DIR) / "gold.jsonl"
+    if cfg.GENERATE > 0 and cfg.GENERATE_FROM == "gold" and not gold.is_file():
+        return [f"generate_from='gold' but {gold} is not there; run `python data.py --gold_size=N` first"]
+    return []
+
+
 def generate_predictions(cfg) -> Path:
-    """Answers to the first GENERATE val rows and the whole red-team set, through inference_lora.py's batch mode."""
+    """Answers to the first GENERATE val (or gold) rows and the red-team set, through inference_lora.py's batch mode."""
     import inference_lora
 
-    val = [row for _, row in read_jsonl(Path(cfg.DATA_DIR) / "val.jsonl")][: cfg.GENERATE]
+    source = cfg.GENERATE_FROM
+    held_out = [row for _, row in read_jsonl(Path(cfg.DATA_DIR) / f"{source}.jsonl")][: cfg.GENERATE]
     redteam = [row for _, row in read_jsonl(cfg.REDTEAM_PATH)]
     questions = Path(cfg.REPORT_PATH).with_suffix(".questions.jsonl")
     predictions = Path(cfg.REPORT_PATH).with_suffix(".predictions.jsonl")
-    rows = [{"id": f"val-{row.get('id', i)}", "question": row["question"]} for i, row in enumerate(val)] + redteam
+    rows = [{"id": f"{source}-{row.get('id', i)}", "question": row["question"]} for i, row in enumerate(held_out)]
+    rows += redteam
     write_files_atomically({questions: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)})
     predictions.unlink(missing_ok=True)  # batch mode resumes by id: answers of another adapter must not count
     inference_lora.main([f"--model_path={cfg.MODEL_PATH}", f"--adapter_path={cfg.ADAPTER_PATH}",

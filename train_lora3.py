@@ -5,6 +5,7 @@
     python train_lora3.py --model_path=Qwen/Qwen3-0.6B --max_length=1024 --output_dir=output/0.6b-v3
     python train_lora3.py --max_steps=400                        # after a crash, the same command resumes
     python train_lora3.py --mask_style=typed                     # [药物] instead of [MASK]
+    python train_lora3.py --mask_style=progressive               # [MASK] in epoch 1, [药物] from epoch 2 on
 """
 from medsft import chat_format
 from medsft.masking import MaskedQuestionDataset, check_masking_settings
@@ -29,7 +30,7 @@ SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT   # the originals' prompt; inference_l
 # medical-term masking
 LEXICON_PATH = "data/medical_terms.tsv"    # term<TAB>category: 疾病, 症状, 药物, 检查, 解剖
 MASK_PROB = 0.15                           # chance that each lexicon term in a question is masked, per draw
-MASK_STYLE = "mask"                        # "mask": [MASK]; "typed": the term's category, e.g. [药物]
+MASK_STYLE = "mask"                        # "mask": [MASK]; "typed": [药物]; "progressive": [MASK] in epoch 1, [药物] after
 # LoRA
 LORA_R = 64                                # rank
 LORA_ALPHA = 16                            # scale = alpha / r

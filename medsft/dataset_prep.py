@@ -1,5 +1,6 @@
 """Row checks, de-duplication and the deterministic split behind data.py."""
 import hashlib
+import math
 import random
 import re
 import unicodedata
@@ -120,3 +121,22 @@ def split_rows(rows: list[dict], val_fraction: float, test_fraction: float, seed
     if test_fraction > 0:
         splits["test"] = shuffled[n_val:n_val + n_test]
     return splits
+
+
+def quality_score(row: dict) -> float | None:
+    """metrics.quality_f1 when it is a finite number, else None."""
+    score = row["metrics"].get("quality_f1")
+    rated = isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score)
+    return float(score) if rated else None
+
+
+def pick_gold_rows(held_out: list[dict], size: int) -> list[dict]:
+    """The `size` held-out rows with the highest metrics.quality_f1; ties by id, then question; unrated rows last."""
+    def rank(row):
+        score = quality_score(row)
+        return (score is None, -(score or 0.0), row["id"], row["question"])
+
+    if size > len(held_out):
+        raise UserError(f"error: gold_size={size} but there are only {len(held_out)} held-out (val and test) rows; "
+                        "lower --gold_size or raise --val_fraction / --test_fraction")
+    return sorted(held_out, key=rank)[:size]

@@ -12,7 +12,7 @@ from medsft.chat_format import build_training_example
 from medsft.errors import DataError, UserError
 
 CATEGORIES = ("疾病", "症状", "药物", "检查", "解剖")  # disease, symptom, drug, examination, anatomy
-MASK_STYLES = ("mask", "typed")  # "[MASK]", or the term's category such as "[药物]"
+MASK_STYLES = ("mask", "typed", "progressive")  # "[MASK]"; the term's category such as "[药物]"; [MASK] then typed
 
 
 def load_lexicon(path) -> dict[str, str]:
@@ -91,9 +91,15 @@ class MaskedQuestionDataset:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def style_now(self) -> str:
+        """"progressive": plain [MASK] in the first epoch (0), the term's category from the second on."""
+        if self.style == "progressive":
+            return "mask" if self.epoch == 0 else "typed"
+        return self.style
+
     def masked_question(self, index: int) -> tuple[str, int, int]:
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")  # str seeds hash the same in every process
-        return self.masker.mask(self.rows[index]["question"], rng, self.prob, self.style)
+        return self.masker.mask(self.rows[index]["question"], rng, self.prob, self.style_now())
 
     def __getitem__(self, index: int) -> dict:
         question, masked, found = self.masked_question(index)

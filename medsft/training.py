@@ -32,7 +32,7 @@ def check_training_settings(cfg) -> list:
     ]
     if not _writable(out):
         problems.append(f"output_dir {out} is not writable")
-    for name in ("LORA_R", "BATCH_SIZE", "GRADIENT_ACCUMULATION", "EVAL_STEPS", "SAVE_STEPS", "LOG_STEPS",
+    for name in ("BATCH_SIZE", "GRADIENT_ACCUMULATION", "EVAL_STEPS", "SAVE_STEPS", "LOG_STEPS",
                  "EVAL_BATCH_SIZE"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name.lower()} must be at least 1, not {getattr(cfg, name)}")
@@ -40,23 +40,17 @@ def check_training_settings(cfg) -> list:
         problems.append(f"max_length must be at least 128, not {cfg.MAX_LENGTH}")
     if not cfg.LEARNING_RATE > 0:
         problems.append(f"learning_rate must be positive, not {cfg.LEARNING_RATE}")
-    if not 0 <= cfg.LORA_DROPOUT < 1:
-        problems.append(f"lora_dropout must be in [0, 1), not {cfg.LORA_DROPOUT}")
     if not 0 <= cfg.WARMUP_RATIO < 1:
         problems.append(f"warmup_ratio must be in [0, 1), not {cfg.WARMUP_RATIO}")
     if cfg.MAX_STEPS == 0 or cfg.MAX_STEPS < -1:
         problems.append(f"max_steps must be -1 (use epochs) or positive, not {cfg.MAX_STEPS}")
     elif cfg.MAX_STEPS == -1 and not cfg.EPOCHS > 0:
         problems.append(f"epochs must be positive when max_steps is -1, not {cfg.EPOCHS}")
-    if not cfg.LORA_ALPHA > 0:
-        problems.append(f"lora_alpha must be positive, not {cfg.LORA_ALPHA}")
     for name in ("MAX_GRAD_NORM", "WEIGHT_DECAY"):
         if getattr(cfg, name) < 0:
             problems.append(f"{name.lower()} must be 0 or more, not {getattr(cfg, name)}")
-    if not cfg.TARGET_MODULES or set(cfg.TARGET_MODULES) - set(PROJECTIONS):
-        problems.append(f"target_modules must be some of {', '.join(PROJECTIONS)}, not {list(cfg.TARGET_MODULES)}")
-    if set(cfg.MODULES_TO_SAVE) - {"embed_tokens", "lm_head"}:
-        problems.append(f"modules_to_save may hold embed_tokens and lm_head, not {list(cfg.MODULES_TO_SAVE)}")
+    if hasattr(cfg, "LORA_R"):  # train.py (full fine-tuning) has no LoRA settings
+        problems += _lora_problems(cfg)
     problems += _library_choice_problems(cfg)
     if cfg.LR_SCHEDULER not in SCHEDULERS:
         problems.append(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, not {cfg.LR_SCHEDULER!r}")
@@ -68,6 +62,21 @@ def check_training_settings(cfg) -> list:
         problems.append(f"resume must be 'auto', 'never' or a checkpoint folder; {cfg.RESUME!r} is none of these")
     if not cfg.MODEL_PATH:
         problems.append("model_path is empty")
+    return problems
+
+
+def _lora_problems(cfg) -> list[str]:
+    problems = []
+    if cfg.LORA_R < 1:
+        problems.append(f"lora_r must be at least 1, not {cfg.LORA_R}")
+    if not 0 <= cfg.LORA_DROPOUT < 1:
+        problems.append(f"lora_dropout must be in [0, 1), not {cfg.LORA_DROPOUT}")
+    if not cfg.LORA_ALPHA > 0:
+        problems.append(f"lora_alpha must be positive, not {cfg.LORA_ALPHA}")
+    if not cfg.TARGET_MODULES or set(cfg.TARGET_MODULES) - set(PROJECTIONS):
+        problems.append(f"target_modules must be some of {', '.join(PROJECTIONS)}, not {list(cfg.TARGET_MODULES)}")
+    if set(cfg.MODULES_TO_SAVE) - {"embed_tokens", "lm_head"}:
+        problems.append(f"modules_to_save may hold embed_tokens and lm_head, not {list(cfg.MODULES_TO_SAVE)}")
     return problems
 
 

@@ -222,3 +222,45 @@ def test_csv_with_an_unclosed_quote_names_the_line(tmp_path):
     with pytest.raises(DataError) as e:
         data.main([f"--source={path}", f"--data_dir={tmp_path / 'out'}"])
     assert "invalid CSV" in str(e.value) and e.value.line == 3
+
+
+# ---- the gold set ------------------------------------------------------------------------------------------
+
+
+def test_gold_size_writes_the_best_rated_held_out_rows_and_never_train_rows(tmp_path):
+    out = tmp_path / "out"
+    manifest = data.main([f"--source={SAMPLE}", f"--data_dir={out}", "--test_fraction=0.1", "--gold_size=5"])
+    gold, train = read(out / "gold.jsonl"), read(out / "train.jsonl")
+    held_out = read(out / "val.jsonl") + read(out / "test.jsonl")
+    assert len(gold) == 5 and not {r["id"] for r in gold} & {r["id"] for r in train}
+    assert {r["id"] for r in gold} <= {r["id"] for r in held_out}
+    scores = [r["metrics"]["quality_f1"] for r in gold]
+    assert scores == sorted((r["metrics"]["quality_f1"] for r in held_out), reverse=True)[:5]
+    # the sample's best rows overall are in train: the gold set must not take them
+    assert max(r["metrics"]["quality_f1"] for r in train) > scores[0]
+    assert manifest["gold"]["size"] == 5 and manifest["gold"]["ids"] == [r["id"] for r in gold]
+    assert manifest["gold"]["from"] == ["test", "val"] and manifest["counts"] == {"val": 5, "train": 40, "test": 5}
+
+
+def test_gold_ties_are_broken_by_id_and_unrated_rows_come_last(tmp_path):
+    from medsft.dataset_prep import check_row, pick_gold_rows
+
+    rows = [row(i, metrics={"quality_f1": 0.9 if i < 3 else 0.5}) for i in range(6)]
+    rows += [row(6, metrics={}), row(7, metrics={"quality_f1": "high"}), row(8, metrics={"quality_f1": 0.1})]
+    checked = [check_row(r)[0] for r in rows]
+    best = pick_gold_rows(checked, 9)
+    assert [r["metrics"].get("quality_f1") for r in best][:7] == [0.9, 0.9, 0.9, 0.5, 0.5, 0.5, 0.1]
+    assert [r["id"] for r in best[:3]] == sorted(r["id"] for r in checked[:3])
+    assert {r["question"] for r in best[7:]} == {rows[6]["question"], rows[7]["question"]}
+    assert pick_gold_rows(list(reversed(checked)), 4) == best[:4]  # the input order does not matter
+
+
+def test_gold_size_larger_than_the_held_out_rows_is_refused_and_a_later_run_removes_gold(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="gold_size=6 but there are only 5 held-out"):
+        data.main([f"--source={SAMPLE}", f"--data_dir={out}", "--gold_size=6"])
+    assert not out.exists()
+    data.main([f"--source={SAMPLE}", f"--data_dir={out}", "--gold_size=2"])
+    assert len(read(out / "gold.jsonl")) == 2
+    manifest = data.main([f"--source={SAMPLE}", f"--data_dir={out}"])
+    assert not (out / "gold.jsonl").exists() and "gold" not in manifest

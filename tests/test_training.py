@@ -1,6 +1,7 @@
 """train_lora.py, train_lora2.py, train_lora3.py on the tiny Qwen3: outputs, reload, resume, masking, learning."""
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -223,6 +224,27 @@ def test_masks_differ_between_epochs_and_repeat_for_the_same_seed(tokenizer, sam
     assert questions(42, 0) == questions(42, 0)
     assert questions(42, 0) != questions(42, 1)
     assert questions(42, 0) != questions(7, 0)
+
+
+def test_progressive_masks_with_mask_in_the_first_epoch_and_the_category_from_the_second(tokenizer, sample_rows):
+    from types import SimpleNamespace
+
+    from medsft.masking import CATEGORIES
+    from medsft.trainer import SetEpochCallback
+
+    dataset = masked_dataset(tokenizer, sample_rows, MASK_STYLE="progressive", MASK_PROB=1.0)
+    callback = SetEpochCallback(dataset)
+    placeholders = "|".join(["MASK", *CATEGORIES])
+
+    def placeholders_at(epoch):  # the trainer's state.epoch at the start of an epoch, as the callback reads it
+        callback.on_epoch_begin(None, SimpleNamespace(epoch=float(epoch)), None)
+        questions = [dataset.masked_question(i)[0] for i in range(len(sample_rows))]
+        return {p for q in questions for p in re.findall(rf"\[({placeholders})\]", q)}
+
+    assert placeholders_at(0) == {"MASK"}
+    assert placeholders_at(1) <= set(CATEGORIES) and len(placeholders_at(1)) >= 3
+    assert placeholders_at(2) <= set(CATEGORIES)
+    assert placeholders_at(0) == {"MASK"}  # set by the epoch, not by how many epochs have passed
 
 
 def test_v3_redraws_masks_every_epoch_during_training(tiny_model_dir, short_data_dir, tmp_path):
