@@ -16,7 +16,6 @@ from medsft.errors import UserError
 
 # transformers' names for torchao's low-bit AdamW, which can round bf16 weights stochastically
 STOCHASTIC_ROUNDING_OPTIMIZERS = {"adamw_torch_8bit": "AdamW8bit", "adamw_torch_4bit": "AdamW4bit"}
-QWEN3_THINKING_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,6 +62,7 @@ def load_full_model(model_path: str, cfg):
     """Every weight trainable: bf16 (or fp32 with FP32_WEIGHTS), activation checkpointing on request."""
     import torch
 
+    from medsft.model_export import THINKING_SAMPLING
     from medsft.model_loading import compute_dtype, load_base_model
 
     if not cfg.FP32_WEIGHTS and compute_dtype() != torch.bfloat16:
@@ -74,7 +74,7 @@ def load_full_model(model_path: str, cfg):
     if cfg.GRADIENT_CHECKPOINTING:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # written with every best/ and final/, so serving frameworks sample as Qwen3 advises for thinking mode
-    for key, value in QWEN3_THINKING_SAMPLING.items():
+    for key, value in THINKING_SAMPLING.items():
         setattr(model.generation_config, key, value)
     model.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")

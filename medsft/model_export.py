@@ -16,7 +16,7 @@ from pathlib import Path
 
 from medsft.chat_format import SYSTEM_PROMPT, render_training_text
 from medsft.errors import UserError
-from medsft.records import read_jsonl
+from medsft.records import make_shareable, read_jsonl
 
 # Qwen3's thinking-mode sampling, written to generation_config.json so vLLM, SGLang and transformers use it
 THINKING_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
@@ -287,7 +287,7 @@ def staged_folder(output_dir, overwrite: bool = False):
     done = False
     try:
         yield temp
-        _make_readable(temp)
+        make_shareable(temp)
         _replace_folder(temp, out, overwrite)
         done = True
     except OSError as e:
@@ -314,15 +314,6 @@ def _replace_folder(new: Path, out: Path, overwrite: bool) -> None:
         os.rename(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp and safetensors create owner-only files; a model folder is for others (a server's user) too."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_model_folder(output_dir, model, tokenizer, settings: dict | None = None, extra_files: dict | None = None,

@@ -123,6 +123,17 @@ def _umask() -> int:
     return mask
 
 
+def make_shareable(folder) -> None:
+    """Give a folder and everything in it the modes the umask gives (0755/0644 under 022).
+
+    tempfile.mkdtemp and safetensors (which writes through a temporary file) make owner-only 0700/0600 files;
+    a model or adapter folder is shared with a team or a server's user.
+    """
+    folder, umask = Path(folder), _umask()
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def write_files_atomically(files: dict, remove=()) -> None:
     """Write {path: text} so that readers see all the old files or all the new ones, never a half-written file.
 
