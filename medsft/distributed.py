@@ -43,7 +43,7 @@ def launch_problems() -> list[str]:
     cuda = torch.cuda.is_available()
     if sharded and not cuda:
         problems.append(f"{sharded} needs CUDA GPUs; on CPU launch plain data parallel instead "
-                        "(torchrun --nproc_per_node N, or accelerate launch --config_file accelerate_configs/cpu.yaml)")
+                        "(torchrun --nproc_per_node N, or accelerate_configs/multi_gpu.yaml, which falls back to CPU)")
     if sharded == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append("the accelerate config uses DeepSpeed, which is not installed (pip install deepspeed)")
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", n))

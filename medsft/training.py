@@ -16,6 +16,7 @@ from medsft.errors import DataError, UserError
 from medsft.records import read_jsonl, write_files_atomically
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+SWANLAB_PROJECT = "qwen3-medical-r1"
 TRACKERS = ("auto", "swanlab", "tensorboard", "none")  # REPORT_TO: auto = SwanLab when logged in, else none
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Qwen3's linear layers
 
@@ -290,7 +291,6 @@ def resolve_report_to(choice: str, output_dir) -> list[str]:
     if not logged_in:
         os.environ.setdefault("SWANLAB_MODE", "offline")
     os.environ.setdefault("SWANLAB_LOG_DIR", str(Path(output_dir) / "swanlog"))
-    os.environ.setdefault("SWANLAB_PROJECT", "qwen3-medical-r1")
     return ["swanlab"]
 
 
@@ -301,8 +301,9 @@ def tracker_callbacks(trackers: list[str], run_name: str) -> tuple[list[str], li
         return trackers, []
     from swanlab.integration.transformers import SwanLabCallback
 
-    callback = SwanLabCallback(project=os.environ["SWANLAB_PROJECT"], experiment_name=run_name,
-                               log_dir=os.environ["SWANLAB_LOG_DIR"], mode=os.environ.get("SWANLAB_MODE"))
+    # swanlab 0.10 reads SWANLAB_MODE and SWANLAB_LOG_DIR itself; the project goes in here (SWANLAB_PROJECT
+    # would be parsed as its nested project settings and fail)
+    callback = SwanLabCallback(project=SWANLAB_PROJECT, experiment_name=run_name)
     return [t for t in trackers if t != "swanlab"], [callback]
 
 
