@@ -378,12 +378,22 @@ def train(trainer, resume: str | None, cfg) -> float:
         trainer.train(resume_from_checkpoint=resume)
         if trainer.last_eval_step != trainer.state.global_step:
             trainer.evaluate()  # so the final weights compete for "best" too
+        finish_trackers(trainer)
     except torch.OutOfMemoryError:
         raise UserError(
             f"error: out of GPU memory (batch_size={cfg.BATCH_SIZE}, max_length={cfg.MAX_LENGTH}). Lower "
             "--batch_size (and raise --gradient_accumulation to keep the effective batch), lower --max_length, "
             "or set --gradient_checkpointing=True.") from None
     return clock.seconds() if clock is not None else time.perf_counter() - start
+
+
+def finish_trackers(trainer) -> None:
+    """SwanLab's callback leaves its run open until the process exits: close it, so its files are complete."""
+    if trainer.is_world_process_zero() and any(type(c).__name__ == "SwanLabCallback"
+                                               for c in trainer.callback_handler.callbacks):
+        import swanlab
+
+        swanlab.finish()
 
 
 # ---------------------------------------------------------------------------------------------------------

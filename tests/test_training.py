@@ -284,21 +284,6 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path):
     assert "--batch_size" in str(e.value) and "--max_length" in str(e.value)
 
 
-def test_report_to_never_prompts(monkeypatch, tmp_path):
-    from medsft.training import resolve_report_to
-
-    monkeypatch.delenv("SWANLAB_API_KEY", raising=False)
-    monkeypatch.delenv("SWANLAB_MODE", raising=False)
-    monkeypatch.setenv("SWANLAB_ROOT", str(tmp_path / "no-login"))
-    monkeypatch.chdir(tmp_path)
-    assert resolve_report_to("none", tmp_path) == []
-    assert resolve_report_to("auto", tmp_path) == []  # not logged in: no SwanLab at all
-    assert resolve_report_to("swanlab", tmp_path) == ["swanlab"]
-    assert __import__("os").environ["SWANLAB_MODE"] == "offline"  # forced without a key: offline, no login prompt
-    monkeypatch.setenv("SWANLAB_API_KEY", "k")
-    assert resolve_report_to("auto", tmp_path) == ["swanlab"]
-
-
 def test_trainable_parameters_of_qwen3_1_7b_v1_and_v2():
     """The real Qwen3-1.7B shape on the meta device (no weights): what v1 and v2 train, as quoted in the README."""
     from types import SimpleNamespace
