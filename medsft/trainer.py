@@ -72,6 +72,7 @@ class QLoRATrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "segments"}  # eval's think/answer split, not a model input
+        inputs["use_cache"] = False  # with a KV cache, packed examples would see each other
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def log(self, logs, *args, **kwargs):

@@ -238,12 +238,14 @@ def test_v3_redraws_masks_every_epoch_during_training(tiny_model_dir, short_data
 # ---- speed options leave the loss unchanged ------------------------------------------------------------
 
 
-def test_packing_and_chunked_loss_equal_the_padded_full_logit_loss(tiny_model_dir, sample_data_dir):
+def test_packing_equals_padding_and_our_eval_loss_equals_transformers_loss(tiny_model_dir, sample_data_dir):
+    """The Trainer's loss (the forward with labels and num_items_in_batch) is the same packed or padded, and
+    evaluation's per-token losses (the forward with logits_to_keep) average to it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from medsft.batching import collate
-    from medsft.chat_format import build_training_example
-    from medsft.losses import token_losses
+    from medsft.chat_format import IGNORE_INDEX, build_training_example
+    from medsft.losses import MODEL_INPUTS, token_losses
     from medsft.records import read_jsonl
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -251,20 +253,20 @@ def test_packing_and_chunked_loss_equal_the_padded_full_logit_loss(tiny_model_di
     rows = [row for _, row in read_jsonl(sample_data_dir / "train.jsonl")][:4]
     examples = [build_training_example(tokenizer, row, 2048) for row in rows]
     results = {}
-    for packing, chunk in ((False, 0), (False, -1), (True, 0), (True, 100)):
+    for packing in (False, True):
+        batch = collate(examples, tokenizer.pad_token_id, packing)
+        trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         model.zero_grad()
-        losses, _ = token_losses(model, collate(examples, tokenizer.pad_token_id, packing), chunk)
-        losses.mean().backward()
-        results[(packing, chunk)] = (losses.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone())
-    reference = results[(False, 0)]
-    for key, (losses, grad) in results.items():
-        torch.testing.assert_close(losses, reference[0], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(grad, reference[1], rtol=1e-3, atol=1e-6)
-    # the reference agrees with transformers' own loss on the padded batch
-    batch = collate(examples, tokenizer.pad_token_id, packing=False)
-    with torch.no_grad():
-        hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    torch.testing.assert_close(reference[0].mean(), hf, rtol=1e-4, atol=1e-4)
+        loss = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, labels=batch["labels"], use_cache=False,
+                     num_items_in_batch=torch.tensor(trained)).loss  # what QLoRATrainer.compute_loss calls
+        loss.backward()
+        with torch.no_grad():
+            losses, segments = token_losses(model, batch)
+        assert losses.numel() == segments.numel() == trained
+        torch.testing.assert_close(losses.mean(), loss.detach(), rtol=1e-5, atol=1e-5)
+        results[packing] = (loss.detach(), losses, model.model.layers[0].mlp.up_proj.weight.grad.clone())
+    for padded, packed in zip(results[False], results[True]):
+        torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
 
 
 def test_out_of_memory_names_the_settings_to_lower(tmp_path):
