@@ -46,6 +46,9 @@ def launch_problems() -> list[str]:
                         "(torchrun --nproc_per_node N, or accelerate_configs/multi_gpu.yaml, which falls back to CPU)")
     if sharded == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append("the accelerate config uses DeepSpeed, which is not installed (pip install deepspeed)")
+    if sharded == "fsdp" and "FULL_STATE_DICT" not in os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT"):
+        problems.append("fsdp_state_dict_type must be FULL_STATE_DICT, so best/ and final/ hold the whole adapter "
+                        "(as in accelerate_configs/fsdp_qlora.yaml)")
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", n))
     if cuda and per_machine > torch.cuda.device_count():
         problems.append(f"{per_machine} processes on this machine but only {torch.cuda.device_count()} GPUs; "

@@ -110,6 +110,20 @@ def test_resume_continues_from_the_newest_checkpoint(tiny_model_dir, short_data_
     assert steps == sorted(steps)  # no records duplicated by the resume
 
 
+def test_a_resumed_run_reports_the_whole_run_and_the_last_window_loss(tiny_model_dir, short_data_dir, tmp_path):
+    constant = ["--lr_scheduler=constant", "--save_steps=1", "--lora_dropout=0", "--log_steps=3"]
+    run(train_lora, tiny_model_dir, short_data_dir, tmp_path / "a", *constant, "--max_steps=2")
+    half = json.loads((tmp_path / "a" / "summary.json").read_text())
+    resumed = run(train_lora, tiny_model_dir, short_data_dir, tmp_path / "a", *constant, "--max_steps=4")["summary"]
+    straight = run(train_lora, tiny_model_dir, short_data_dir, tmp_path / "b", *constant, "--max_steps=4")["summary"]
+    assert resumed["train_tokens"] == straight["train_tokens"] > half["train_tokens"] > 0  # carried in the checkpoint
+    assert resumed["wall_time_s"] > half["wall_time_s"]
+    losses = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r}
+    assert sorted(losses) == [1, 3, 4]  # the first step, every LOG_STEPS, and the last (shorter) window
+    assert straight["final_train_loss"] == losses[4] and resumed["final_train_loss"] == pytest.approx(losses[4])
+
+
 def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
     from medsft.training import last_complete_checkpoint
 
