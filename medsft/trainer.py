@@ -126,11 +126,15 @@ class QLoRATrainer(Trainer):
     def restore_best(self) -> dict:
         """Put the best adapter's weights back into the model (if later steps were worse) and return its record."""
         self.accelerator.wait_for_everyone()
-        if self.best["step"] != self.state.global_step and not self.sharded:
+        if self.best["step"] == self.state.global_step or self.sharded:
+            return self.best
+        if hasattr(self.model, "peft_config"):
             from peft.utils import set_peft_model_state_dict
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(self.model, load_file(self.best_dir / "adapter_model.safetensors"))
+        else:  # a full model: the Trainer's own loader reads single-file and sharded weights alike
+            self._load_from_checkpoint(str(self.best_dir))
         return self.best
 
     def load_metrics_until(self, step: int) -> None:

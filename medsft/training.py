@@ -221,7 +221,6 @@ def load_lora_model(model_path: str, cfg):
     """The base model (4-bit NF4 unless LOAD_IN_4BIT=False) with fresh LoRA adapters."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
-
     from transformers import set_seed
 
     from medsft.model_loading import load_base_model

@@ -289,7 +289,7 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path):
     from medsft.training import train
 
     class Exploding:
-        best_dir, best = tmp_path / "best", None
+        best_dir, best, callback_handler = tmp_path / "best", None, SimpleNamespace(callbacks=[])
 
         def train(self, resume_from_checkpoint=None):
             raise torch.OutOfMemoryError("CUDA out of memory")
