@@ -4,8 +4,10 @@
     python train_lora.py --dry_run=True                         # token-length stats and the first example, no model
     python train_lora.py --model_path=Qwen/Qwen3-0.6B --max_length=1024 --output_dir=output/0.6b-v1
     python train_lora.py --max_steps=400                        # after a crash, the same command resumes
+    torchrun --nproc_per_node 2 train_lora.py                   # 2 GPUs, data parallel (README: More than one GPU)
 """
 from medsft import chat_format
+from medsft.distributed import quiet_other_ranks
 from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
 from medsft.settings import check_settings, parse_settings
 from medsft.training import (build_trainer, check_training_settings, load_lora_model, load_training_data,
@@ -44,8 +46,7 @@ MAX_GRAD_NORM = 0.3                        # gradient clipping
 SEED = 42                                  # data order, dropout and LoRA init
 # speed and memory
 PACKING = True                             # micro-batch examples in one row, no padding (same loss as padded)
-LOSS_CHUNK_SIZE = 1024                     # trained tokens per lm_head chunk, so full-vocabulary logits never exist;
-                                           # 0 = all trained tokens at once; -1 = every position (the originals' way)
+USE_LIGER_KERNEL = True                    # CUDA + `pip install liger-kernel`: fused loss, no full-vocabulary logits
 GRADIENT_CHECKPOINTING = True              # recompute activations in backward: much less memory, slower
 # evaluation and checkpoints
 EVAL_STEPS = 50                            # val loss every this many steps (and at the end)
@@ -66,6 +67,7 @@ SAMPLE_MAX_NEW_TOKENS = 1024               # tokens of the sample answer printed
 
 def main(argv=None):
     # ========== 1. Settings: every problem reported before the model loads ==========
+    quiet_other_ranks()  # several processes (torchrun, accelerate launch): only the main one prints
     cfg = parse_settings(globals(), argv)
     cfg.print(f"QLoRA {cfg.VERSION} settings")
     check_settings(check_training_settings(cfg))

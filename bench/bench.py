@@ -101,8 +101,9 @@ _TINY_NOTE = ("TINY MODE: a harness check on a 2-layer random Qwen3 on CPU. It i
 # config: (script, overrides of its constants)
 RECIPES = {
     # the originals' v1: padded 4 x 4 micro-batches, full-vocabulary logits, everything else as v1
-    "original": ("train_lora", {"PACKING": False, "LOSS_CHUNK_SIZE": -1, "BATCH_SIZE": 4, "GRADIENT_ACCUMULATION": 4,
-                                "GRADIENT_CHECKPOINTING": True, "LOAD_IN_4BIT": True, "OPTIM": "paged_adamw_8bit"}),
+    "original": ("train_lora", {"PACKING": False, "USE_LIGER_KERNEL": False, "BATCH_SIZE": 4,
+                                "GRADIENT_ACCUMULATION": 4, "GRADIENT_CHECKPOINTING": True, "LOAD_IN_4BIT": True,
+                                "OPTIM": "paged_adamw_8bit"}),
     "v1": ("train_lora", {}),
     "v2": ("train_lora2", {}),
     "v3": ("train_lora3", {}),
@@ -504,7 +505,7 @@ def run_training_config(cfg, name: str, model_dir, paths, tokenizer=None) -> dic
         shutil.rmtree(paths.adapters / name, ignore_errors=True)  # never measure inference on a stale adapter
     result = {"ok": False, "script": argv[0], "argv": argv[1:], "error": None,
               "effective_batch": settings.BATCH_SIZE * settings.GRADIENT_ACCUMULATION,
-              "packing": settings.PACKING, "loss_chunk_size": settings.LOSS_CHUNK_SIZE,
+              "packing": settings.PACKING, "use_liger_kernel": settings.USE_LIGER_KERNEL,
               "load_in_4bit": settings.LOAD_IN_4BIT, "optim": settings.OPTIM,
               "gradient_checkpointing": settings.GRADIENT_CHECKPOINTING, "modules_to_save": settings.MODULES_TO_SAVE,
               "peak_reserved_gib": None, "peak_allocated_gib": None}

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 from medsft.chat_format import build_messages, format_reply, render_training_text
+from medsft.distributed import local_rank, sharding
 from medsft.errors import UserError
 
 
@@ -89,13 +90,16 @@ def load_base_model(model_path: str, load_in_4bit: bool, attn_implementation: st
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = {"dtype": compute_dtype(), "attn_implementation": attn_implementation}
+    fsdp = sharding() == "fsdp"
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype(),
+            # FSDP flattens each layer's weights into one tensor of one dtype: store the 4-bit bytes in it too
+            **({"bnb_4bit_quant_storage": compute_dtype()} if fsdp else {}),
         )
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if torch.cuda.is_available() and not fsdp:  # FSDP places (and shards) the weights itself
+        kwargs["device_map"] = {"": local_rank()}  # each process its own GPU, with its own copy
     return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
 
 

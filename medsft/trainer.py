@@ -1,68 +1,102 @@
-"""A transformers Trainer whose loss skips the full-vocabulary logits, and whose eval loss is a true per-token mean."""
+"""A transformers Trainer whose loss goes through the model's forward (DDP, DeepSpeed, FSDP) and whose eval
+loss is a true per-token mean over every rank's share of the val set."""
 import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 
 from medsft.batching import ANSWER, THINK
 from medsft.losses import token_losses
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches, chunk_size: int = 0, device=None) -> dict:
-    """Mean token loss (and perplexity) over the trained positions, also split into think and answer parts.
-
-    It is the same label mask as training; evaluate.py and the training-time eval both call this.
-    """
+def loss_sums(model, batches, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sums, token counts) over the trained positions: all of them, the think part, the answer part."""
     was_training = model.training
     model.eval()
+    for module in model.modules():
+        # bitsandbytes repacks 4-bit weights for CPU inference in eval mode, and training after that backprops
+        # through a kernel with no autograd (wrong gradients): evaluate with the training layout
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
     sums, counts = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
     for batch in batches:
         batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
-        losses, segments = token_losses(model, batch, chunk_size)
+        losses, segments = token_losses(model, batch)
         losses, segments = losses.double().cpu(), segments.cpu()
         for i, mask in enumerate((torch.ones_like(segments, dtype=torch.bool), segments == THINK, segments == ANSWER)):
             sums[i] += losses[mask].sum()
             counts[i] += int(mask.sum())
     model.train(was_training)
-    means = [float(s / c) if c else float("nan") for s, c in zip(sums, counts)]
+    return sums, counts
+
+
+def loss_metrics(sums: torch.Tensor, counts: torch.Tensor) -> dict:
+    means = [float(s / c) if c else float("nan") for s, c in zip(sums.tolist(), counts.tolist())]
     return {"loss": means[0], "perplexity": math.exp(means[0]), "think_loss": means[1],
             "answer_loss": means[2], "tokens": int(counts[0])}
 
 
-class QLoRATrainer(Trainer):
-    # compute_loss returns sum / num_items_in_batch: already the per-token mean of the whole accumulated step
-    loss_is_scaled_for_ga = True
+def evaluate_loss(model, batches, device=None) -> dict:
+    """Mean token loss (and perplexity) over the trained positions, also split into think and answer parts.
 
-    def __init__(self, *args, loss_chunk_size: int = 0, best_dir=None, **kwargs):
+    It is the same label mask as training; evaluate.py and the training-time eval both use it.
+    """
+    return loss_metrics(*loss_sums(model, batches, device))
+
+
+class QLoRATrainer(Trainer):
+    """The Trainer's own loss (the forward with labels and num_items_in_batch), our eval, and best/ kept on disk."""
+
+    def __init__(self, *args, best_dir=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_chunk_size, self.best_dir = loss_chunk_size, Path(best_dir)
-        self.tokens_seen, self.last_eval_step = 0, None
+        self.best_dir, self.last_eval_step = Path(best_dir), None
         best_file = self.best_dir / "eval.json"
         self.best = json.loads(best_file.read_text()) if best_file.exists() else None
 
+    @property
+    def tokens_seen(self) -> int:
+        """Input tokens trained so far, over every rank, carried across a resume in trainer_state.json."""
+        return self.state.num_input_tokens_seen
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP or DeepSpeed: the forward needs the wrapped model, and every rank must join each forward."""
+        return self.is_fsdp_enabled or self.is_deepspeed_enabled
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        losses, _ = token_losses(model, inputs, self.loss_chunk_size)
-        mask = inputs.get("attention_mask")
-        self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-        denominator = num_items_in_batch if num_items_in_batch is not None else max(losses.numel(), 1)
-        loss = losses.sum() / denominator
-        return (loss, None) if return_outputs else loss
+        inputs = {k: v for k, v in inputs.items() if k != "segments"}  # eval's think/answer split, not a model input
+        inputs["use_cache"] = False  # with a KV cache, packed examples would see each other
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def log(self, logs, *args, **kwargs):
         masked = getattr(self.train_dataset, "masked_terms", None)
-        if masked is not None and "loss" in logs:
-            logs = {**logs, "masked_terms": masked, "found_terms": self.train_dataset.found_terms}
+        if masked is not None and "loss" in logs:  # every rank logs the train loss at the same step
+            counts = torch.tensor([masked, self.train_dataset.found_terms], device=self.args.device)
+            masked, found = self.accelerator.reduce(counts, "sum").tolist()
+            logs = {**logs, "masked_terms": int(masked), "found_terms": int(found)}
         super().log(logs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        loader = self.get_eval_dataloader(eval_dataset)
-        result = evaluate_loss(self.model, loader, self.loss_chunk_size, self.args.device)
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        rank, world = self.args.process_index, self.args.world_size
+        shard, size = list(dataset)[rank::world], self.args.per_device_eval_batch_size
+        batches = [self.data_collator(shard[i:i + size]) for i in range(0, len(shard), size)]
+        model = self.model_wrapped  # DDP, FSDP or DeepSpeed: eval through the same wrapper as training
+        sums, counts = loss_sums(model, batches, self.args.device)
+        if self.sharded:  # a rank with fewer batches still joins every forward's all-gather
+            for _ in range(len(batches), math.ceil(math.ceil(len(dataset) / world) / size)):
+                loss_sums(model, [self.data_collator([dataset[0]])], self.args.device)
+        if world > 1:
+            sums = self.accelerator.reduce(sums.to(self.args.device), "sum").cpu()
+            counts = self.accelerator.reduce(counts.to(self.args.device), "sum").cpu()
+        result = loss_metrics(sums, counts)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in result.items()}
         self.last_eval_step = self.state.global_step
         if metric_key_prefix == "eval" and (self.best is None or result["loss"] < self.best["eval_loss"]):
@@ -73,32 +107,45 @@ class QLoRATrainer(Trainer):
         return metrics
 
     def save_best(self) -> None:
-        """Write the adapter and its eval record beside best/, then swap: a kill never leaves a torn best/."""
+        """Write the adapter and its eval record beside best/, then swap: a kill never leaves a torn best/.
+
+        Every rank calls this (FSDP and DeepSpeed gather the weights collectively); only the main process writes.
+        """
+        main = self.is_world_process_zero()
         staging = self.best_dir.with_name(self.best_dir.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging)
-        (staging / "eval.json").write_text(json.dumps(self.best) + "\n")
-        shutil.rmtree(self.best_dir, ignore_errors=True)
-        os.replace(staging, self.best_dir)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.save_model(str(staging), _internal_call=True)
+        if main:
+            (staging / "training_args.bin").unlink(missing_ok=True)
+            (staging / "eval.json").write_text(json.dumps(self.best) + "\n")
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+            os.replace(staging, self.best_dir)
+        self.accelerator.wait_for_everyone()  # nobody reads best/ before it is whole
 
     def restore_best(self) -> dict:
         """Put the best adapter's weights back into the model (if later steps were worse) and return its record."""
-        if self.best["step"] != self.state.global_step:
+        self.accelerator.wait_for_everyone()
+        if self.best["step"] == self.state.global_step or self.sharded:
+            return self.best
+        if hasattr(self.model, "peft_config"):
             from peft.utils import set_peft_model_state_dict
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(self.model, load_file(self.best_dir / "adapter_model.safetensors"))
+        else:  # a full model: the Trainer's own loader reads single-file and sharded weights alike
+            self._load_from_checkpoint(str(self.best_dir))
         return self.best
 
     def load_metrics_until(self, step: int) -> None:
         """On resume, drop metrics.jsonl records that the crashed run wrote after the checkpoint."""
         for callback in self.callback_handler.callbacks:
-            if isinstance(callback, LoggingCallback):
+            if isinstance(callback, LoggingCallback) and self.is_world_process_zero():
                 callback.truncate_after(step)
 
 
 class LoggingCallback(TrainerCallback):
-    """One readable line per logging step, and every record appended to metrics.jsonl."""
+    """One readable line per logging step, and every record appended to metrics.jsonl (main process only)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -116,6 +163,10 @@ class LoggingCallback(TrainerCallback):
                 continue
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the last window is logged too, so final_train_loss is its mean
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
@@ -130,7 +181,30 @@ class LoggingCallback(TrainerCallback):
             if key in logs:
                 parts.append(f"{key} {logs[key]:{fmt}}")
         if len(parts) > 2:
-            print(" | ".join(parts), flush=True)
+            from tqdm.auto import tqdm
+
+            tqdm.write(" | ".join(parts))  # above the progress bar, never on its line
+
+
+class RunClock(TrainerCallback, ExportableState):
+    """Training seconds, saved in every checkpoint's trainer_state.json so a resumed run's summary covers it all."""
+
+    def __init__(self, seconds_before: float = 0.0):
+        self.seconds_before, self.started = seconds_before, time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"seconds": round(self.seconds(), 3)}}
+
+    @staticmethod
+    def seconds_in(checkpoint) -> float:
+        saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("stateful_callbacks", {})
+        return float(saved.get("RunClock", {}).get("attributes", {}).get("seconds", 0.0))
 
 
 class ProgressBarOnly(ProgressCallback):
@@ -148,7 +222,7 @@ def use_readable_logging(trainer, progress_bar: bool) -> None:
 
 
 class SetEpochCallback(TrainerCallback):
-    """Tells a dataset which epoch is starting (v3 re-draws its masks every epoch)."""
+    """Tells a dataset which epoch is starting (v3 re-draws its masks every epoch; every rank draws the same)."""
 
     def __init__(self, dataset):
         self.dataset = dataset

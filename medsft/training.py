@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsft.chat_format import IGNORE_INDEX, build_training_example
+from medsft.distributed import is_main_process, launch_problems, sharding, use_liger_kernel, world_size
 from medsft.errors import DataError, UserError
 from medsft.records import read_jsonl, write_files_atomically
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+SWANLAB_PROJECT = "qwen3-medical-r1"
+TRACKERS = ("auto", "swanlab", "tensorboard", "none")  # REPORT_TO: auto = SwanLab when logged in, else none
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Qwen3's linear layers
 
 
@@ -51,13 +54,13 @@ def check_training_settings(cfg) -> list:
             problems.append(f"{name.lower()} must be 0 or more, not {getattr(cfg, name)}")
     if hasattr(cfg, "LORA_R"):  # train.py (full fine-tuning) has no LoRA settings
         problems += _lora_problems(cfg)
-    problems += _library_choice_problems(cfg)
+    problems += _library_choice_problems(cfg) + launch_problems()
     if cfg.LR_SCHEDULER not in SCHEDULERS:
         problems.append(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, not {cfg.LR_SCHEDULER!r}")
     if cfg.LONG_EXAMPLES not in ("shorten_think", "drop"):
         problems.append(f"long_examples must be 'shorten_think' or 'drop', not {cfg.LONG_EXAMPLES!r}")
-    if cfg.REPORT_TO not in ("auto", "swanlab", "none"):
-        problems.append(f"report_to must be 'auto', 'swanlab' or 'none', not {cfg.REPORT_TO!r}")
+    if cfg.REPORT_TO not in TRACKERS:
+        problems.append(f"report_to must be one of {', '.join(TRACKERS)}, not {cfg.REPORT_TO!r}")
     if cfg.RESUME not in ("auto", "never") and not Path(cfg.RESUME).is_dir():
         problems.append(f"resume must be 'auto', 'never' or a checkpoint folder; {cfg.RESUME!r} is none of these")
     if not cfg.MODEL_PATH:
@@ -273,6 +276,7 @@ def load_lora_model(model_path: str, cfg):
 
     from medsft.model_loading import load_base_model
 
+    set_seed(cfg.SEED)  # before get_peft_model draws the LoRA init: every rank, and every run, starts the same
     model = load_base_model(model_path, cfg.LOAD_IN_4BIT, cfg.ATTN_IMPLEMENTATION)
     model.config.use_cache = False
     if cfg.LOAD_IN_4BIT:
@@ -319,9 +323,13 @@ def build_lora_config(cfg, tied: bool):
 
 
 def resolve_report_to(choice: str, output_dir) -> list[str]:
-    """SwanLab when asked or logged in; offline (never an interactive login prompt) without an API key."""
+    """The trackers to log to: SwanLab when asked or logged in (offline without a key: never a login prompt)."""
     import importlib.util
 
+    if choice == "tensorboard":
+        if importlib.util.find_spec("tensorboard") is None:
+            raise UserError("error: report_to='tensorboard' but tensorboard is not installed (pip install tensorboard)")
+        return ["tensorboard"]
     if choice == "none" or importlib.util.find_spec("swanlab") is None:
         if choice == "swanlab":
             raise UserError("error: report_to='swanlab' but swanlab is not installed (pip install swanlab)")
@@ -334,21 +342,35 @@ def resolve_report_to(choice: str, output_dir) -> list[str]:
     if not logged_in:
         os.environ.setdefault("SWANLAB_MODE", "offline")
     os.environ.setdefault("SWANLAB_LOG_DIR", str(Path(output_dir) / "swanlog"))
-    os.environ.setdefault("SWANLAB_PROJECT", "qwen3-medical-r1")
     return ["swanlab"]
 
 
+def tracker_callbacks(trackers: list[str], run_name: str) -> tuple[list[str], list]:
+    """(report_to for TrainingArguments, extra callbacks). transformers' own SwanLab callback crashes with
+    swanlab 0.10 (it logs before any run exists), so SwanLab's maintained callback is used instead."""
+    if "swanlab" not in trackers:
+        return trackers, []
+    from swanlab.integration.transformers import SwanLabCallback
+
+    # swanlab 0.10 reads SWANLAB_MODE and SWANLAB_LOG_DIR itself; the project goes in here (SWANLAB_PROJECT
+    # would be parsed as its nested project settings and fail)
+    callback = SwanLabCallback(project=SWANLAB_PROJECT, experiment_name=run_name)
+    return [t for t in trackers if t != "swanlab"], [callback]
+
+
 def build_trainer(cfg, model, tokenizer, data: TrainingData):
+    """The Trainer for any model (QLoRA, bf16 LoRA, or a full model), one process or many."""
     import torch
     from transformers import TrainingArguments
 
     from medsft.batching import Collator
     from medsft.model_loading import compute_dtype
-    from medsft.trainer import LoggingCallback, QLoRATrainer, SetEpochCallback, use_readable_logging
+    from medsft.trainer import LoggingCallback, QLoRATrainer, RunClock, SetEpochCallback, use_readable_logging
 
-    cuda = torch.cuda.is_available()
+    cuda, run_name = torch.cuda.is_available(), f"{cfg.VERSION}-{Path(cfg.OUTPUT_DIR).name}"
+    report_to, tracker_cbs = tracker_callbacks(resolve_report_to(cfg.REPORT_TO, cfg.OUTPUT_DIR), run_name)
     args = TrainingArguments(
-        output_dir=cfg.OUTPUT_DIR, run_name=f"{cfg.VERSION}-{Path(cfg.OUTPUT_DIR).name}",
+        output_dir=cfg.OUTPUT_DIR, run_name=run_name,
         per_device_train_batch_size=cfg.BATCH_SIZE, per_device_eval_batch_size=cfg.EVAL_BATCH_SIZE,
         gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION, num_train_epochs=cfg.EPOCHS,
         max_steps=cfg.MAX_STEPS, learning_rate=cfg.LEARNING_RATE, lr_scheduler_type=cfg.LR_SCHEDULER,
@@ -357,17 +379,22 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData):
         eval_strategy="steps", eval_steps=cfg.EVAL_STEPS, save_strategy="steps", save_steps=cfg.SAVE_STEPS,
         save_total_limit=cfg.SAVE_TOTAL_LIMIT, bf16=cuda and compute_dtype() == torch.bfloat16,
         fp16=cuda and compute_dtype() == torch.float16, gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, report_to=resolve_report_to(cfg.REPORT_TO, cfg.OUTPUT_DIR),
+        gradient_checkpointing_kwargs={"use_reentrant": False}, report_to=report_to,
         seed=cfg.SEED, data_seed=cfg.SEED, remove_unused_columns=False, dataloader_num_workers=0,
-        disable_tqdm=not cfg.PROGRESS_BAR,
+        disable_tqdm=not cfg.PROGRESS_BAR, use_liger_kernel=use_liger_kernel(cfg.USE_LIGER_KERNEL),
+        # the loss is normalised by the trained tokens of the whole step, over accumulation and every rank
+        average_tokens_across_devices=True, include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,
+        # DDP on CPU: transformers goes distributed there only with use_cpu, over gloo
+        **({"use_cpu": True, "ddp_backend": "gloo"} if not cuda and world_size() > 1 else {}),
     )
-    callbacks = [LoggingCallback(Path(cfg.OUTPUT_DIR) / "metrics.jsonl")]
+    callbacks = [LoggingCallback(Path(cfg.OUTPUT_DIR) / "metrics.jsonl"), RunClock(), *tracker_cbs]
     if hasattr(data.train_set, "set_epoch"):
         callbacks.append(SetEpochCallback(data.train_set))
     trainer = QLoRATrainer(
         model=model, args=args, train_dataset=data.train_set, eval_dataset=data.val_set,
         data_collator=Collator(tokenizer.pad_token_id, cfg.PACKING), processing_class=tokenizer,
-        callbacks=callbacks, loss_chunk_size=cfg.LOSS_CHUNK_SIZE, best_dir=Path(cfg.OUTPUT_DIR) / "best",
+        callbacks=callbacks, best_dir=Path(cfg.OUTPUT_DIR) / "best",
     )
     use_readable_logging(trainer, cfg.PROGRESS_BAR)
     return trainer
@@ -378,16 +405,23 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData):
 
 
 def train(trainer, resume: str | None, cfg) -> float:
-    """Train (resuming from a checkpoint if given); returns the wall time in seconds."""
+    """Train (resuming from a checkpoint if given); returns the wall time in seconds, a resumed run's included."""
     import torch
 
-    cfg.save(cfg.OUTPUT_DIR)
-    if resume:
-        trainer.load_metrics_until(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"])
-    else:  # a fresh run: nothing of an earlier, unfinished one may leak in
-        (Path(cfg.OUTPUT_DIR) / "metrics.jsonl").unlink(missing_ok=True)
-        shutil.rmtree(trainer.best_dir, ignore_errors=True)
+    from medsft.trainer import RunClock
+
+    clock = next((c for c in trainer.callback_handler.callbacks if isinstance(c, RunClock)), None)
+    if is_main_process():
+        cfg.save(cfg.OUTPUT_DIR)
+        if resume:
+            trainer.load_metrics_until(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"])
+        else:  # a fresh run: nothing of an earlier, unfinished one may leak in
+            (Path(cfg.OUTPUT_DIR) / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(trainer.best_dir, ignore_errors=True)
+    if not resume:
         trainer.best = None
+    if clock is not None and resume:
+        clock.seconds_before = RunClock.seconds_in(resume)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -395,12 +429,22 @@ def train(trainer, resume: str | None, cfg) -> float:
         trainer.train(resume_from_checkpoint=resume)
         if trainer.last_eval_step != trainer.state.global_step:
             trainer.evaluate()  # so the final weights compete for "best" too
+        finish_trackers(trainer)
     except torch.OutOfMemoryError:
         raise UserError(
             f"error: out of GPU memory (batch_size={cfg.BATCH_SIZE}, max_length={cfg.MAX_LENGTH}). Lower "
             "--batch_size (and raise --gradient_accumulation to keep the effective batch), lower --max_length, "
             "or set --gradient_checkpointing=True.") from None
-    return time.perf_counter() - start
+    return clock.seconds() if clock is not None else time.perf_counter() - start
+
+
+def finish_trackers(trainer) -> None:
+    """SwanLab's callback leaves its run open until the process exits: close it, so its files are complete."""
+    if trainer.is_world_process_zero() and any(type(c).__name__ == "SwanLabCallback"
+                                               for c in trainer.callback_handler.callbacks):
+        import swanlab
+
+        swanlab.finish()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -408,40 +452,43 @@ def train(trainer, resume: str | None, cfg) -> float:
 
 
 def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
-    """final/ (the best adapter, tokenizer, settings), summary.json and loss.png in OUTPUT_DIR."""
+    """final/ (the best adapter, tokenizer, settings), summary.json and loss.png in OUTPUT_DIR (main process)."""
     import torch
 
     out = Path(cfg.OUTPUT_DIR)
     best = trainer.restore_best()
-    final, staging = out / "final", out / ".final.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(trainer.best_dir, staging)
-    (staging / "eval.json").unlink(missing_ok=True)
-    tokenizer.save_pretrained(staging)
-    cfg.save(staging)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    cfg.save(out)
-
+    final = out / "final"
     train_logs = [r for r in trainer.state.log_history if "loss" in r]
-    cuda = torch.cuda.is_available()
+    cuda, tokens = torch.cuda.is_available(), trainer.tokens_seen
     summary = {
         "version": cfg.VERSION, "key_change": cfg.KEY_CHANGE,
-        "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
+        "final_train_loss": train_logs[-1]["loss"] if train_logs else None,  # the mean of the last logging window
         "best_val_loss": best["eval_loss"], "best_step": best["step"],
         "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 4),
-        "wall_time_s": round(wall_time, 2), "train_tokens": trainer.tokens_seen,
-        "train_tokens_per_s": round(trainer.tokens_seen / wall_time, 1) if wall_time else None,
+        "wall_time_s": round(wall_time, 2), "train_tokens": tokens,
+        "train_tokens_per_s": round(tokens / wall_time, 1) if wall_time else None,
+        "processes": trainer.args.world_size, "sharding": sharding() or ("ddp" if trainer.args.world_size > 1 else None),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         "trainable_params": getattr(trainer.model, "trainable_params", None),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "model_path": cfg.MODEL_PATH, "final_dir": str(final),
     }
-    write_files_atomically({out / "summary.json": json.dumps(summary, ensure_ascii=False, indent=2) + "\n"})
-    plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.VERSION}: {cfg.KEY_CHANGE}")
-    print(f"best val loss {best['eval_loss']:.4f} at step {best['step']}; adapter in {final}/")
-    print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'loss.png'}", flush=True)
+    if trainer.is_world_process_zero():
+        staging = out / ".final.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(trainer.best_dir, staging)
+        (staging / "eval.json").unlink(missing_ok=True)
+        tokenizer.save_pretrained(staging)
+        cfg.save(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        cfg.save(out)
+        write_files_atomically({out / "summary.json": json.dumps(summary, ensure_ascii=False, indent=2) + "\n"})
+        plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.VERSION}: {cfg.KEY_CHANGE}")
+        print(f"best val loss {best['eval_loss']:.4f} at step {best['step']}; adapter in {final}/")
+        print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'loss.png'}", flush=True)
+    trainer.accelerator.wait_for_everyone()  # final/ and summary.json are whole before any rank goes on
     return summary
 
 

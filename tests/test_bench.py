@@ -37,7 +37,7 @@ def test_tiny_mode_measures_every_config_and_inference(tiny_run, capsys):
         assert c["peak_reserved_gib"] is None and c["peak_allocated_gib"] is None, name  # no GPU memory on CPU
         assert all(loss == loss for loss in c["losses"]), name
     assert results["configs"]["original"]["speedup_vs_original"] == 1.0
-    assert not results["configs"]["original"]["packing"] and results["configs"]["original"]["loss_chunk_size"] == -1
+    assert not results["configs"]["original"]["packing"] and results["configs"]["original"]["use_liger_kernel"] is False
     assert results["configs"]["bf16_lora"]["load_in_4bit"] is False
     inference = results["inference"]
     assert inference["ok"] and inference["adapter"].endswith("v3")

@@ -1,7 +1,8 @@
-"""CUDA-only checks (skipped on CPU): the packed and chunked loss under CUDA kernels, and a real QLoRA run."""
+"""CUDA-only checks (skipped on CPU): packing under CUDA kernels, no full-vocabulary logits, a real QLoRA run."""
 import json
 import math
 
+import pytest
 import torch
 
 from tests.conftest import FAST_TRAINING, gpu
@@ -20,9 +21,10 @@ def test_packing_equals_padding_under_cuda_sdpa(tiny_model_dir, sample_data_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").cuda()
     rows = [row for _, row in read_jsonl(sample_data_dir / "train.jsonl")][:4]
     examples = [build_training_example(tokenizer, row, 2048) for row in rows]
+    model.config.use_cache = False
     with torch.no_grad():
         padded, _ = token_losses(model, {k: v.cuda() for k, v in collate(examples, tokenizer.pad_token_id, False).items()})
-        packed, _ = token_losses(model, {k: v.cuda() for k, v in collate(examples, tokenizer.pad_token_id, True).items()}, 64)
+        packed, _ = token_losses(model, {k: v.cuda() for k, v in collate(examples, tokenizer.pad_token_id, True).items()})
     torch.testing.assert_close(packed, padded, rtol=1e-3, atol=1e-3)
 
 
@@ -39,7 +41,7 @@ def test_qlora_run_on_cuda_records_peak_memory(tiny_model_dir, sample_data_dir, 
 
 @gpu
 def test_the_loss_runs_in_the_compute_dtype_on_cuda(tiny_model_dir, sample_data_dir):
-    """prepare_model_for_kbit_training leaves fp32 norms and embedding: the loss must still compute in bf16/fp16."""
+    """prepare_model_for_kbit_training leaves fp32 norms and embedding: the eval loss must still compute in bf16/fp16."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
@@ -55,5 +57,39 @@ def test_the_loss_runs_in_the_compute_dtype_on_cuda(tiny_model_dir, sample_data_
     model.lm_head.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
     rows = [row for _, row in read_jsonl(sample_data_dir / "train.jsonl")][:2]
     batch = collate([build_training_example(tokenizer, r, 512) for r in rows], tokenizer.pad_token_id, True)
-    losses, _ = token_losses(model, {k: v.cuda() for k, v in batch.items()}, 64)
+    losses, _ = token_losses(model, {k: v.cuda() for k, v in batch.items()})
     assert seen and set(seen) == {compute_dtype()} and losses.dtype == torch.float32
+
+
+@gpu
+def test_no_full_vocabulary_logits_in_a_training_step(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):
+    """With liger-kernel, the training step's loss never holds the logits of every token at once."""
+    pytest.importorskip("liger_kernel")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import train_lora
+    from medsft.trainer import QLoRATrainer
+
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    widest = []  # per training step: (tokens in the micro-batch, most rows of any [..., vocab] tensor made)
+
+    class LogitShapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == vocab:
+                    widest[-1][1] = max(widest[-1][1], t.numel() // vocab)
+            return out
+
+    original = QLoRATrainer.training_step
+
+    def recorded_step(self, model, inputs, num_items_in_batch=None):
+        widest.append([int(inputs["input_ids"].numel()), 0])
+        with LogitShapes():
+            return original(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(QLoRATrainer, "training_step", recorded_step)
+    result = train_lora.main([f"--model_path={tiny_model_dir}", f"--data_dir={sample_data_dir}",
+                              f"--output_dir={tmp_path}", *FAST_TRAINING, "--use_liger_kernel=True"])
+    assert result["trainer"].args.use_liger_kernel
+    assert widest and all(rows < tokens for tokens, rows in widest), widest

@@ -111,6 +111,20 @@ def test_resume_continues_from_the_newest_checkpoint(tiny_model_dir, short_data_
     assert steps == sorted(steps)  # no records duplicated by the resume
 
 
+def test_a_resumed_run_reports_the_whole_run_and_the_last_window_loss(tiny_model_dir, short_data_dir, tmp_path):
+    constant = ["--lr_scheduler=constant", "--save_steps=1", "--lora_dropout=0", "--log_steps=3"]
+    run(train_lora, tiny_model_dir, short_data_dir, tmp_path / "a", *constant, "--max_steps=2")
+    half = json.loads((tmp_path / "a" / "summary.json").read_text())
+    resumed = run(train_lora, tiny_model_dir, short_data_dir, tmp_path / "a", *constant, "--max_steps=4")["summary"]
+    straight = run(train_lora, tiny_model_dir, short_data_dir, tmp_path / "b", *constant, "--max_steps=4")["summary"]
+    assert resumed["train_tokens"] == straight["train_tokens"] > half["train_tokens"] > 0  # carried in the checkpoint
+    assert resumed["wall_time_s"] > half["wall_time_s"]
+    losses = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r}
+    assert sorted(losses) == [1, 3, 4]  # the first step, every LOG_STEPS, and the last (shorter) window
+    assert straight["final_train_loss"] == losses[4] and resumed["final_train_loss"] == pytest.approx(losses[4])
+
+
 def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
     from medsft.training import last_complete_checkpoint
 
@@ -260,12 +274,14 @@ def test_v3_redraws_masks_every_epoch_during_training(tiny_model_dir, short_data
 # ---- speed options leave the loss unchanged ------------------------------------------------------------
 
 
-def test_packing_and_chunked_loss_equal_the_padded_full_logit_loss(tiny_model_dir, sample_data_dir):
+def test_packing_equals_padding_and_our_eval_loss_equals_transformers_loss(tiny_model_dir, sample_data_dir):
+    """The Trainer's loss (the forward with labels and num_items_in_batch) is the same packed or padded, and
+    evaluation's per-token losses (the forward with logits_to_keep) average to it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from medsft.batching import collate
-    from medsft.chat_format import build_training_example
-    from medsft.losses import token_losses
+    from medsft.chat_format import IGNORE_INDEX, build_training_example
+    from medsft.losses import MODEL_INPUTS, token_losses
     from medsft.records import read_jsonl
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -273,20 +289,20 @@ def test_packing_and_chunked_loss_equal_the_padded_full_logit_loss(tiny_model_di
     rows = [row for _, row in read_jsonl(sample_data_dir / "train.jsonl")][:4]
     examples = [build_training_example(tokenizer, row, 2048) for row in rows]
     results = {}
-    for packing, chunk in ((False, 0), (False, -1), (True, 0), (True, 100)):
+    for packing in (False, True):
+        batch = collate(examples, tokenizer.pad_token_id, packing)
+        trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         model.zero_grad()
-        losses, _ = token_losses(model, collate(examples, tokenizer.pad_token_id, packing), chunk)
-        losses.mean().backward()
-        results[(packing, chunk)] = (losses.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone())
-    reference = results[(False, 0)]
-    for key, (losses, grad) in results.items():
-        torch.testing.assert_close(losses, reference[0], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(grad, reference[1], rtol=1e-3, atol=1e-6)
-    # the reference agrees with transformers' own loss on the padded batch
-    batch = collate(examples, tokenizer.pad_token_id, packing=False)
-    with torch.no_grad():
-        hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    torch.testing.assert_close(reference[0].mean(), hf, rtol=1e-4, atol=1e-4)
+        loss = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, labels=batch["labels"], use_cache=False,
+                     num_items_in_batch=torch.tensor(trained)).loss  # what QLoRATrainer.compute_loss calls
+        loss.backward()
+        with torch.no_grad():
+            losses, segments = token_losses(model, batch)
+        assert losses.numel() == segments.numel() == trained
+        torch.testing.assert_close(losses.mean(), loss.detach(), rtol=1e-5, atol=1e-5)
+        results[packing] = (loss.detach(), losses, model.model.layers[0].mlp.up_proj.weight.grad.clone())
+    for padded, packed in zip(results[False], results[True]):
+        torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
 
 
 def test_out_of_memory_names_the_settings_to_lower(tmp_path):
@@ -295,7 +311,7 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path):
     from medsft.training import train
 
     class Exploding:
-        best_dir, best = tmp_path / "best", None
+        best_dir, best, callback_handler = tmp_path / "best", None, SimpleNamespace(callbacks=[])
 
         def train(self, resume_from_checkpoint=None):
             raise torch.OutOfMemoryError("CUDA out of memory")
@@ -304,21 +320,6 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path):
     with pytest.raises(UserError) as e:
         train(Exploding(), None, cfg)
     assert "--batch_size" in str(e.value) and "--max_length" in str(e.value)
-
-
-def test_report_to_never_prompts(monkeypatch, tmp_path):
-    from medsft.training import resolve_report_to
-
-    monkeypatch.delenv("SWANLAB_API_KEY", raising=False)
-    monkeypatch.delenv("SWANLAB_MODE", raising=False)
-    monkeypatch.setenv("SWANLAB_ROOT", str(tmp_path / "no-login"))
-    monkeypatch.chdir(tmp_path)
-    assert resolve_report_to("none", tmp_path) == []
-    assert resolve_report_to("auto", tmp_path) == []  # not logged in: no SwanLab at all
-    assert resolve_report_to("swanlab", tmp_path) == ["swanlab"]
-    assert __import__("os").environ["SWANLAB_MODE"] == "offline"  # forced without a key: offline, no login prompt
-    monkeypatch.setenv("SWANLAB_API_KEY", "k")
-    assert resolve_report_to("auto", tmp_path) == ["swanlab"]
 
 
 def test_trainable_parameters_of_qwen3_1_7b_v1_and_v2():
