@@ -4,12 +4,13 @@
     python train.py --dry_run=True                              # token-length stats and the first example, no model
     python train.py --model_path=Qwen/Qwen3-0.6B --max_length=1024 --output_dir=output/0.6b-full
     python train.py --max_steps=400                             # after a crash, the same command resumes
-    torchrun --nproc_per_node=2 train.py                        # DDP: each GPU holds the whole model
+    torchrun --nproc_per_node 2 train.py                        # DDP: each GPU holds the whole model
     python inference_lora.py --model_path=output/qwen3-1.7b-full/final --adapter_path= -q "什么是高血压？"
 """
 from medsft import chat_format
-from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
+from medsft.distributed import quiet_other_ranks
 from medsft.full_finetune import check_full_finetune_settings, load_full_model, use_full_model_training
+from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
 from medsft.settings import check_settings, parse_settings
 from medsft.training import (build_trainer, check_training_settings, load_training_data, plan_output_dir,
                              print_sample_answer, save_results, show_data_preview, train)
@@ -43,8 +44,7 @@ MAX_GRAD_NORM = 1.0                        # gradient clipping
 SEED = 42                                  # data order, dropout and stochastic rounding
 # speed and memory
 PACKING = True                             # micro-batch examples in one row, no padding (same loss as padded)
-LOSS_CHUNK_SIZE = 1024                     # trained tokens per lm_head chunk, so full-vocabulary logits never exist;
-                                           # 0 = all trained tokens at once; -1 = every position (the originals' way)
+USE_LIGER_KERNEL = True                    # CUDA + `pip install liger-kernel`: fused loss, no full-vocabulary logits
 GRADIENT_CHECKPOINTING = True              # recompute activations in backward: much less memory, slower
 # evaluation and checkpoints
 EVAL_STEPS = 50                            # val loss every this many steps (and at the end)
@@ -65,6 +65,7 @@ SAMPLE_MAX_NEW_TOKENS = 1024               # tokens of the sample answer printed
 
 def main(argv=None):
     # ========== 1. Settings: every problem reported before the model loads ==========
+    quiet_other_ranks()  # several processes (torchrun, accelerate launch): only the main one prints
     cfg = parse_settings(globals(), argv)
     cfg.print("full fine-tuning settings")
     check_settings(check_training_settings(cfg) + check_full_finetune_settings(cfg))

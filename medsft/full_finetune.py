@@ -8,7 +8,6 @@ a bf16 step (2^-9 = 0.002 just below 1.0), and lr 5e-6 x a normal Adam update is
 """
 import functools
 import os
-from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -87,7 +86,7 @@ def load_full_model(model_path: str, cfg):
 
 
 def use_full_model_training(trainer, cfg) -> None:
-    """Hooks on the shared trainer: the bf16-safe optimizer, and best/ restored as a whole model.
+    """Hooks on the shared trainer: the bf16-safe optimizer, and a check that DDP replicas stay equal.
 
     The optimizer is given as a class and its arguments, so the Trainer still builds it after wrapping the model
     (DDP), with its usual weight-decay groups, and saves and resumes its state in checkpoints.
@@ -97,7 +96,6 @@ def use_full_model_training(trainer, cfg) -> None:
         trainer.optimizer_cls_and_kwargs = (low_bit_adamw(cfg.OPTIM), {
             "lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
             "bf16_stochastic_round": cfg.BF16_STOCHASTIC_ROUND})
-    trainer.restore_best = functools.partial(restore_best_full_model, trainer)
     trainer.add_callback(ReplicaCheck())
 
 
@@ -153,27 +151,3 @@ def sync_replicas(model) -> bool:
     for p in params:
         dist.broadcast(p.data, src=0)
     return False
-
-
-def restore_best_full_model(trainer) -> dict:
-    """Put best/'s weights back into the model (if later steps were worse) and return its record."""
-    if trainer.best["step"] != trainer.state.global_step:
-        load_full_weights(trainer.model, trainer.best_dir)
-    return trainer.best
-
-
-def load_full_weights(model, folder) -> None:
-    """Load the safetensors that save_pretrained wrote (one file or shards) into the model, in place."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(folder).glob("model*.safetensors"))
-    if not files:
-        raise UserError(f"error: {folder}: no model*.safetensors to restore the best weights from")
-    state = {}
-    for file in files:
-        state |= load_file(file, device=str(next(model.parameters()).device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise UserError(f"error: {folder} does not match the model (missing {sorted(set(missing) - tied)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")

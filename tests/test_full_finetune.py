@@ -111,23 +111,21 @@ def test_resume_continues_with_the_saved_8bit_optimizer_state(full_run, tiny_mod
     assert int(state["step"]) == 4  # 3 steps restored from checkpoint-3, then one more
 
 
-def test_restore_best_puts_the_best_weights_back(tiny_model_dir, tmp_path):
-    from types import SimpleNamespace
-
-    from transformers import AutoModelForCausalLM
-
-    from medsft.full_finetune import restore_best_full_model
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.save_pretrained(tmp_path / "best")
+def test_restore_best_puts_the_best_weights_back(full_run):
+    out, result = full_run
+    trainer = result["trainer"]
     with torch.no_grad():
-        for p in model.parameters():
+        for p in trainer.model.parameters():
             p.add_(1.0)
-    trainer = SimpleNamespace(model=model, best_dir=tmp_path / "best", best={"step": 2, "eval_loss": 1.0},
-                              state=SimpleNamespace(global_step=3))
-    assert restore_best_full_model(trainer) == {"step": 2, "eval_loss": 1.0}
-    restored = model.state_dict()
-    assert all(torch.equal(restored[k], v) for k, v in weights(tmp_path / "best").items())
+    best = dict(trainer.best)
+    trainer.best["step"] = trainer.state.global_step - 1  # as if a later step had been worse
+    try:
+        trainer.restore_best()
+    finally:
+        trainer.best = best
+    restored = trainer.model.state_dict()
+    saved = weights(out / "best")
+    assert saved and all(torch.equal(restored[k].cpu(), v) for k, v in saved.items())
 
 
 def test_settings_that_would_not_learn_are_refused_before_loading(tmp_path, sample_data_dir, monkeypatch):
