@@ -32,9 +32,11 @@ class Interrupted(SystemExit):
         return self.message
 
 
-def exit_on_interrupt(message: str):
-    """Print `message` instead of a KeyboardInterrupt traceback and exit with code 130."""
+def exit_on_interrupt(message: str, show: bool = True):
+    """Print `message` instead of a KeyboardInterrupt traceback and exit with code 130 (`show`: the process that
+    speaks, when several were interrupted together)."""
     import sys
 
-    print(f"\n{message}", file=sys.stderr, flush=True)
+    if show:
+        print(f"\n{message}", file=sys.stderr, flush=True)
     raise Interrupted(message) from None

@@ -13,6 +13,7 @@ from transformers.trainer_callback import ExportableState, PrinterCallback, Prog
 
 from medsft.batching import ANSWER, THINK
 from medsft.losses import token_losses
+from medsft.records import make_shareable
 
 
 @torch.no_grad()
@@ -119,6 +120,7 @@ class QLoRATrainer(Trainer):
         if main:
             (staging / "training_args.bin").unlink(missing_ok=True)
             (staging / "eval.json").write_text(json.dumps(self.best) + "\n")
+            make_shareable(staging)
             shutil.rmtree(self.best_dir, ignore_errors=True)
             os.replace(staging, self.best_dir)
         self.accelerator.wait_for_everyone()  # nobody reads best/ before it is whole
@@ -205,6 +207,15 @@ class RunClock(TrainerCallback, ExportableState):
     def seconds_in(checkpoint) -> float:
         saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("stateful_callbacks", {})
         return float(saved.get("RunClock", {}).get("attributes", {}).get("seconds", 0.0))
+
+
+class ShareableCheckpoints(TrainerCallback):
+    """Checkpoints get the umask's file modes (safetensors writes owner-only files), like everything else we write."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            make_shareable(folder)
 
 
 class ProgressBarOnly(ProgressCallback):

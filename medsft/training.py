@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medsft.chat_format import IGNORE_INDEX, build_training_example
 from medsft.distributed import is_main_process, launch_problems, sharding, use_liger_kernel, world_size
-from medsft.errors import DataError, UserError
+from medsft.errors import DataError, UserError, exit_on_interrupt
 from medsft.records import read_jsonl, write_files_atomically
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
@@ -222,6 +222,8 @@ def plan_output_dir(cfg, n_train: int) -> str | None:
     cfg.DATA_SHA256 = data_fingerprint(cfg.DATA_DIR)  # saved in settings.json with the constants
     last = last_complete_checkpoint(out)
     if cfg.OVERWRITE:
+        if not is_main_process():  # the main process clears the folder; the others train into it
+            return None
         for path in out.glob("checkpoint-*"):
             shutil.rmtree(path)
         for name in ("final", "best", "metrics.jsonl", "summary.json", "loss.png"):
@@ -365,7 +367,8 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData):
 
     from medsft.batching import Collator
     from medsft.model_loading import compute_dtype
-    from medsft.trainer import LoggingCallback, QLoRATrainer, RunClock, SetEpochCallback, use_readable_logging
+    from medsft.trainer import (LoggingCallback, QLoRATrainer, RunClock, SetEpochCallback, ShareableCheckpoints,
+                                use_readable_logging)
 
     cuda, run_name = torch.cuda.is_available(), f"{cfg.VERSION}-{Path(cfg.OUTPUT_DIR).name}"
     report_to, tracker_cbs = tracker_callbacks(resolve_report_to(cfg.REPORT_TO, cfg.OUTPUT_DIR), run_name)
@@ -388,7 +391,8 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData):
         # DDP on CPU: transformers goes distributed there only with use_cpu, over gloo
         **({"use_cpu": True, "ddp_backend": "gloo"} if not cuda and world_size() > 1 else {}),
     )
-    callbacks = [LoggingCallback(Path(cfg.OUTPUT_DIR) / "metrics.jsonl"), RunClock(), *tracker_cbs]
+    callbacks = [LoggingCallback(Path(cfg.OUTPUT_DIR) / "metrics.jsonl"), RunClock(), ShareableCheckpoints(),
+                 *tracker_cbs]
     if hasattr(data.train_set, "set_epoch"):
         callbacks.append(SetEpochCallback(data.train_set))
     trainer = QLoRATrainer(
@@ -430,6 +434,11 @@ def train(trainer, resume: str | None, cfg) -> float:
         if trainer.last_eval_step != trainer.state.global_step:
             trainer.evaluate()  # so the final weights compete for "best" too
         finish_trackers(trainer)
+    except KeyboardInterrupt:
+        last = last_complete_checkpoint(Path(cfg.OUTPUT_DIR))
+        where = f"the newest checkpoint is {last}" if last else f"no checkpoint yet (one every {cfg.SAVE_STEPS} steps)"
+        exit_on_interrupt(f"interrupted at step {trainer.state.global_step}; {where}; run the same command again "
+                          "to resume", show=is_main_process())
     except torch.OutOfMemoryError:
         raise UserError(
             f"error: out of GPU memory (batch_size={cfg.BATCH_SIZE}, max_length={cfg.MAX_LENGTH}). Lower "

@@ -74,3 +74,33 @@ def test_batch_resume_with_other_sampling_is_refused(tiny_model_dir, tmp_path):
     inference_lora.main(base + ["--max_new_tokens=4", "--batch_size=2"])  # the batch size is no sampling setting
     inference_lora.main(base[:-1] + [f"--output_file={tmp_path / 'other.jsonl'}", "--max_new_tokens=8"])
     assert (tmp_path / "other.jsonl").read_text(encoding="utf-8").count("\n") == 3
+
+
+def test_sigint_during_training_then_the_same_command_resumes(tiny_model_dir, short_data_dir, tmp_path):
+    from medsft.training import last_complete_checkpoint
+
+    out = tmp_path / "run"
+    args = ["train_lora.py", f"--model_path={tiny_model_dir}", f"--data_dir={short_data_dir}", f"--output_dir={out}",
+            "--max_steps=60", "--save_steps=2", "--eval_steps=100", "--log_steps=1", "--batch_size=1",
+            "--gradient_accumulation=1", "--max_length=320", "--report_to=none", "--progress_bar=False",
+            "--sample_max_new_tokens=4"]
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, umask=0o022, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    code, _, err = interrupt_when(process, lambda: (out / "checkpoint-2" / "trainer_state.json").is_file())
+    assert code == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    checkpoint = last_complete_checkpoint(out)
+    assert last.startswith("interrupted at step ") and f"the newest checkpoint is {checkpoint}" in last
+    assert last.endswith("run the same command again to resume")
+    assert not list(out.rglob("*.tmp")) and not (out / "final").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # no torn line
+    step = int(checkpoint.rsplit("-", 1)[1])
+    args = [f"--max_steps={step + 2}" if a == "--max_steps=60" else a for a in args]  # a shorter run, same settings
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, umask=0o022,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from {checkpoint} (step {step})" in done.stdout and records
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == step + 2 and (out / "final" / "adapter_model.safetensors").is_file()
+    modes = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in out.rglob("*")}
+    assert {m for m in modes.values()} <= {"0o644", "0o755"}, modes  # shareable, as the umask says
