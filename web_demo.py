@@ -249,7 +249,7 @@ def build_demo(chat: WebChat, cfg) -> gr.Blocks:
         history = gr.State([])
         with gr.Row():
             question = gr.Textbox(placeholder="输入问题，按 Enter 发送 / Type a question, press Enter", lines=1,
-                                  max_lines=6, show_label=False, scale=6, elem_id="question")
+                                  max_lines=6, label="问题 / question", show_label=False, scale=6, elem_id="question")
             send = gr.Button("发送 Send", variant="primary", scale=1, min_width=90)
             stop = gr.Button("停止 Stop", variant="stop", scale=1, min_width=90)
         with gr.Row():

@@ -358,7 +358,8 @@ def test_two_turns_in_headless_chromium(server, tmp_path):
             box.fill(CONTROL_QUESTION)
             box.press("Enter")
             wait_for_turns(page, 2)
-            page.wait_for_timeout(500)
+            page.get_by_text("思考过程 (thinking)").last.click()  # unfold the last thinking block
+            page.get_by_text(THINK).last.wait_for(state="visible", timeout=10_000)
 
             body = page.inner_text("body")
             assert body.count(ANSWER) == 2 and body.count("思考过程 (thinking)") == 2
