@@ -45,8 +45,8 @@ SERVER_PORT = 7860                               # http://SERVER_NAME:SERVER_POR
 SHARE = False                                    # True: a public *.gradio.live link (anyone with it can use the model)
 # -----------------------------------------------------------------------------
 
-THINK_TITLE = "思考过程 (thinking)"
-DISCLAIMER = ("⚠️ 本演示仅供研究与学习，**不构成医疗建议**，不能代替医生的诊断和治疗。紧急情况请立即拨打 **120**。  \n"
+_THINK_TITLE = "思考过程 (thinking)"
+_DISCLAIMER = ("⚠️ 本演示仅供研究与学习，**不构成医疗建议**，不能代替医生的诊断和治疗。紧急情况请立即拨打 **120**。  \n"
               "For research only, **not medical advice**. In an emergency, call **120**.")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -129,13 +129,14 @@ class WebChat:
                 f"{len(question)} characters; the limit is {self.max_question_chars}.")], history
             return
         scenario = scenario or None
-        history, dropped = self.fit_history(question, scenario, history, max_new_tokens)
+        kept, dropped = self.fit_history(question, scenario, history, max_new_tokens)
         messages.append(gr.ChatMessage(question, role="user"))
-        if history is None:
+        if kept is None:
             yield "", messages + [_note(
                 f"这个问题加上回答会超过 {self.max_length} 个 token，请缩短问题或减少最大生成长度。 / The question and "
-                f"a reply of {max_new_tokens} tokens do not fit MAX_LENGTH={self.max_length} tokens.")], []
+                f"a reply of {max_new_tokens} tokens do not fit MAX_LENGTH={self.max_length} tokens.")], history
             return
+        history = kept
         if dropped:
             messages.append(_note(f"对话太长，最早的 {dropped} 轮已被遗忘（上限 {self.max_length} 个 token）。 / "
                                   f"The oldest {dropped} turn(s) were dropped to fit MAX_LENGTH={self.max_length}."))
@@ -210,7 +211,7 @@ class _TurnView:
         done = self.think_seconds is not None
         view = []
         if self.think or not done:
-            metadata = {"title": THINK_TITLE, "status": "done" if done else "pending"}
+            metadata = {"title": _THINK_TITLE, "status": "done" if done else "pending"}
             if done:
                 metadata["duration"] = round(self.think_seconds, 1)
             view.append(gr.ChatMessage(self.think or "…", metadata=metadata))
@@ -243,7 +244,7 @@ def build_demo(chat: WebChat, cfg) -> gr.Blocks:
     """The page: chat, question box, Stop, scenario, new chat, sampling accordion, examples and disclaimer."""
     model = cfg.MODEL_PATH + (f" + {cfg.ADAPTER_PATH}" if cfg.ADAPTER_PATH else " (no adapter)")
     with gr.Blocks(title="medsft 医疗问答演示 / medical assistant demo") as demo:
-        gr.Markdown(f"## 医疗问答演示 / Medical assistant demo\n模型 / model: `{model}`\n\n{DISCLAIMER}")
+        gr.Markdown(f"## 医疗问答演示 / Medical assistant demo\n模型 / model: `{model}`\n\n{_DISCLAIMER}")
         chatbot = gr.Chatbot(label="对话 / chat", height=480, buttons=["copy"], feedback_options=None,
                              placeholder="向模型提一个医学问题 / Ask the model a medical question")
         history = gr.State([])
@@ -266,12 +267,14 @@ def build_demo(chat: WebChat, cfg) -> gr.Blocks:
 
         inputs = [question, chatbot, history, scenario, temperature, top_p, max_new_tokens]
         outputs = [question, chatbot, history]
-        question.submit(chat.respond, inputs, outputs, api_name="chat", concurrency_limit=1, concurrency_id="model")
-        send.click(chat.respond, inputs, outputs, api_visibility="private", concurrency_limit=1,
-                   concurrency_id="model")
-        stop.click(chat.stop, None, None, api_visibility="private", concurrency_limit=None, queue=False)
-        new_chat.click(chat.new_chat, None, [question, chatbot, history], api_visibility="private",
-                       concurrency_limit=None, queue=False)
+        turns = [question.submit(chat.respond, inputs, outputs, api_name="chat", concurrency_limit=1,
+                                 concurrency_id="model"),
+                 send.click(chat.respond, inputs, outputs, api_visibility="private", concurrency_limit=1,
+                            concurrency_id="model")]
+        stop.click(chat.stop, None, None, api_visibility="private", queue=False)
+        # a new chat also stops the turn being generated, and drops its last update
+        new_chat.click(chat.new_chat, None, [question, chatbot, history], api_visibility="private", queue=False,
+                       cancels=turns)
         demo.unload(chat.stop)
     return demo
 
