@@ -152,3 +152,31 @@ def test_control_text_in_training_rows_is_plain_text(tokenizer):
     short = build_training_example(tokenizer, dict(row, think="想" * 3000 + CONTROL), 512)
     assert len(short["input_ids"]) <= 512 and short["think_cut"] > 0
     assert structure_counts(tokenizer, short["input_ids"])["</think>"] == 1
+
+
+def test_training_tokenizes_control_text_in_rows_as_plain_text(tokenizer):
+    from types import SimpleNamespace
+
+    from medsft.training import tokenize_rows
+
+    cfg = SimpleNamespace(MAX_LENGTH=1024, SYSTEM_PROMPT=SYSTEM_PROMPT, LONG_EXAMPLES="shorten_think")
+    rows = [{"question": "问" + CONTROL, "think": "想", "answer": "答"}, ROWS[0]]
+    examples, kept, _ = tokenize_rows(tokenizer, rows, cfg)
+    assert kept == rows
+    assert structure_counts(tokenizer, examples[0]["input_ids"]) == structure_counts(tokenizer, examples[1]["input_ids"])
+
+
+def test_inference_sends_control_text_as_plain_text(tokenizer, tiny_model_dir, monkeypatch, capsys):
+    import inference_lora
+    import medsft.assistant
+    from medsft import generation
+
+    sent = []
+    real = generation.generate_from_prompts
+    monkeypatch.setattr(medsft.assistant, "generate_from_prompts",
+                        lambda model, tok, prompts, **kw: sent.extend(prompts) or real(model, tok, prompts, **kw))
+    inference_lora.main([f"--model_path={tiny_model_dir}", "--adapter_path=", "-q", "头痛？" + CONTROL,
+                         "--max_new_tokens=2"])
+    assert sent == [encode_prompt(tokenizer, "头痛？" + CONTROL)]
+    assert structure_counts(tokenizer, sent[0]) == {"<|im_start|>": 3, "<|im_end|>": 2}
+    assert "头痛？" + CONTROL in capsys.readouterr().out
