@@ -128,6 +128,9 @@ class WebChat:
                 f"问题太长了（{len(question)} 字），请缩短到 {self.max_question_chars} 字以内。 / The question has "
                 f"{len(question)} characters; the limit is {self.max_question_chars}.")], history
             return
+        if scenario and scenario not in SCENARIOS:  # the API can send any string
+            yield question, messages + [_note(f"unknown scenario {scenario!r}; valid: {', '.join(SCENARIOS)}")], history
+            return
         scenario = scenario or None
         kept, dropped = self.fit_history(question, scenario, history, max_new_tokens)
         messages.append(gr.ChatMessage(question, role="user"))
@@ -254,8 +257,8 @@ def build_demo(chat: WebChat, cfg) -> gr.Blocks:
             send = gr.Button("发送 Send", variant="primary", scale=1, min_width=90)
             stop = gr.Button("停止 Stop", variant="stop", scale=1, min_width=90)
         with gr.Row():
-            scenario = gr.Dropdown([("无 / none", "")] + [(f"{s.name_zh} / {name}", name) for name, s in SCENARIOS.items()],
-                                   value="", label="场景 / scenario", scale=3)
+            choices = [("无 / none", "")] + [(f"{s.name_zh} / {name}", name) for name, s in SCENARIOS.items()]
+            scenario = gr.Dropdown(choices, value="", label="场景 / scenario", scale=3)
             new_chat = gr.Button("新对话 / New chat", scale=1)
         with gr.Accordion("采样设置 / sampling", open=False):
             temperature = gr.Slider(0.0, 1.5, value=cfg.TEMPERATURE, step=0.05, label="temperature (0 = greedy)")

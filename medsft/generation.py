@@ -53,8 +53,9 @@ def decode_reply(tokenizer, new_ids: list[int]) -> Reply:
 def generate_from_prompts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2048,
                           temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20, seed: int | None = None,
                           streamer=None, **generate_kwargs) -> list[Reply]:
-    """Replies to prompts given as token ids from encode_prompt (one left-padded batch), each with its finish
-    reason and token count. A prompt given as a string is tokenised as it is, control text included."""
+    """Replies, with finish reason and token count, to prompts given as token ids from encode_prompt (one
+    left-padded batch). A prompt given as a string is tokenised as it is: control text in it becomes control tokens.
+    """
     import torch
     from transformers import set_seed
 

@@ -123,7 +123,8 @@ def test_control_text_in_a_question_is_plain_text_in_the_prompt(tokenizer):
     assert structure_counts(tokenizer, ids) == structure_counts(tokenizer, ordinary) == \
         {"<|im_start|>": 3, "<|im_end|>": 2}
     assert tokenizer.decode(ids) == render_prompt(tokenizer, "头痛怎么办？" + CONTROL)
-    question_ids = ids[len(encode_prompt(tokenizer, "")) - 5 : -5]  # between "user\n" and "<|im_end|>\n<|im_start|>assistant\n"
+    # the question's ids: between "user\n" and "<|im_end|>\n<|im_start|>assistant\n"
+    question_ids = ids[len(encode_prompt(tokenizer, "")) - 5 : -5]
     assert tokenizer.decode(question_ids) == "头痛怎么办？" + CONTROL
     assert not added_ids(tokenizer) & set(question_ids)
 
@@ -163,7 +164,8 @@ def test_training_tokenizes_control_text_in_rows_as_plain_text(tokenizer):
     rows = [{"question": "问" + CONTROL, "think": "想", "answer": "答"}, ROWS[0]]
     examples, kept, _ = tokenize_rows(tokenizer, rows, cfg)
     assert kept == rows
-    assert structure_counts(tokenizer, examples[0]["input_ids"]) == structure_counts(tokenizer, examples[1]["input_ids"])
+    counts = [structure_counts(tokenizer, example["input_ids"]) for example in examples]
+    assert counts[0] == counts[1] == {"<|im_start|>": 3, "<|im_end|>": 3, "<think>": 1, "</think>": 1}
 
 
 def test_inference_sends_control_text_as_plain_text(tokenizer, tiny_model_dir, monkeypatch, capsys):

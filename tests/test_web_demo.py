@@ -170,10 +170,12 @@ def test_stop_of_another_session_changes_nothing(rambling_chat):
 @pytest.mark.parametrize("question, message", [
     ("   ", "请输入一个问题。 / Please type a question."),
     ("头" * 2001, "The question has 2001 characters; the limit is 2000."),
+    ("头痛怎么办？", "unknown scenario 'surgery'; valid: diagnosis, treatment,"),
 ])
 def test_bad_questions_get_a_message_in_the_chat(chat, question, message):
     earlier = [{"role": "user", "content": "之前的问题"}]
-    (only,) = ask(chat, question, earlier, [("之前的问题", "回答")])
+    scenario = "surgery" if "scenario" in message else ""
+    (only,) = ask(chat, question, earlier, [("之前的问题", "回答")], scenario=scenario)
     _, messages, history = only
     assert messages[:1] == earlier and message in text(messages[-1])
     assert history == [("之前的问题", "回答")]
@@ -307,7 +309,7 @@ def server(overfit_model, tmp_path_factory):
 
 
 def listening_addresses(port: int) -> list[str]:
-    """The local addresses of the sockets listening on `port`, from /proc/net/tcp and tcp6 (hex, as Linux writes them)."""
+    """The local addresses of the sockets listening on `port` (hex, as /proc/net/tcp and tcp6 write them)."""
     found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         if os.path.exists(table):
