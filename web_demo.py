@@ -163,7 +163,7 @@ class WebChat:
             pieces.close()
             self.stop_events.pop(_session(request), None)
         reply = self.assistant.last_reply
-        view.finish(_finish_line(reply, time.perf_counter() - start, max_new_tokens))
+        view.finish(_finish_line(reply, time.perf_counter() - start, max_new_tokens), reply.finish_reason)
         if reply.finish_reason != "stopped":
             history.append(history_turn(question, reply))
         yield "", messages + view.messages(), history
@@ -193,6 +193,7 @@ class _TurnView:
 
     def __init__(self):
         self.think, self.answer, self.footer, self.started = "", "", "", time.perf_counter()
+        self.no_answer = ""
         self.think_seconds = None
 
     def feed(self, parts) -> bool:
@@ -205,7 +206,9 @@ class _TurnView:
                 self.answer += text
         return bool(parts)
 
-    def finish(self, footer: str) -> None:
+    def finish(self, footer: str, finish_reason: str) -> None:
+        self.no_answer = {"stop": "（没有回答 / no answer）", "length": "（回答在思考中被截断 / cut off while thinking）",
+                          "stopped": "（已停止 / stopped）"}[finish_reason]
         if self.think_seconds is None:
             self.think_seconds = time.perf_counter() - self.started
         self.footer = footer
@@ -219,7 +222,7 @@ class _TurnView:
                 metadata["duration"] = round(self.think_seconds, 1)
             view.append(gr.ChatMessage(self.think or "…", metadata=metadata))
         if self.answer or self.footer:
-            answer = self.answer or "（回答在思考中被截断 / the reply was cut off while thinking）"
+            answer = self.answer or self.no_answer
             view.append(gr.ChatMessage(answer + (f"\n\n<sub>{self.footer}</sub>" if self.footer else "")))
         return view
 

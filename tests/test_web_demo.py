@@ -269,6 +269,38 @@ def test_gradio_client_api_and_separate_sessions(chat, settings, monkeypatch):
         demo.close()
 
 
+def test_a_full_queue_gets_a_message(rambling_chat):
+    from gradio_client import Client
+
+    demo = web_demo.build_demo(rambling_chat, parse_settings(vars(web_demo), ["--max_new_tokens=2000"]))
+    demo.queue(max_size=1, default_concurrency_limit=1)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            ssr_mode=False)
+    try:
+        clients = [Client(url, verbose=False) for _ in range(3)]
+
+        def submit(client):
+            return client.submit("头痛怎么办？", [], "", 0, 0.95, 2000, api_name="/chat")
+
+        jobs = [submit(clients[0])]
+        deadline = time.monotonic() + 60
+        while not rambling_chat.stop_events and time.monotonic() < deadline:  # until the first one generates
+            time.sleep(0.1)
+        jobs.append(submit(clients[1]))  # waits in the queue
+        time.sleep(2)
+        jobs.append(submit(clients[2]))  # one too many
+        with pytest.raises(Exception, match="Queue is full"):
+            jobs[2].result(timeout=60)
+        for job in jobs[:2]:
+            while not job.done():
+                for event in list(rambling_chat.stop_events.values()):
+                    event.set()
+                time.sleep(0.2)
+            assert "stopped: Stop pressed" in text(job.result()[1][-1])
+    finally:
+        demo.close()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the page in a real browser
 
