@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsft.chat_format import SYSTEM_PROMPT, format_reply, render_prompt
+from medsft.chat_format import SYSTEM_PROMPT, encode_prompt, format_reply, render_prompt
 from medsft.errors import DataError, UserError
 from medsft.generation import Reply, generate_from_prompts, prepare_for_generation
 from medsft.records import read_jsonl
@@ -196,8 +196,12 @@ class MedicalAssistant:
         """The exact prompt the model sees, the same rendering training used."""
         return render_prompt(self.tokenizer, question, scenario_system_prompt(scenario, self.system_prompt), history)
 
+    def encode(self, question: str, scenario: str | None = None, history=()) -> list[int]:
+        """The token ids of render()'s prompt; the question and history are plain text, never control tokens."""
+        return encode_prompt(self.tokenizer, question, scenario_system_prompt(scenario, self.system_prompt), history)
+
     def ask(self, question: str, scenario: str | None = None, history=(), **sampling) -> Reply:
-        return self.generate([self.render(_checked(question), scenario, history)], **sampling)[0]
+        return self.generate([self.encode(_checked(question), scenario, history)], **sampling)[0]
 
     def ask_batch(self, questions, scenarios=None, histories=None, **sampling) -> list[Reply]:
         """Replies to several questions at once (one left-padded batch); scenarios and histories are per question."""
@@ -205,18 +209,19 @@ class MedicalAssistant:
         histories = histories or [()] * len(questions)
         if not len(questions) == len(scenarios) == len(histories):
             raise ValueError("questions, scenarios and histories must have the same length")
-        return self.generate([self.render(_checked(q), s, h) for q, s, h in zip(questions, scenarios, histories)],
+        return self.generate([self.encode(_checked(q), s, h) for q, s, h in zip(questions, scenarios, histories)],
                              **sampling)
 
-    def stream(self, question: str, scenario: str | None = None, history=(), **sampling):
+    def stream(self, question: str, scenario: str | None = None, history=(), stop_event=None, **sampling):
         """Yield the reply's text as it is generated; when the iterator ends, `self.last_reply` holds the Reply.
 
         The text includes the <think> and </think> tags (ThinkAnswerSplitter tells the parts apart). Closing
-        the iterator early (e.g. Ctrl-C) stops the generation.
+        the iterator early (e.g. Ctrl-C) stops the generation; so does setting `stop_event` (a
+        threading.Event, e.g. a web page's Stop button), after which the Reply's finish_reason is "stopped".
         """
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        prompt = self.render(_checked(question), scenario, history)
+        prompt = self.encode(_checked(question), scenario, history)
         self.last_reply = None
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = threading.Event()
@@ -224,9 +229,8 @@ class MedicalAssistant:
 
         def run():
             try:
-                result["replies"] = self.generate([prompt], streamer=streamer,
-                                                  stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
-                                                  **sampling)
+                criteria = StoppingCriteriaList([_StopWhenSet(stop, stop_event)])
+                result["replies"] = self.generate([prompt], streamer=streamer, stopping_criteria=criteria, **sampling)
             except BaseException as e:  # re-raised in the caller's thread
                 result["error"] = e
                 streamer.end()
@@ -243,9 +247,11 @@ class MedicalAssistant:
         if "error" in result:
             raise result["error"]
         self.last_reply = result["replies"][0]
+        if stop_event is not None and stop_event.is_set() and self.last_reply.finish_reason == "length":
+            self.last_reply.finish_reason = "stopped"
 
-    def generate(self, prompts: list[str], streamer=None, **options) -> list[Reply]:
-        """Replies to rendered prompts (left-padded batch), cut at <|im_end|> or <|endoftext|>."""
+    def generate(self, prompts: list[list[int]], streamer=None, **options) -> list[Reply]:
+        """Replies to prompts from encode() (left-padded batch), cut at <|im_end|> or <|endoftext|>."""
         settings = self.sampling | {k: options.pop(k) for k in list(options) if k in DEFAULT_SAMPLING}
         return generate_from_prompts(self.model, self.tokenizer, prompts, streamer=streamer, **settings, **options)
 
@@ -257,15 +263,16 @@ def _checked(question) -> str:
 
 
 class _StopWhenSet:
-    """A stopping criterion that ends generation once its event is set (the stream's reader went away)."""
+    """A stopping criterion that ends generation once one of its events is set (the reader went away, or Stop)."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, *events):
+        self.events = [e for e in events if e is not None]
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        stop = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class ThinkAnswerSplitter:

@@ -4,6 +4,11 @@ A training example is the text `tokenizer.apply_chat_template` renders for
 [system: PROMPT, user: question, assistant: "<think>\n{think}\n</think>\n\n{answer}"], byte for byte.
 Only the assistant's reply and the <|im_end|> that closes it are trained: that end token is what makes
 generation stop (the originals ended replies with <|endoftext|> and cut it off when truncating).
+
+Text from the data or the user (question, history, think, answer, system prompt) is always plain text:
+a question that contains "<|im_end|>" or "<think>" is tokenised as those characters, never as the control
+tokens, while the template's own <|im_start|>, <|im_end|>, <think> and </think> stay single special tokens.
+`encode_prompt` and `build_training_example` give such ids; for ordinary text they equal tokenizer(text).
 """
 import re
 
@@ -29,7 +34,11 @@ def clean_think(text: str) -> str:
 
 def format_reply(think: str, answer: str) -> str:
     """The assistant turn in Qwen3's thinking format (the template's own spacing)."""
-    return f"<think>\n{think}\n</think>\n\n{answer}"
+    return _marked_reply(think, answer).text
+
+
+def _marked_reply(think: str, answer: str) -> "_Marked":
+    return _Marked().add("<think>\n").add(think, plain=True).add("\n</think>\n\n").add(answer, plain=True)
 
 
 def build_messages(question: str, system_prompt: str = SYSTEM_PROMPT, history=(), reply: str | None = None) -> list:
@@ -45,14 +54,100 @@ def build_messages(question: str, system_prompt: str = SYSTEM_PROMPT, history=()
 
 def render_prompt(tokenizer, question: str, system_prompt: str = SYSTEM_PROMPT, history=()) -> str:
     """The inference prompt; it ends with '<|im_start|>assistant\\n', where the reply starts."""
-    messages = build_messages(question, system_prompt, history)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return _render_prompt(tokenizer, question, system_prompt, history).text
+
+
+def encode_prompt(tokenizer, question: str, system_prompt: str = SYSTEM_PROMPT, history=()) -> list[int]:
+    """The token ids of render_prompt's text, with the question, history and system prompt as plain text."""
+    return _render_prompt(tokenizer, question, system_prompt, history).encode(tokenizer)
 
 
 def render_training_text(tokenizer, question: str, think: str, answer: str, system_prompt: str = SYSTEM_PROMPT):
     """(prompt, reply) whose concatenation is the whole training text; the reply is what is trained."""
     prompt = render_prompt(tokenizer, question, system_prompt)
     return prompt, format_reply(think, answer) + END_OF_TURN + "\n"
+
+
+class _Marked:
+    """Text built from the template's own structure and plain-text spans (content from the data or the user)."""
+
+    def __init__(self):
+        self.text, self.plain = "", []
+
+    def add(self, text, plain: bool = False) -> "_Marked":
+        """Append text (plain: from the data or the user), or another _Marked with its plain spans."""
+        if isinstance(text, _Marked):
+            self.plain += [(a + len(self.text), b + len(self.text)) for a, b in text.plain]
+            text = text.text
+        elif plain and text:
+            self.plain.append((len(self.text), len(self.text) + len(text)))
+        self.text += text
+        return self
+
+    def encode(self, tokenizer) -> list[int]:
+        """Split at the template's added tokens only; everything between them is tokenised as plain text.
+
+        The tokenizer itself splits at every added token and tokenises the pieces between them separately,
+        so for text without control text in its plain spans the ids are exactly tokenizer(text)'s.
+        """
+        ids, start = [], 0
+        for match in _added_token_pattern(tokenizer).finditer(self.text):
+            if any(a < match.end() and match.start() < b for a, b in self.plain):
+                continue
+            ids += _plain_ids(tokenizer, self.text[start : match.start()])
+            ids.append(tokenizer.convert_tokens_to_ids(match.group()))
+            start = match.end()
+        return ids + _plain_ids(tokenizer, self.text[start:])
+
+
+def _render_prompt(tokenizer, question, system_prompt, history) -> _Marked:
+    """The chat template rendered with a slot for each content, then the contents put in the slots as plain text."""
+    contents = [system_prompt]
+    for past_question, past_reply in history:
+        contents += [past_question, _earlier_reply(past_reply)]
+    contents.append(question)
+    slot = "\ue000"
+    while any(slot in c for c in contents):
+        slot += "\ue000"
+    slots = [f"{slot}{i}\ue001" for i in range(len(contents))]
+    messages = [{"role": "system", "content": slots[0]}]
+    for i in range(1, len(contents) - 1, 2):
+        messages += [{"role": "user", "content": slots[i]},
+                     {"role": "assistant", "content": slots[i + 1], "reasoning_content": ""}]
+    messages.append({"role": "user", "content": slots[-1]})
+    skeleton = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    marked = _Marked()
+    for part in re.split(f"({re.escape(slot)}\\d+\ue001)", skeleton):
+        if part in slots:
+            marked.add(contents[slots.index(part)], plain=True)
+        else:
+            marked.add(part)
+    return marked
+
+
+def _earlier_reply(reply: str) -> str:
+    """What Qwen3's template keeps of a reply before the last question: the answer, its think dropped."""
+    return reply.split("</think>")[-1].lstrip("\n") if "</think>" in reply else reply
+
+
+def _added_token_pattern(tokenizer) -> re.Pattern:
+    pattern = getattr(tokenizer, "_medsft_added_tokens", None)
+    if pattern is None:
+        tokens = sorted((t.content for t in tokenizer.added_tokens_decoder.values()), key=len, reverse=True)
+        pattern = re.compile("|".join(map(re.escape, tokens)))
+        tokenizer._medsft_added_tokens = pattern
+    return pattern
+
+
+def _plain_ids(tokenizer, text: str) -> list[int]:
+    """Ids of text with no added tokens recognised (split_special_tokens=True still matches <think>)."""
+    if not text:
+        return []
+    backend = tokenizer.backend_tokenizer
+    if backend.normalizer is not None:
+        text = backend.normalizer.normalize_str(text)
+    pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
+    return [token.id for piece, _ in pieces for token in backend.model.tokenize(piece)]
 
 
 def build_training_example(tokenizer, row: dict, max_length: int, system_prompt: str = SYSTEM_PROMPT,
@@ -66,8 +161,8 @@ def build_training_example(tokenizer, row: dict, max_length: int, system_prompt:
     """
     question = row["question"] if question is None else question
     think, answer = row["think"], row["answer"]
-    prompt, reply = render_training_text(tokenizer, question, think, answer, system_prompt)
-    example = _tokenize(tokenizer, prompt, reply)
+    prompt = _render_prompt(tokenizer, question, system_prompt, ())
+    example = _tokenize(tokenizer, prompt, think, answer)
     if len(example["input_ids"]) <= max_length:
         return example | {"think_cut": 0}
     think_ids = tokenizer(think, add_special_tokens=False, return_offsets_mapping=True)
@@ -75,16 +170,16 @@ def build_training_example(tokenizer, row: dict, max_length: int, system_prompt:
     keep = len(offsets) - (len(example["input_ids"]) - max_length)
     while keep > 0:  # re-tokenising the joined text can merge tokens differently; trim until it fits
         cut = think[: offsets[keep - 1][1]].rstrip()
-        example = _tokenize(tokenizer, prompt, format_reply(cut, answer) + END_OF_TURN + "\n")
+        example = _tokenize(tokenizer, prompt, cut, answer)
         if len(example["input_ids"]) <= max_length:
             return example | {"think_cut": len(offsets) - keep}
         keep -= max(1, len(example["input_ids"]) - max_length)
     return None
 
 
-def _tokenize(tokenizer, prompt: str, reply: str) -> dict:
-    prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    ids = tokenizer(prompt + reply, add_special_tokens=False)["input_ids"]
+def _tokenize(tokenizer, prompt: _Marked, think: str, answer: str) -> dict:
+    prompt_len = len(prompt.encode(tokenizer))
+    ids = _Marked().add(prompt).add(_marked_reply(think, answer)).add(END_OF_TURN + "\n").encode(tokenizer)
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     think_end_id = tokenizer.convert_tokens_to_ids("</think>")
     end = len(ids) - 1 - ids[::-1].index(end_id)  # the reply's <|im_end|>; the "\n" after it is not trained

@@ -1,7 +1,7 @@
 """Generating replies with Qwen3's thinking-mode sampling; shared by training's sample answer and inference."""
 from dataclasses import dataclass
 
-from medsft.chat_format import END_OF_TURN, SYSTEM_PROMPT, render_prompt, split_reply
+from medsft.chat_format import END_OF_TURN, SYSTEM_PROMPT, encode_prompt, split_reply
 
 END_TOKENS = (END_OF_TURN, "<|endoftext|>")  # Qwen3 stops at either
 
@@ -11,7 +11,7 @@ class Reply:
     text: str  # the raw reply, "<think>\n...\n</think>\n\n..." without the end token
     think: str
     answer: str
-    finish_reason: str  # "stop" (an end token) or "length" (hit max_new_tokens)
+    finish_reason: str  # "stop" (an end token), "length" (hit max_new_tokens) or "stopped" (asked to stop)
     new_tokens: int
 
 
@@ -50,19 +50,18 @@ def decode_reply(tokenizer, new_ids: list[int]) -> Reply:
     return Reply(text, think, answer, "length" if cut is None else "stop", len(kept) + (cut is not None))
 
 
-def generate_from_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int = 2048, temperature: float = 0.6,
-                          top_p: float = 0.95, top_k: int = 20, seed: int | None = None, streamer=None,
-                          **generate_kwargs) -> list[Reply]:
-    """Replies to rendered prompts (one left-padded batch), each with its finish reason and token count."""
+def generate_from_prompts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2048,
+                          temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20, seed: int | None = None,
+                          streamer=None, **generate_kwargs) -> list[Reply]:
+    """Replies, with finish reason and token count, to prompts given as token ids from encode_prompt (one
+    left-padded batch). A prompt given as a string is tokenised as it is: control text in it becomes control tokens.
+    """
     import torch
     from transformers import set_seed
 
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    finally:
-        tokenizer.padding_side = side
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+    inputs = tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt")
+    inputs = inputs.to(model.device)
     if seed is not None:
         set_seed(seed)
     with torch.no_grad():
@@ -76,5 +75,5 @@ def generate_replies(model, tokenizer, questions, system_prompt: str = SYSTEM_PR
                      **options) -> list[Reply]:
     """Replies to a batch of questions; `options` are generate_from_prompts' sampling arguments."""
     histories = histories or [()] * len(questions)
-    prompts = [render_prompt(tokenizer, q, system_prompt, h) for q, h in zip(questions, histories)]
+    prompts = [encode_prompt(tokenizer, q, system_prompt, h) for q, h in zip(questions, histories)]
     return generate_from_prompts(model, tokenizer, prompts, **options)

@@ -171,8 +171,9 @@ def test_chat_history_drops_earlier_thinks(assistant):
 
 def test_chat_keeps_history_and_reset_clears_it(assistant, monkeypatch, capsys):
     prompts = []
-    render = assistant.render
-    monkeypatch.setattr(assistant, "render", lambda q, s=None, h=(): prompts.append(render(q, s, h)) or prompts[-1])
+    encode = assistant.encode
+    monkeypatch.setattr(assistant, "encode", lambda q, s=None, h=(): prompts.append(assistant.tokenizer.decode(
+        encode(q, s, h))) or encode(q, s, h))
     monkeypatch.setitem(assistant.sampling, "max_new_tokens", 4)
     lines = iter(["问题一", "问题二", "", "/reset", "问题三"])
 
