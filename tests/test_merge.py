@@ -149,6 +149,21 @@ def test_inference_and_evaluate_take_the_merged_folder_with_an_empty_adapter_pat
     assert reports["merged"]["val_loss"] == pytest.approx(reports["adapter"]["val_loss"], abs=0.02)
 
 
+def test_the_web_demo_chats_with_the_merged_folder(merged):
+    from types import SimpleNamespace
+
+    import web_demo
+    from medsft.assistant import MedicalAssistant
+
+    folder, _ = merged["v2"]
+    chat = web_demo.WebChat(MedicalAssistant(str(folder), None), 4096, 2000)
+    steps = list(chat.respond("高血压患者头痛怎么办？", [], [], "", 0.0, 0.95, 8, SimpleNamespace(session_hash="m")))
+    _, messages, history = steps[-1]
+    assert len(history) == 1 and history[0][0] == "高血压患者头痛怎么办？"
+    finish = messages[-1].content if hasattr(messages[-1], "content") else messages[-1]["content"]
+    assert "8 tokens" in str(finish) or "max_new_tokens=8" in str(finish)
+
+
 def test_an_existing_output_is_kept_and_replaced_only_with_overwrite(adapters, short_data_dir, tmp_path):
     out = tmp_path / "model"
     out.mkdir()
