@@ -218,7 +218,7 @@ def render_results(results: dict) -> str:
         if c.get("skipped"):
             lines.append(f"| {name} | skipped: {c['skipped']} | | | | | | |")
         elif not c.get("ok"):
-            error = str(c.get("error")).replace("|", "/")
+            error = str(c.get("error")).replace("|", "/")[:160]
             lines.append(f"| {name} | failed: {error} | | {_fmt(c.get('peak_reserved_gib'), '.2f')} "
                          f"| {_fmt(c.get('peak_allocated_gib'), '.2f')} | | | |")
         else:
