@@ -115,7 +115,8 @@ def main(argv=None):
 
     # ========== 3. The device's matmul rate, the denominator of MFU ==========
     peak = measure.measure_matmul_rate(cfg.MATMUL_SIZE)
-    print(f"measured matmul rate: {report.format_rate(peak['tflops'])} ({peak['dtype']}, {cfg.MATMUL_SIZE}^3)", flush=True)
+    print(f"measured matmul rate: {report.format_rate(peak['tflops'])} ({peak['dtype']}, {cfg.MATMUL_SIZE}^3)",
+          flush=True)
 
     # ========== 4. Train each recipe for WARMUP_STEPS + STEPS steps ==========
     configs = {}

@@ -67,7 +67,8 @@ def add_derived_figures(results: dict) -> None:
         c["mfu"] = round(4 * n * c["tokens_per_s"] / rate, 5) if ok else None
         c["speedup_vs_original"] = (round(c["tokens_per_s"] / original["tokens_per_s"], 3)
                                     if ok and original.get("ok") else None)
-        c["speedup_vs_trl_liger"] = round(c["tokens_per_s"] / peer["tokens_per_s"], 3) if ok and peer.get("ok") else None
+        c["speedup_vs_trl_liger"] = (round(c["tokens_per_s"] / peer["tokens_per_s"], 3)
+                                     if ok and peer.get("ok") else None)
         c["memory_vs_trl_liger"] = (round(c["peak_reserved_gib"] / peer["peak_reserved_gib"], 3)
                                     if ok and peer.get("ok") and c.get("peak_reserved_gib") is not None
                                     and peer.get("peak_reserved_gib") else None)
