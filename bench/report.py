@@ -1,0 +1,295 @@
+"""Results: the raw JSON of a run, the figures derived from it, the targets, and bench/RESULTS.md rendered from it.
+
+Everything here works on the results dict alone, so RESULTS.md can be rebuilt from bench/results/*.json at any
+time (--render_only=True) and the rendering is tested on made-up results.
+"""
+import json
+import os
+import platform
+import re
+import tempfile
+from pathlib import Path
+
+from bench.recipes import RECIPES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# what the recipes are meant to reach (issue 11): {label: (config or "inference", measure, threshold, "max"/"min")}
+TARGETS = {
+    "v1 peak reserved memory": ("v1", "peak_reserved_gib", 6.0, "max"),
+    "v1 tokens/s vs original": ("v1", "speedup_vs_original", 4.0, "min"),
+    "v1 tokens/s vs TRL+Liger": ("v1", "speedup_vs_trl_liger", 1.2, "min"),
+    "v1 peak reserved vs TRL+Liger": ("v1", "memory_vs_trl_liger", 1.0, "max"),
+    "v1 MFU": ("v1", "mfu", 0.25, "min"),
+    "bf16_lora MFU": ("bf16_lora", "mfu", 0.35, "min"),
+    "full v3 run projection": ("v3", "projected_full_run_s", 300.0, "max"),
+    "full fine-tune peak reserved memory": ("full", "peak_reserved_gib", 16.0, "max"),
+    "batch inference vs single-stream": ("inference", "batch_speedup", 10.0, "min"),
+}
+_UNITS = {"peak_reserved_gib": " GiB", "speedup_vs_original": "x", "speedup_vs_trl_liger": "x",
+          "memory_vs_trl_liger": "x", "projected_full_run_s": " s", "batch_speedup": "x"}
+_PEER = "trl_liger"  # the peer the v1 targets compare with
+_TABLE_HEADER = ("| config | tokens/s | step time | peak reserved GiB | peak allocated GiB | MFU | "
+                 "speed-up vs original | vs TRL+Liger |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "liger-kernel"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    import torch
+
+    versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def add_derived_figures(results: dict) -> None:
+    """MFU (4 N FLOPs per trained token against the measured matmul rate), the ratios to the original and to
+    TRL+Liger, the full v3 run projection and the targets; from the results alone, so a merged run is redone."""
+    settings, configs = results["settings"], results["configs"]
+    n, rate = results["model"]["matmul_params"], results["matmul_rate"]["tflops"] * 1e12
+    original, peer = configs.get("original", {}), configs.get(_PEER, {})
+    for c in configs.values():
+        ok = bool(c.get("ok"))
+        c["mfu"] = round(4 * n * c["tokens_per_s"] / rate, 5) if ok else None
+        c["speedup_vs_original"] = (round(c["tokens_per_s"] / original["tokens_per_s"], 3)
+                                    if ok and original.get("ok") else None)
+        c["speedup_vs_trl_liger"] = (round(c["tokens_per_s"] / peer["tokens_per_s"], 3)
+                                     if ok and peer.get("ok") else None)
+        c["memory_vs_trl_liger"] = (round(c["peak_reserved_gib"] / peer["peak_reserved_gib"], 3)
+                                    if ok and peer.get("ok") and c.get("peak_reserved_gib") is not None
+                                    and peer.get("peak_reserved_gib") else None)
+        c["projected_full_run_s"] = round(settings["FULL_RUN_TOKENS"] / c["tokens_per_s"], 1) if ok else None
+        if ok and results["mode"] == "full" and c["effective_batch"] != 16:
+            c["warning"] = f"effective batch {c['effective_batch']}, not 16"
+    results["projection"] = {"full_v3_run_tokens": settings["FULL_RUN_TOKENS"],
+                             "seconds": configs.get("v3", {}).get("projected_full_run_s"),
+                             "note": "training steps only, at the measured v3 rate; no evaluation or checkpoints"}
+    results["targets"] = check_targets(results)
+
+
+def check_targets(results: dict) -> list[dict]:
+    """Each target met, MISSED (with the gap) or not measured (None) in this run."""
+    targets = []
+    for label, (name, key, threshold, kind) in TARGETS.items():
+        source = results.get("inference") if name == "inference" else results["configs"].get(name)
+        value = (source or {}).get(key)
+        met = None if value is None else (value <= threshold if kind == "max" else value >= threshold)
+        targets.append({"target": label, "config": name, "measure": key, "threshold": threshold, "kind": kind,
+                        "measured": value, "met": met, "gap": None if value is None else round(value - threshold, 5)})
+    return targets
+
+
+def merge_results(earlier: dict, new: dict) -> dict:
+    """A run split over several commands, as one: the new run's configs, inference and scripts over the earlier's."""
+    if (earlier.get("mode"), earlier.get("device")) != (new["mode"], new["device"]):
+        raise ValueError(f"cannot merge a {new['mode']} run on {new['device']} into a {earlier.get('mode')} run on "
+                         f"{earlier.get('device')}")
+    merged = earlier | {"configs": earlier.get("configs", {}) | new["configs"],
+                        "commands": [*earlier.get("commands", [earlier["command"]]), new["command"]]}
+    for key in ("inference", "shipped_scripts"):
+        if new.get(key):
+            merged[key] = (earlier.get(key) or {}) | new[key] if key == "shipped_scripts" else new[key]
+    add_derived_figures(merged)
+    return merged
+
+
+def from_root(path) -> Path:
+    """Relative paths are relative to the repository root, wherever the script is started from."""
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
+def _results_dir(cfg) -> Path:
+    if not cfg.RESULTS_DIR:
+        cfg.RESULTS_DIR = tempfile.mkdtemp(prefix="bench-tiny-results-")
+    return from_root(cfg.RESULTS_DIR)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def write_results(cfg, results: dict) -> Path:
+    """RESULTS_DIR/<date>-<device>.json (-2, -3, ... when a run of the same day and device is there); with
+    APPEND_TO, that earlier file of a run split over several commands, this run merged into it."""
+    from medsft.records import write_files_atomically
+
+    if cfg.APPEND_TO:
+        path = from_root(cfg.APPEND_TO)
+        results = merge_results(json.loads(path.read_text(encoding="utf-8")), results)
+    else:
+        directory = _results_dir(cfg)
+        device = "cpu-tiny" if results["mode"] == "tiny" else _slug(results["device"])
+        stem = f"{results['date']}-{device}"
+        path, n = directory / f"{stem}.json", 1
+        while path.exists():
+            n += 1
+            path = directory / f"{stem}-{n}.json"
+    write_files_atomically({path: json.dumps(results, ensure_ascii=False, indent=2) + "\n"})
+    return path
+
+
+def results_md_path(cfg) -> Path:
+    if cfg.RESULTS_MD != "auto":
+        return from_root(cfg.RESULTS_MD)
+    directory = _results_dir(cfg)
+    return ROOT / "bench" / "RESULTS.md" if directory.resolve() == (ROOT / "bench" / "results").resolve() \
+        else directory / "RESULTS.md"
+
+
+def write_results_md(cfg) -> Path:
+    from medsft.records import write_files_atomically
+
+    directory = _results_dir(cfg)
+    files = sorted(directory.glob("*.json")) if directory.is_dir() else []
+    path = results_md_path(cfg)
+    write_files_atomically({path: render_results_md(
+        [json.loads(f.read_text(encoding="utf-8")) | {"file": f.name} for f in files])})
+    return path
+
+
+def render_results_md(all_results: list[dict]) -> str:
+    """RESULTS.md: one section per results file, newest first; says so plainly when no GPU run exists."""
+    lines = ["# Benchmark results", "",
+             "Generated by `python bench/bench.py` from `bench/results/*.json`; do not edit by hand. "
+             "What is measured and how: `bench/README.md`.", ""]
+    if not any(r.get("mode") == "full" for r in all_results):
+        lines += ["**No GPU measurement has been made yet.** There are no numbers here until "
+                  "`python bench/bench.py --mode=full` has run on a GPU and its results file is in `bench/results/`.",
+                  ""]
+    for results in sorted(all_results, key=lambda r: r.get("timestamp", ""), reverse=True):
+        lines += [render_results(results), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _script_status(run: dict) -> str:
+    if run["ok"]:
+        return "ok"
+    last = next((line.strip() for line in reversed(run.get("output_tail") or []) if line.strip()), "")
+    why = "timed out" if run["timed_out"] else f"exit {run['rc']}"
+    return f"FAILED ({why}{': ' + last[:200] if last else ''})"
+
+
+def format_rate(tflops: float) -> str:
+    return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1000:.1f} GFLOP/s"
+
+
+def _fmt(value, spec: str, suffix: str = "", scale: float = 1.0) -> str:
+    return "n/a" if value is None else f"{value * scale:{spec}}{suffix}"
+
+
+def render_results(results: dict) -> str:
+    """One run: a header, the table (one row per config), the targets, inference and the shipped scripts."""
+    title = f"## {results['date']}: {results['device']}" + (" (tiny mode: harness check)"
+                                                            if results["mode"] == "tiny" else "")
+    model, data, versions, settings = results["model"], results["data"], results["versions"], results["settings"]
+    commands = results.get("commands") or [results["command"]]
+    lines = [title, ""]
+    if results.get("note"):
+        lines += [f"> {results['note']}", ""]
+    lines += [
+        *[f"- command: `{command}`" for command in commands],
+        *([f"- file: `{results['file']}`"] if results.get("file") else []),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- model: random Qwen3, {model['layers']} layers, hidden {model['hidden']}, FFN {model['intermediate']}, "
+        f"{model['heads']}/{model['kv_heads']} heads of {model['head_dim']}, vocab {model['vocab']:,}; "
+        f"N = {model['matmul_params'] / 1e9:.3f}B matmul parameters",
+        f"- data: {data['rows']} synthetic train rows, tokens p50 {data['p50']}, p90 {data['p90']}, p99 {data['p99']}, "
+        f"max {data['max']}; think share {data['think_share']:.2f}",
+        f"- measured matmul rate: {format_rate(results['matmul_rate']['tflops'])} ({results['matmul_rate']['dtype']}); "
+        f"{settings['WARMUP_STEPS']} warm-up + {settings['STEPS']} measured steps per config, "
+        f"max_length {settings['MAX_LENGTH']}",
+        "", _TABLE_HEADER,
+    ]
+    for name, c in results["configs"].items():
+        if c.get("skipped"):
+            lines.append(f"| {name} | skipped: {c['skipped']} | | | | | | |")
+        elif not c.get("ok"):
+            error = str(c.get("error")).replace("|", "/")[:160]
+            lines.append(f"| {name} | failed: {error} | | {_fmt(c.get('peak_reserved_gib'), '.2f')} "
+                         f"| {_fmt(c.get('peak_allocated_gib'), '.2f')} | | | |")
+        else:
+            lines.append(f"| {name} | {c['tokens_per_s']:,.0f} | {c['median_step_s']:.3f} s "
+                         f"| {_fmt(c['peak_reserved_gib'], '.2f')} | {_fmt(c['peak_allocated_gib'], '.2f')} "
+                         f"| {_fmt(c['mfu'], '.1f', '%', 100)} | {_fmt(c['speedup_vs_original'], '.2f', 'x')} "
+                         f"| {_fmt(c.get('speedup_vs_trl_liger'), '.2f', 'x')} |")
+    lines += ["", "Configs:", "", *[f"- {name}: {RECIPES[name].about}" if name in RECIPES else f"- {name}"
+                                    for name in results["configs"]]]
+    notes = [f"- {name}: {c['warning']}" for name, c in results["configs"].items() if c.get("warning")]
+    lines += ["", "Notes:", "", *notes] if notes else []
+    lines += ["", "Targets:" if results["mode"] != "tiny" else
+              "Targets (set for Qwen3-1.7B on a GPU: in tiny mode they only exercise the code, met or not):", ""]
+    lines += [_target_line(t) for t in results["targets"]]
+    projection = results.get("projection") or {}
+    if projection.get("seconds") is not None:
+        lines.append(f"- a full v3 run ({projection['full_v3_run_tokens']:,} tokens) would take about "
+                     f"{projection['seconds'] / 60:.1f} min ({projection['note']})")
+    inference = results.get("inference")
+    if inference:
+        lines += ["", "Inference (MedicalAssistant, greedy, bf16 base (fp32 on CPU) + adapter):", ""]
+        if inference.get("ok"):
+            for mode in ("single", "batched"):
+                m = inference[mode]
+                lines.append(f"- {mode}: {m['questions']} question(s) x {inference['new_tokens']} new tokens: "
+                             f"{m['tokens_per_s']:,.1f} generated tokens/s")
+            lines.append(f"- batched / single-stream: {_fmt(inference.get('batch_speedup'), '.1f', 'x')}")
+        else:
+            lines.append(f"- failed: {inference.get('error')}")
+    lines += _script_lines(results.get("shipped_scripts"))
+    return "\n".join(lines)
+
+
+def _target_line(t: dict) -> str:
+    percent = t["measure"] == "mfu"
+    unit = _UNITS.get(t["measure"], "")
+    show = (lambda v: _fmt(v, ".1f", "%", 100)) if percent else (lambda v: _fmt(v, ".2f", unit))
+    sign = "<=" if t["kind"] == "max" else ">="
+    verdict = "not measured in this run" if t["met"] is None else ("met" if t["met"] else "MISSED")
+    measured = "" if t["met"] is None else \
+        f" (measured {show(t['measured'])}, gap {'+' if t['gap'] >= 0 else '-'}{show(abs(t['gap']))})"
+    return f"- {t['target']} {sign} {show(t['threshold'])}: {verdict}{measured}"
+
+
+def _script_lines(scripts: dict | None) -> list[str]:
+    if not scripts:
+        return []
+    lines = ["", "The shipped scripts at real size:", ""]
+    train, infer, merge = scripts.get("train_lora3"), scripts.get("inference_lora_batch"), scripts.get("merge_lora")
+    if train:
+        s = train.get("summary") or {}
+        lines.append(f"- `{train['command']}`: {_script_status(train)}, {train['seconds']:.0f} s in all; summary.json: "
+                     f"{s.get('steps')} steps, {_fmt(s.get('train_tokens_per_s'), ',.0f')} tokens/s, peak reserved "
+                     f"{_fmt(s.get('peak_gpu_reserved_gib'), '.2f')} GiB, "
+                     f"best val loss {_fmt(s.get('best_val_loss'), '.3f')}")
+    if infer:
+        lines.append(f"- `{infer['command']}`: {_script_status(infer)}, {infer['answered']} answered, "
+                     f"{infer['new_tokens']:,} new tokens, "
+                     f"{_fmt(infer['printed_tokens_per_s'], ',.1f')} tokens/s as printed")
+    if merge:
+        lines.append(f"- `{merge['command']}`: {_script_status(merge)}, {merge['seconds']:.0f} s in all, "
+                     f"{_fmt(merge.get('size_gib'), '.2f', ' GiB')} of weights written")
+    demo = scripts.get("web_demo")
+    if demo:
+        if demo.get("skipped"):
+            lines.append(f"- web_demo.py: skipped ({demo['skipped']})")
+        elif demo.get("ok"):
+            lines.append(f"- web_demo.py's chat callback: model loaded in {demo['load_s']:.1f} s; one answer of "
+                         f"{demo['new_tokens']} tokens in {demo['answer_s']:.1f} s, streamed in "
+                         f"{demo['streamed_updates']} updates")
+        else:
+            lines.append(f"- web_demo.py's chat callback: FAILED ({demo.get('error')})")
+    return lines
