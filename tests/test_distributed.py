@@ -170,3 +170,24 @@ def test_a_launch_that_cannot_work_stops_before_loading(monkeypatch, tmp_path, s
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(UserError, match="deepspeed needs CUDA GPUs"):
         train_lora.main([f"--data_dir={sample_data_dir}", f"--output_dir={tmp_path}", "--model_path=/does/not/matter"])
+
+
+def test_torchrun_trains_one_full_model_with_train_py(tiny_model_dir, sample_data_dir, tmp_path):
+    out = tmp_path / "out"
+    entry = tmp_path / "entry.py"
+    entry.write_text(ENTRY)
+    full = [s for s in SETTINGS if not s.startswith("--lora_dropout")] + ["--learning_rate=1e-3"]
+    done = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(entry),
+                   "train", f"--model_path={tiny_model_dir}", f"--data_dir={sample_data_dir}", f"--output_dir={out}",
+                   *full, "--gradient_accumulation=1"], tmp_path)
+    assert done.stdout.count("full fine-tuning settings") == 1 and "drifted apart" not in done.stdout
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert len(ranks[0]) > 10 and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3 and (out / "final" / "config.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [n for n, p in final.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert len(changed) > 10
