@@ -11,9 +11,10 @@ from medsft import chat_format
 from medsft.distributed import quiet_other_ranks
 from medsft.full_finetune import check_full_finetune_settings, load_full_model, use_full_model_training
 from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
+from medsft.resume import plan_output_dir
 from medsft.settings import check_settings, parse_settings
-from medsft.training import (build_trainer, check_training_settings, load_training_data, plan_output_dir,
-                             print_sample_answer, save_results, show_data_preview, train)
+from medsft.training import (build_trainer, check_training_settings, load_training_data, print_sample_answer,
+                             save_results, show_data_preview, train)
 
 # -----------------------------------------------------------------------------
 # version

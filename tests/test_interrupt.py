@@ -77,7 +77,7 @@ def test_batch_resume_with_other_sampling_is_refused(tiny_model_dir, tmp_path):
 
 
 def test_sigint_during_training_then_the_same_command_resumes(tiny_model_dir, short_data_dir, tmp_path):
-    from medsft.training import last_complete_checkpoint
+    from medsft.resume import last_complete_checkpoint
 
     out = tmp_path / "run"
     args = ["train_lora.py", f"--model_path={tiny_model_dir}", f"--data_dir={short_data_dir}", f"--output_dir={out}",

@@ -126,7 +126,7 @@ def test_a_resumed_run_reports_the_whole_run_and_the_last_window_loss(tiny_model
 
 
 def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
-    from medsft.training import last_complete_checkpoint
+    from medsft.resume import last_complete_checkpoint
 
     for step in (2, 4, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
