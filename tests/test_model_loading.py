@@ -43,8 +43,12 @@ def test_model_download_tries_modelscope_then_the_hub_and_a_dry_run_skips_weight
     ["train_lora3.py", "--data_dir=DATA", "--output_dir=OUT"],
     ["inference_lora.py", "--adapter_path=", "-q", "头痛怎么办？"],
     ["evaluate.py", "--adapter_path=", "--data_dir=DATA", "--report_path=OUT.json"],
+    ["train.py", "--data_dir=DATA", "--output_dir=OUT"],
+    ["merge_lora.py", "--adapter_path=ADAPTER", "--output_dir=OUT"],
+    ["web_demo.py", "--adapter_path=", "--server_port=1"],
 ])
-def test_an_empty_or_incomplete_model_folder_gets_one_line_in_every_script(command, sample_data_dir, tmp_path):
+def test_an_empty_or_incomplete_model_folder_gets_one_line_in_every_script(command, sample_data_dir, tmp_path,
+                                                                           trained_adapter):
     import subprocess
     import sys
 
@@ -55,7 +59,8 @@ def test_an_empty_or_incomplete_model_folder_gets_one_line_in_every_script(comma
     half.mkdir()
     (half / "config.json").write_text("{}")
     for folder, problem in ((empty, "is empty"), (half, "lacks a tokenizer")):
-        args = [a.replace("DATA", str(sample_data_dir)).replace("OUT", str(tmp_path / "out")) for a in command]
+        args = [a.replace("DATA", str(sample_data_dir)).replace("OUT", str(tmp_path / "out"))
+                .replace("ADAPTER", str(trained_adapter)) for a in command]
         done = subprocess.run([sys.executable, *args, f"--model_path={folder}"], cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
