@@ -20,7 +20,7 @@ from medsft import chat_format
 from medsft.assistant import check_adapter_path
 from medsft.errors import UserError
 from medsft.records import read_jsonl, write_files_atomically
-from medsft.settings import check_settings, parse_settings
+from medsft.settings import check_settings, parse_settings, read_run_settings
 
 # -----------------------------------------------------------------------------
 # model
@@ -104,9 +104,7 @@ def use_training_settings(cfg, defaults: dict) -> None:
     """Take MAX_LENGTH, SYSTEM_PROMPT, LONG_EXAMPLES and LOAD_IN_4BIT from the training run's settings.json unless
     given here: the adapter's, or with no adapter, the model folder's (a merged model or train.py's final/)."""
     path = Path(cfg.ADAPTER_PATH or cfg.MODEL_PATH) / "settings.json"
-    if not path.is_file():
-        return
-    trained = json.loads(path.read_text(encoding="utf-8"))
+    trained = read_run_settings(path.parent)
     for name in ("MAX_LENGTH", "SYSTEM_PROMPT", "LONG_EXAMPLES", "LOAD_IN_4BIT"):
         if name in trained and getattr(cfg, name) == defaults[name] and trained[name] != defaults[name]:
             print(f"note: {name.lower()} = {trained[name]!r}, as the model was trained ({path})")

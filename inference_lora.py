@@ -18,7 +18,7 @@ from medsft.assistant import (SCENARIOS, MedicalAssistant, ThinkAnswerSplitter, 
                               finished_ids, history_turn, prediction_row, read_batch_file, scenario_table)
 from medsft.errors import UserError, exit_on_interrupt
 from medsft.model_loading import warn_if_cpu
-from medsft.settings import check_settings, parse_settings
+from medsft.settings import check_settings, parse_settings, read_run_settings
 
 # -----------------------------------------------------------------------------
 # model
@@ -123,10 +123,7 @@ def check_inference_settings(cfg, mode: str) -> list[str]:
 
 def note_training_prompt(adapter_path, system_prompt: str) -> None:
     """Warn when the adapter was trained with another system prompt (its settings.json says which)."""
-    try:
-        trained = json.loads((Path(adapter_path) / "settings.json").read_text(encoding="utf-8")).get("SYSTEM_PROMPT")
-    except (OSError, ValueError, AttributeError):
-        return
+    trained = read_run_settings(adapter_path).get("SYSTEM_PROMPT")
     if trained and trained != system_prompt:
         print(f"note: the adapter was trained with the system prompt {trained!r}; pass --system_prompt=... to use it")
 

@@ -18,8 +18,8 @@ from medsft.errors import UserError
 from medsft.model_export import (adapter_problems, check_examples, check_written_model,
                                  library_versions, load_base_and_adapter, logits_of, merge_adapter, output_problems,
                                  pick_device, quantisation_of, recorded_base, save_model_files, staged_folder,
-                                 training_settings, write_json)
-from medsft.settings import check_settings, parse_settings
+                                 write_json)
+from medsft.settings import check_settings, parse_settings, read_run_settings
 
 # -----------------------------------------------------------------------------
 # input
@@ -41,7 +41,7 @@ def main(argv=None):
     # ========== 1. Settings: every problem reported before the model loads ==========
     cfg = parse_settings(globals(), argv)
     bad_adapter = adapter_problems(cfg.ADAPTER_PATH)
-    trained = {} if bad_adapter else training_settings(cfg.ADAPTER_PATH)
+    trained = {} if bad_adapter else read_run_settings(cfg.ADAPTER_PATH)
     if not cfg.MODEL_PATH and not bad_adapter:
         cfg.MODEL_PATH = recorded_base(cfg.ADAPTER_PATH) or ""
     cfg.print("merge settings")

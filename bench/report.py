@@ -42,18 +42,12 @@ def device_name() -> str:
 
 
 def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "liger-kernel"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
     import torch
 
-    versions["cuda"] = torch.version.cuda
-    return versions
+    from medsft.model_export import library_versions as installed
+
+    names = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "liger-kernel")
+    return {"python": platform.python_version(), **installed(names), "cuda": torch.version.cuda}
 
 
 def add_derived_figures(results: dict) -> None:

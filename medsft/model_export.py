@@ -53,14 +53,6 @@ def recorded_base(adapter_path) -> str | None:
     return None
 
 
-def training_settings(adapter_path) -> dict:
-    """The adapter's settings.json (the training run's settings), or {} when it has none."""
-    with contextlib.suppress(OSError, ValueError):
-        settings = json.loads((Path(adapter_path) / "settings.json").read_text(encoding="utf-8"))
-        return settings if isinstance(settings, dict) else {}
-    return {}
-
-
 def adapter_problems(adapter_path) -> list[str]:
     """Why `adapter_path` is not a LoRA adapter folder (OUTPUT_DIR/final of a run); [] when it is."""
     path = Path(adapter_path)
@@ -330,11 +322,14 @@ def write_json(path, content) -> None:
     Path(path).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
-def library_versions() -> dict:
+def library_versions(names=("torch", "transformers", "peft", "safetensors")) -> dict:
+    """{package: installed version or None}, for the records a run leaves (merge.json, the bench results)."""
     import importlib.metadata
 
     versions = {}
-    for name in ("torch", "transformers", "peft", "safetensors"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+    for name in names:
+        try:
             versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
     return versions

@@ -39,6 +39,15 @@ class Settings(SimpleNamespace):
         print("-" * (len(title) + 10), flush=True)
 
 
+def read_run_settings(folder) -> dict:
+    """The settings.json a run saved in `folder` (an adapter, a model folder, an OUTPUT_DIR), or {} if none."""
+    try:
+        saved = json.loads((Path(folder) / "settings.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def _parse_value(name: str, text: str, default):
     if isinstance(default, bool):
         low = text.strip().lower()
