@@ -26,7 +26,7 @@ from medsft import chat_format
 from medsft.assistant import check_adapter_path
 from medsft.errors import UserError
 from medsft.records import read_jsonl, write_files_atomically
-from medsft.settings import RUN_SETTINGS, TRAINING_LENGTH, check_settings, parse_settings, use_run_settings
+from medsft.settings import check_settings, parse_settings, use_run_settings
 
 # -----------------------------------------------------------------------------
 # model
@@ -58,7 +58,7 @@ REPORT_PATH = "eval_report.json"                     # every number, as JSON; al
 def main(argv=None):
     # ========== 1. Settings: what is not given here comes from the run that trained the model ==========
     cfg = parse_settings(globals(), argv)
-    use_run_settings(cfg, RUN_SETTINGS + TRAINING_LENGTH + ("LOAD_IN_4BIT",))
+    use_run_settings(cfg, training_length=True, also=("LOAD_IN_4BIT",))
     cfg.print("evaluate.py settings")
     redteam, redteam_problem = redteam_choice(cfg)
     generating = cfg.GENERATE > 0 or redteam

@@ -205,7 +205,7 @@ def chat(assistant: MedicalAssistant, scenario=None, read_line=input):
 
 
 # what decides a prediction: a batch output resumed under other values would mix answers of two settings
-PREDICTION_SETTINGS = ("MODEL_PATH", "ADAPTER_PATH", "LOAD_IN_4BIT", "SYSTEM_PROMPT", "SCENARIO", "MAX_NEW_TOKENS",
+_PREDICTION_SETTINGS = ("MODEL_PATH", "ADAPTER_PATH", "LOAD_IN_4BIT", "SYSTEM_PROMPT", "SCENARIO", "MAX_NEW_TOKENS",
                        "TEMPERATURE", "TOP_P", "TOP_K", "SEED")
 
 
@@ -215,7 +215,7 @@ def check_batch_resume(cfg, output_file: Path) -> None:
     if not output_file.is_file() or not output_file.stat().st_size or not saved_path.is_file():
         return
     saved, new = json.loads(saved_path.read_text(encoding="utf-8")), cfg.as_dict()
-    changed = [f"{name.lower()} {saved.get(name)!r} → {new[name]!r}" for name in PREDICTION_SETTINGS
+    changed = [f"{name.lower()} {saved.get(name)!r} → {new[name]!r}" for name in _PREDICTION_SETTINGS
                if name in saved and saved[name] != new[name]]
     if changed:
         raise UserError(f"error: {output_file} holds answers made with other settings ({', '.join(changed)}); "

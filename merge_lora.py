@@ -19,7 +19,7 @@ from medsft.model_export import (adapter_problems, check_examples, check_written
                                  library_versions, load_base_and_adapter, logits_of, merge_adapter, output_problems,
                                  pick_device, quantisation_of, recorded_base, save_model_files, staged_folder,
                                  write_json)
-from medsft.settings import RUN_SETTINGS, TRAINING_LENGTH, check_settings, parse_settings, use_run_settings
+from medsft.settings import check_settings, parse_settings, use_run_settings
 
 # -----------------------------------------------------------------------------
 # input
@@ -42,7 +42,7 @@ def main(argv=None):
     # ========== 1. Settings: every problem reported before the model loads ==========
     cfg = parse_settings(globals(), argv)
     bad_adapter = adapter_problems(cfg.ADAPTER_PATH)
-    trained = {} if bad_adapter else use_run_settings(cfg, RUN_SETTINGS + TRAINING_LENGTH)
+    trained = {} if bad_adapter else use_run_settings(cfg, training_length=True)
     if not cfg.MODEL_PATH and not bad_adapter:
         cfg.MODEL_PATH = recorded_base(cfg.ADAPTER_PATH) or ""  # an adapter without settings.json: PEFT's record
     cfg.print("merge settings")

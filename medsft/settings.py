@@ -66,8 +66,9 @@ RUN_SETTINGS = ("MODEL_PATH", "DATA_DIR", "SYSTEM_PROMPT")
 TRAINING_LENGTH = ("MAX_LENGTH", "LONG_EXAMPLES")
 
 
-def use_run_settings(cfg: Settings, names=RUN_SETTINGS) -> dict:
-    """Take `names` from the settings.json of the run that made the model, unless given on the command line.
+def use_run_settings(cfg: Settings, training_length: bool = False, also=()) -> dict:
+    """Take RUN_SETTINGS (and TRAINING_LENGTH, and `also`) from the settings.json of the run that made the model,
+    unless given on the command line.
 
     The run is ADAPTER_PATH's (a run's final/ or best/) or, with no adapter, MODEL_PATH's (a merged folder or
     train.py's final/); a model folder's own MODEL_PATH is never taken, since that folder is the model. Names
@@ -75,6 +76,7 @@ def use_run_settings(cfg: Settings, names=RUN_SETTINGS) -> dict:
     MODEL_PATH of another shape than the adapter's base is refused here, before anything loads. Returns the
     run's settings ({} when there is no run to read).
     """
+    names = RUN_SETTINGS + (TRAINING_LENGTH if training_length else ()) + tuple(also)
     given = getattr(cfg, "_given", set())
     adapter = getattr(cfg, "ADAPTER_PATH", "")
     folder = adapter or (getattr(cfg, "MODEL_PATH", "") if Path(getattr(cfg, "MODEL_PATH", "")).is_dir() else "")
