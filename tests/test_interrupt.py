@@ -93,6 +93,7 @@ def test_sigint_during_training_then_the_same_command_resumes(tiny_model_dir, sh
     assert last.startswith("interrupted at step ") and f"the newest checkpoint is {checkpoint}" in last
     assert last.endswith("run the same command again to resume")
     assert not list(out.rglob("*.tmp")) and not (out / "final").exists()
+    assert all((c / "trainer_state.json").is_file() for c in out.glob("checkpoint-*"))  # no empty checkpoint left
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # no torn line
     step = int(checkpoint.rsplit("-", 1)[1])
     args = [f"--max_steps={step + 2}" if a == "--max_steps=60" else a for a in args]  # a shorter run, same settings
