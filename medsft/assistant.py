@@ -194,7 +194,7 @@ def check_base_shape(model_path, adapter_path, trained_base: str) -> None:
         return
     if any(config.get(name) != value for name, value in trained.items()):
         def shape(values):
-            return ", ".join(f"{_SHAPE_NAMES[name]} {values.get(name)}" for name in trained)
+            return ", ".join(f"{label} {values.get(name)}" for name, label in _SHAPE_NAMES.items() if name in trained)
 
         raise UserError(f"error: --model_path {model_path} ({shape(config)}) is not the shape of {trained_base} "
                         f"({shape(trained)}), the base the adapter in {adapter_path} was trained on; drop "
