@@ -89,3 +89,15 @@ def test_a_mistyped_local_folder_is_named(monkeypatch, tmp_path):
         resolve_model_path("./demo_output/tiny-qwen")
     with pytest.raises(UserError, match="no such folder"):
         resolve_model_path("demo_output/models/tiny-qwen")
+
+
+def test_the_cpu_warning_names_nf4_only_when_loading_in_4_bit(monkeypatch, capsys):
+    from medsft.model_loading import warn_if_cpu
+
+    monkeypatch.delenv("MEDSFT_QUIET_CPU", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    warn_if_cpu(True)
+    warn_if_cpu(False)
+    four_bit, plain = capsys.readouterr().out.splitlines()
+    assert "no CUDA GPU found" in four_bit and "NF4" in four_bit
+    assert "no CUDA GPU found" in plain and "NF4" not in plain and "float32" in plain
