@@ -93,6 +93,14 @@ def train_once(tmp_path_factory, tiny_model_dir):
     return train
 
 
+def two_step_run(train_once, short_data_dir, folder) -> Path:
+    """A copy in `folder` of the session's 2-step v1 run with a checkpoint every step, for tests that resume it."""
+    import shutil
+
+    shutil.copytree(train_once("v1", short_data_dir, "--max_steps=2", "--save_steps=1")[0], folder, dirs_exist_ok=True)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def trained_adapter(train_once, sample_data_dir) -> Path:
     """OUTPUT_DIR/final of a 3-step v1 run on the tiny model."""

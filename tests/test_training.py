@@ -10,7 +10,7 @@ import train_lora
 import train_lora2
 import train_lora3
 from medsft.errors import UserError
-from tests.conftest import FAST_TRAINING, SHORT_QUESTIONS
+from tests.conftest import FAST_TRAINING, SHORT_QUESTIONS, two_step_run
 
 SCRIPTS = {"v1": train_lora, "v2": train_lora2, "v3": train_lora3}
 
@@ -105,8 +105,8 @@ def test_settings_problems_are_reported_together_before_loading(tmp_path):
         assert part in message
 
 
-def test_resume_continues_from_the_newest_checkpoint(tiny_model_dir, short_data_dir, tmp_path, capsys):
-    run(train_lora, tiny_model_dir, short_data_dir, tmp_path, "--max_steps=2", "--save_steps=1")
+def test_resume_continues_from_the_newest_checkpoint(train_once, tiny_model_dir, short_data_dir, tmp_path, capsys):
+    two_step_run(train_once, short_data_dir, tmp_path)
     assert (tmp_path / "checkpoint-2").is_dir()
     summary = run(train_lora, tiny_model_dir, short_data_dir, tmp_path, "--max_steps=4", "--save_steps=1")["summary"]
     assert f"resuming from {tmp_path / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
