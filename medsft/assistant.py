@@ -192,7 +192,7 @@ def check_base_shape(model_path, adapter_path, trained_base: str) -> None:
             trained = lora_base_shape({key: f.get_slice(key).get_shape() for key in f.keys()})
     except (OSError, ValueError, RuntimeError):
         return
-    if any(config.get(name) != value for name, value in trained.items()):
+    if any(name in config and config[name] != value for name, value in trained.items()):  # else: the folder check
         def shape(values):
             return ", ".join(f"{label} {values.get(name)}" for name, label in _SHAPE_NAMES.items() if name in trained)
 
