@@ -45,6 +45,7 @@ def main(argv=None):
     trained = {} if bad_adapter else use_run_settings(cfg, training_length=True)
     if not cfg.MODEL_PATH and not bad_adapter:
         cfg.MODEL_PATH = recorded_base(cfg.ADAPTER_PATH) or ""  # an adapter without settings.json: PEFT's record
+        cfg._origins["MODEL_PATH"] = "from adapter_config.json"
     cfg.print("merge settings")
     problems = [p for p in [
         *bad_adapter,
