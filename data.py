@@ -14,6 +14,7 @@ they fell in, and from train the rows whose question is in val or test or earlie
 """
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 from medsft.dataset_prep import (clean_splits, download_dataset, find_data_files, held_out_duplicates,
@@ -127,8 +128,10 @@ def check_nothing_empty(splits: dict, cut: dict, dropped: dict) -> None:
     for name, rows in splits.items():
         if rows or not cut[name]:
             continue
-        reasons = sorted(((n, r) for split in dropped.values() for r, n in split.items()), reverse=True)[:3]
-        top = ", ".join(f"{r} {n}" for n, r in reasons)
+        reasons = Counter()
+        for split in dropped.values():
+            reasons.update(split)
+        top = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common(3))
         if not any(splits.values()):
             raise UserError(f"error: all {read} rows were dropped (top reasons: {top})")
         raise UserError(f"error: {name} is empty after dropping bad rows and duplicates (top reasons: {top}); "
