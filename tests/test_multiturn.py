@@ -90,3 +90,109 @@ def test_v3_masks_only_the_user_turns(tokenizer):
             assert text == original
     trained = lambda ex: [label for label in ex["labels"] if label != IGNORE_INDEX]  # noqa: E731
     assert trained(dataset[2]) == trained(build_conversation_example(tokenizer, units[2]["messages"], 4096))
+
+
+# ---- the scripts on every schema ------------------------------------------------------------------------------
+
+SINGLE_TURN_SCHEMAS = ("gradio_seed.jsonl", "alpaca.json", "medical_o1.json")
+CONVERSATION_SCHEMAS = ("sharegpt.json", "openai_messages.jsonl")
+
+
+def tag_questions(name: str, row: dict) -> dict:
+    """The samples share their questions; a tag per schema keeps them apart (data.py drops repeated questions)."""
+    tag = f"（{name}）"
+    if "conversations" in row:
+        row["conversations"] = [t | {"value": t["value"] + tag} if t["from"] == "human" else t
+                                for t in row["conversations"]]
+    elif "messages" in row:
+        row["messages"] = [m | {"content": m["content"] + tag} if m["role"] == "user" else m for m in row["messages"]]
+    else:
+        field = {"gradio_seed.jsonl": "input", "alpaca.json": "instruction", "medical_o1.json": "Question"}
+        row[field.get(name, "prompt")] += tag
+    return row
+
+
+@pytest.fixture(scope="module")
+def schema_split(tmp_path_factory):
+    """One split of three rows of each shipped schema sample and of the column-mapped CSV, in one folder.
+
+    The rows are written as .jsonl in memory (data.py reads a folder's .jsonl files before any .json);
+    the column-mapped CSV needs --columns, so its own split is appended: split files are schema-blind."""
+    import csv
+    import io
+    import json
+
+    import data
+    from tests.conftest import ROOT
+
+    examples, folder = ROOT / "data" / "examples", tmp_path_factory.mktemp("schemas")
+    (folder / "in").mkdir()
+    for name in SINGLE_TURN_SCHEMAS + CONVERSATION_SCHEMAS:
+        text = (examples / name).read_text(encoding="utf-8")
+        rows = json.loads(text) if name.endswith(".json") else [json.loads(line) for line in text.splitlines()]
+        (folder / "in" / f"{name.split('.')[0]}.jsonl").write_text(
+            "".join(json.dumps(tag_questions(name, r), ensure_ascii=False) + "\n" for r in rows[:3]), encoding="utf-8")
+    manifest = data.main([f"--source={folder / 'in'}", f"--data_dir={folder}", "--val_fraction=0.2"])
+    assert sorted(manifest["schemas"].values()) == ["alpaca", "gradio_seed", "medical_o1", "openai", "sharegpt"]
+    assert manifest["counts"] == {"val": 3, "train": 12} and not manifest["dropped"]
+    mapped = list(csv.DictReader(io.StringIO((examples / "custom_columns.csv").read_text(encoding="utf-8"))))[:4]
+    with open(folder / "columns.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(mapped[0]))
+        writer.writeheader()
+        writer.writerows(tag_questions("columns", r) for r in mapped)
+    data.main([f"--source={folder / 'columns.csv'}", f"--data_dir={folder / 'columns'}", "--val_fraction=0.25",
+               "--columns=question:prompt,think:reasoning,answer:response"])
+    for name in ("train.jsonl", "val.jsonl"):
+        with open(folder / name, "a", encoding="utf-8") as f:
+            f.write((folder / "columns" / name).read_text(encoding="utf-8"))
+    return folder
+
+
+def test_train_lora_trains_every_example_of_every_schema_and_evaluate_scores_conversations(
+        tiny_model_dir, schema_split, tmp_path):
+    import json
+
+    import evaluate
+    import train_lora
+    from medsft.records import read_jsonl
+    from medsft.schemas import opening_question
+    from tests.conftest import FAST_TRAINING
+
+    train = [r for _, r in read_jsonl(schema_split / "train.jsonl")]
+    val = [r for _, r in read_jsonl(schema_split / "val.jsonl")]
+    for name in SINGLE_TURN_SCHEMAS + CONVERSATION_SCHEMAS + ("columns",):
+        assert any(f"（{name}）" in opening_question(r) for r in train), name
+    assert any("messages" in r for r in val) and any("question" in r for r in val)
+    settings = [*FAST_TRAINING, "--max_steps=-1", "--epochs=1", "--batch_size=8", "--gradient_accumulation=1",
+                "--eval_steps=50", "--save_steps=50", "--max_length=512", "--eval_batch_size=16"]
+    result = train_lora.main([f"--model_path={tiny_model_dir}", f"--data_dir={schema_split}",
+                              f"--output_dir={tmp_path}", *settings])
+    stats, summary = result["data"].stats, result["summary"]
+    assert stats["dropped"] == 0 and stats["train_examples"] > len(train)  # conversations: one example per reply
+    assert summary["steps"] == -(-stats["train_examples"] // 8)  # one epoch: every example of every schema
+    assert summary["train_tokens"] == stats["train_tokens"]
+    report = evaluate.main([f"--model_path={tiny_model_dir}", f"--adapter_path={tmp_path / 'final'}",
+                            f"--data_dir={schema_split}", "--eval_batch_size=16", f"--report_path={tmp_path / 'r.json'}"])
+    assert report["val_examples"] == stats["val_examples"] > len(val)
+    assert report["val_loss"] == pytest.approx(summary["best_val_loss"], rel=1e-5)
+    assert json.loads((tmp_path / "r.json").read_text())["val_think_loss"] > 0
+
+
+def test_dry_run_prints_a_conversation_as_the_template_renders_it(tiny_model_dir, tokenizer, tmp_path, capsys):
+    import data
+    import train_lora
+    from medsft.records import read_jsonl
+    from tests.conftest import ROOT
+
+    data.main([f"--source={ROOT / 'data' / 'examples' / 'openai_messages.jsonl'}", f"--data_dir={tmp_path}"])
+    capsys.readouterr()
+    train_lora.main([f"--model_path={tiny_model_dir}", f"--data_dir={tmp_path}", f"--output_dir={tmp_path / 'dry'}",
+                     "--dry_run=True", "--max_length=2048"])
+    out = capsys.readouterr().out
+    first = read_jsonl(tmp_path / "train.jsonl")[0][1]["messages"]
+    rendered = template_text(tokenizer, first)
+    assert rendered.count("<|im_start|>assistant") == 2
+    shown = out.split("==== first training example, exactly as trained (between the rulers) ====\n")[1]
+    assert shown.split("\n==== its trained part")[0] == rendered
+    trained = out.split("==== its trained part (labels != -100) ====\n")[1].split("\n==== end ====")[0]
+    assert trained == rendered.split("<|im_start|>assistant\n")[-1].removesuffix("\n")
