@@ -230,8 +230,8 @@ def reader_for(path, columns: set, schema: str, mapping: dict | None):
         name = detect_schema(columns) if schema == "auto" else schema
         if name is None:
             raise UserError(f"error: {path}: unknown schema; found the keys {', '.join(sorted(columns)) or '(none)'}; "
-                            f"known schemas: {', '.join(SCHEMAS)} (pass --schema=NAME, or map the columns: "
-                            "--columns=question:COL,think:COL,answer:COL)")
+                            f"known schemas: {', '.join(SCHEMAS)}{_closest_schema(columns)} (pass --schema=NAME, or "
+                            f"map the columns: {_suggest_columns(columns, '', _reasoning_column(columns))})")
         reader, needed, reads = SCHEMAS[name][0], SCHEMAS[name][1], set(SCHEMAS[name][2])
     for column in needed:
         if column not in columns:
@@ -246,20 +246,48 @@ def reader_for(path, columns: set, schema: str, mapping: dict | None):
     return name, reader
 
 
+def _closest_schema(columns: set) -> str:
+    """"; closest: ..." naming the known schema whose needed columns the found ones nearly match, if any."""
+    best = (0, "", [])
+    for name, (_, needed, _) in SCHEMAS.items():
+        pairs = [(c, close[0]) for c in needed if c not in columns
+                 for close in [difflib.get_close_matches(c, sorted(columns), n=1, cutoff=0.6)] if close]
+        matched = sum(c in columns for c in needed) + len(pairs)
+        if pairs and matched == len(needed) and matched > best[0]:
+            best = (matched, name, pairs)
+    if not best[1]:
+        return ""
+    return f"; closest: {best[1]}, with " + ", ".join(f"'{found}' for '{c}'" for c, found in best[2])
+
+
+def _reasoning_column(columns: set) -> str | None:
+    return next((c for c in sorted(columns) if _looks_like_reasoning(c)), None)
+
+
+def _guess(columns: set, default: str, names: tuple, placeholder: str) -> str:
+    """The column that most likely plays a part: the schema's own, a usual name, a near miss, else a placeholder."""
+    lowered = {c.lower(): c for c in sorted(columns)}
+    for name in (default, *names):
+        if name.lower() in lowered:
+            return lowered[name.lower()]
+    close = difflib.get_close_matches(default, sorted(columns), n=1, cutoff=0.6)
+    return close[0] if close else f"{placeholder}_COLUMN"
+
+
 def _looks_like_reasoning(column: str) -> bool:
     return re.sub(r"[\s_\-]", "", column).lower() in REASONING_NAMES
 
 
 def _mapping_hint(columns: set, name: str) -> str:
-    think = next((c for c in sorted(columns) if _looks_like_reasoning(c)), None)
+    think = _reasoning_column(columns)
     return f"; or map them: {_suggest_columns(columns, name, think)}" if think else ""
 
 
 def _suggest_columns(columns: set, name: str, think: str | None) -> str:
     question = {"gradio_seed": "input", "alpaca": "instruction", "medical_o1": "Question"}.get(name, "question")
     answer = {"gradio_seed": "output", "alpaca": "output", "medical_o1": "Response"}.get(name, "answer")
-    question = question if question in columns else "QUESTION_COLUMN"
-    answer = answer if answer in columns else "ANSWER_COLUMN"
+    question = _guess(columns, question, ("question", "prompt", "query", "instruction", "input", "问题"), "QUESTION")
+    answer = _guess(columns, answer, ("answer", "response", "output", "reply", "completion", "回答"), "ANSWER")
     return f"--columns=question:{question}" + (f",think:{think}" if think else "") + f",answer:{answer}"
 
 

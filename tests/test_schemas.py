@@ -169,6 +169,10 @@ def test_schema_can_be_forced_and_an_unknown_one_names_the_keys(tmp_path):
     message = str(e.value)
     assert "\n" not in message and "unknown schema" in message and "prompt, response" in message
     assert "gradio_seed, alpaca, medical_o1, sharegpt, openai" in message and not (tmp_path / "none").exists()
+    assert message.endswith("--columns=question:prompt,answer:response)")
+    with pytest.raises(UserError) as e:  # the shipped CSV needs its mapping; the error spells it out
+        data.main([f"--source={EXAMPLES / 'custom_columns.csv'}", f"--data_dir={tmp_path / 'none'}"])
+    assert "--columns=question:prompt,think:reasoning,answer:response" in str(e.value)
 
 
 def test_a_reasoning_column_is_never_dropped_silently(tmp_path):
