@@ -54,7 +54,8 @@ def main(argv=None):
         not 0 <= cfg.TEST_FRACTION < 1 and f"test_fraction must be in [0, 1), not {cfg.TEST_FRACTION}",
         cfg.VAL_FRACTION + cfg.TEST_FRACTION >= 1 and "val_fraction + test_fraction must be below 1",
         cfg.GOLD_SIZE < 0 and f"gold_size must be 0 (none) or more, not {cfg.GOLD_SIZE}",
-        cfg.SCHEMA not in ("auto", *SCHEMAS) and f"schema must be auto or one of {', '.join(SCHEMAS)}, not {cfg.SCHEMA!r}",
+        cfg.SCHEMA not in ("auto", *SCHEMAS)
+        and f"schema must be auto or one of {', '.join(SCHEMAS)}, not {cfg.SCHEMA!r}",
         cfg.COLUMNS and cfg.SCHEMA != "auto" and "give --schema or --columns, not both",
         *parse_columns(cfg.COLUMNS)[1],
     ])

@@ -52,15 +52,16 @@ def check_row(row: dict) -> tuple[dict | None, str | None, str | None]:
             messages = row["messages"]
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                 raise RowProblem("bad_messages", "field 'messages' must be a list of objects")
-            clean = conversation([_checked_message(m.get("role"), m.get("content"), m.get("think"), f"messages item {i}")
-                                  for i, m in enumerate(messages, start=1)], row)
+            clean = conversation([_checked_message(m.get("role"), m.get("content"), m.get("think"),
+                                                   f"messages item {i}") for i, m in enumerate(messages, start=1)], row)
         else:
             think = row.get("think")
             if think is not None and not isinstance(think, str):
                 raise RowProblem("bad_type_think", f"field 'think' must be a string, got {type(think).__name__}")
             if think is None:
                 raise RowProblem("missing_think", "missing field 'think' (\"\" for a reply without reasoning)")
-            clean = single_turn(row, text_field(row, "question"), "answer", None, text_field(row, "instruction", required=False))
+            clean = single_turn(row, text_field(row, "question"), "answer", None,
+                                text_field(row, "instruction", required=False))
             clean["think"] = clean_think(think) or clean["think"]
     except RowProblem as problem:
         return None, problem.reason, problem.message
@@ -142,7 +143,8 @@ def split_as_originals(rows: list, val_fraction: float, test_fraction: float, se
     train_end = int(n * round(1 - val_fraction - test_fraction, 12))
     val_end = int(n * round(1 - test_fraction, 12)) if test_fraction > 0 else n
     if train_end < 1 or (val_fraction > 0 and val_end <= train_end) or (test_fraction > 0 and val_end >= n):
-        raise UserError(f"error: {n} rows are too few for val_fraction={val_fraction} and test_fraction={test_fraction}")
+        raise UserError(f"error: {n} rows are too few for val_fraction={val_fraction} "
+                        f"and test_fraction={test_fraction}")
     if strata is None:
         shuffled = [rows[i] for i in order]
         splits = {"val": shuffled[train_end:val_end], "train": shuffled[:train_end]}
@@ -232,7 +234,7 @@ def no_reasoning_replies(rows: list[dict]) -> tuple[int, int]:
 
 def quality_score(row: dict) -> float | None:
     """metrics.quality_f1 when it is a finite number, else None."""
-    score = row["metrics"].get("quality_f1")
+    score = row.get("metrics", {}).get("quality_f1")
     rated = isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score)
     return float(score) if rated else None
 
@@ -241,7 +243,7 @@ def pick_gold_rows(held_out: list[dict], size: int) -> list[dict]:
     """The `size` held-out rows with the highest metrics.quality_f1; ties by id, then question; unrated rows last."""
     def rank(row):
         score = quality_score(row)
-        return (score is None, -(score or 0.0), row["id"], row["question"])
+        return (score is None, -(score or 0.0), row["id"], opening_question(row))
 
     if size > len(held_out):
         raise UserError(f"error: gold_size={size} but there are only {len(held_out)} held-out (val and test) rows; "

@@ -80,7 +80,8 @@ def single_turn(raw: dict, question: str, answer_column: str, think_column: str 
 def read_question_think_answer(raw: dict) -> dict:
     instruction = raw.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
-        raise RowProblem("bad_type_instruction", f"field 'instruction' must be a string, got {type(instruction).__name__}")
+        raise RowProblem("bad_type_instruction",
+                         f"field 'instruction' must be a string, got {type(instruction).__name__}")
     return single_turn(raw, text_field(raw, "question"), "answer", "think", instruction or "")
 
 
@@ -211,7 +212,8 @@ def parse_columns(text: str) -> tuple[dict, list[str]]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         field, sep, column = (s.strip() for s in item.partition(":"))
         if not sep or not column or field not in MAPPABLE_FIELDS:
-            problems.append(f"columns item {item!r}: expected FIELD:COLUMN with FIELD one of {', '.join(MAPPABLE_FIELDS)}")
+            problems.append(f"columns item {item!r}: expected FIELD:COLUMN with FIELD one of "
+                            f"{', '.join(MAPPABLE_FIELDS)}")
         else:
             mapping[field] = column
     if mapping and not problems and not {"question", "answer"} <= set(mapping):

@@ -172,7 +172,8 @@ def test_train_lora_trains_every_example_of_every_schema_and_evaluate_scores_con
     assert summary["steps"] == -(-stats["train_examples"] // 8)  # one epoch: every example of every schema
     assert summary["train_tokens"] == stats["train_tokens"]
     report = evaluate.main([f"--model_path={tiny_model_dir}", f"--adapter_path={tmp_path / 'final'}",
-                            f"--data_dir={schema_split}", "--eval_batch_size=16", f"--report_path={tmp_path / 'r.json'}"])
+                            f"--data_dir={schema_split}", "--eval_batch_size=16",
+                            f"--report_path={tmp_path / 'r.json'}"])
     assert report["val_examples"] == stats["val_examples"] > len(val)
     assert report["val_loss"] == pytest.approx(summary["best_val_loss"], rel=1e-5)
     assert json.loads((tmp_path / "r.json").read_text())["val_think_loss"] > 0

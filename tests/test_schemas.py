@@ -54,7 +54,8 @@ def test_2405_rows_give_the_originals_val_row_for_row(tmp_path):
 
 def test_80_10_10_gives_the_gradio_projects_three_slices(tmp_path):
     rows = [row(i) for i in range(137)]
-    data.main([f"--source={write_jsonl(tmp_path / 'all.jsonl', rows)}", f"--data_dir={tmp_path}", "--test_fraction=0.1"])
+    data.main([f"--source={write_jsonl(tmp_path / 'all.jsonl', rows)}", f"--data_dir={tmp_path}",
+               "--test_fraction=0.1"])
     train, val, test = originals_split(rows, test_fraction=0.1)
     assert ids(tmp_path / "train.jsonl") == key_ids(train)
     assert ids(tmp_path / "val.jsonl") == key_ids(val) and ids(tmp_path / "test.jsonl") == key_ids(test)
