@@ -458,12 +458,13 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str) -> None:
 # 7. sample answer
 
 
-def print_sample_answer(model, tokenizer, row: dict, cfg) -> str:
-    """One answer to a val row's question (a conversation's last one, after its earlier turns), generated the right
-    way: eval mode, KV cache on, no checkpointing."""
+def print_sample_answer(model, tokenizer, row: dict | str, cfg) -> str:
+    """One answer to a question, or a val row's (a conversation's last one, after its earlier turns), generated the
+    right way: eval mode, KV cache on, no checkpointing."""
     from medsft.generation import generate_replies, prepare_for_generation
 
     prepare_for_generation(model)
+    row = {"question": row} if isinstance(row, str) else row
     question, history, system_prompt = row.get("question"), (), cfg.SYSTEM_PROMPT
     if "messages" in row:
         system_prompt = next((m["content"] for m in row["messages"] if m["role"] == "system"), system_prompt)
