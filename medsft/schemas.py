@@ -106,8 +106,11 @@ def mapped_reader(mapping: dict):
     """A reader for --columns: {internal field: source column}."""
     def read(raw: dict) -> dict:
         system = text_field(raw, mapping["system"], required=False) if "system" in mapping else ""
-        row = single_turn({**raw, "meta": raw.get(mapping.get("meta", "meta"))}, text_field(raw, mapping["question"]),
-                          mapping["answer"], mapping.get("think"), system, question_column=mapping["question"])
+        meta = raw.get(mapping.get("meta", "meta"))
+        if meta is not None and not isinstance(meta, dict):  # meta:department gives {"department": ...}
+            meta = {mapping["meta"]: meta}
+        row = single_turn(raw | {"meta": meta}, text_field(raw, mapping["question"]), mapping["answer"],
+                          mapping.get("think"), system, question_column=mapping["question"])
         return row
     return read
 

@@ -132,11 +132,13 @@ def test_medical_o1_and_the_column_mapping(tmp_path):
     rows = [{"Question": f"问{i}", "Complex_CoT": f"想{i}", "Response": f"答{i}"} for i in range(5)]
     _, split = split_of(tmp_path, write_jsonl(tmp_path / "o1.jsonl", rows))
     assert split[question_key("问1")[:12]]["think"] == "想1"
-    mapped = [{"prompt": f"问{i}", "cot_text": f"想{i}", "reply": f"答{i}", "sys": "你是医生。"} for i in range(5)]
+    mapped = [{"prompt": f"问{i}", "cot_text": f"想{i}", "reply": f"答{i}", "sys": "你是医生。", "dept": "儿科"}
+              for i in range(5)]
     manifest, split = split_of(tmp_path, write_jsonl(tmp_path / "m.jsonl", mapped),
-                               "--columns=question:prompt,think:cot_text,answer:reply,system:sys")
+                               "--columns=question:prompt,think:cot_text,answer:reply,system:sys,meta:dept")
     assert split[question_key("问1")[:12]] | {"id": 0} == {"id": 0, "instruction": "你是医生。", "question": "问1",
-                                                        "think": "想1", "answer": "答1", "metrics": {}}
+                                                        "think": "想1", "answer": "答1", "metrics": {},
+                                                        "meta": {"dept": "儿科"}}
     assert list(manifest["schemas"].values()) == ["columns"]
 
 
