@@ -1,0 +1,121 @@
+"""Downloads from ModelScope and the Hugging Face Hub: bounded retries, the cache when offline, one-line errors.
+
+Mirrors and caches are the SDKs' own settings: MODELSCOPE_ENDPOINT (the deprecated MODELSCOPE_DOMAIN still
+works) and MODELSCOPE_CACHE; HF_ENDPOINT and HF_HOME.
+"""
+import os
+from pathlib import Path
+
+from medsft.errors import UserError
+
+HUB_ATTEMPTS = 2              # tries of a hub's first request (the file listing) before giving up on that hub
+HUB_TIMEOUT_S = 4             # connect and read timeout of each try: 2 tries + a 1 s pause stay within ~10 s a hub
+MODELSCOPE_DEFAULT_REVISION = "master"  # the branch ModelScope's SDK downloads when no revision is given
+
+# modelscope-hub reads these when it is first imported; a value the user set wins
+_MODELSCOPE_BOUNDS = {
+    "MODELSCOPE_API_MAX_RETRIES": HUB_ATTEMPTS - 1,           # API calls (the site probe when no endpoint is set)
+    "MODELSCOPE_API_CONNECT_TIMEOUT": HUB_TIMEOUT_S,
+    "MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS": HUB_ATTEMPTS,   # the file listing, the first request of a download
+    "MODELSCOPE_REPO_TREE_PAGE_TIMEOUT_SECONDS": HUB_TIMEOUT_S,
+}
+
+
+def modelscope_endpoint() -> str:
+    """Where ModelScope's SDK downloads from, as it decides it: MODELSCOPE_ENDPOINT, then MODELSCOPE_DOMAIN."""
+    url = os.environ.get("MODELSCOPE_ENDPOINT", "").strip() or os.environ.get("MODELSCOPE_DOMAIN", "").strip()
+    if not url:
+        return "https://modelscope.cn"
+    return (url if url.startswith(("http://", "https://")) else f"https://{url}").rstrip("/")
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
+
+
+def _import_modelscope():
+    for name, value in _MODELSCOPE_BOUNDS.items():
+        os.environ.setdefault(name, str(value))
+    from modelscope import snapshot_download
+
+    return snapshot_download
+
+
+def _failure(e: BaseException) -> str:
+    """'not_found', 'offline' (no answer, or a server error) or 'other', from the exception and its causes."""
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        name = type(e).__name__
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if name in ("NotExistError", "RepositoryNotFoundError", "RevisionNotFoundError") or status == 404 \
+                or "[404]" in str(e):
+            return "not_found"
+        if name in ("NetworkError", "RequestTimeoutError", "ServerError", "ConnectError", "ConnectTimeout",
+                    "ReadTimeout", "TimeoutException", "ConnectionError", "Timeout") or (status or 0) >= 500:
+            return "offline"
+        e = e.__cause__ or e.__context__
+    return "other"
+
+
+def _one_line(hub: str, url: str, what: str, e: Exception) -> str:
+    kind = _failure(e)
+    if kind == "not_found":
+        return f"{hub} ({url}) has no {what}"
+    if kind == "offline":
+        return (f"{hub} ({url}) did not answer: {HUB_ATTEMPTS} attempts, {HUB_TIMEOUT_S} s timeout each "
+                f"({type(e).__name__})")
+    return f"{hub} ({url}) failed on {what} ({type(e).__name__})"
+
+
+def download_dataset(dataset_id: str, revision: str = "") -> tuple[Path, str]:
+    """The dataset's raw files from ModelScope (or its cache when ModelScope does not answer), and the revision."""
+    revision = revision or MODELSCOPE_DEFAULT_REVISION
+    try:
+        snapshot_download = _import_modelscope()
+    except ImportError:
+        raise UserError("error: modelscope is not installed (pip install -r requirements.txt), "
+                        "or pass a local file with --source=PATH") from None
+    url, what = modelscope_endpoint(), f"dataset {dataset_id!r} at revision {revision!r}"
+    try:
+        return Path(snapshot_download(repo_id=dataset_id, repo_type="dataset", revision=revision)), revision
+    except Exception as e:  # network, missing-dataset and server errors all come as different types
+        error = e
+    if _failure(error) == "offline":
+        try:
+            cached = snapshot_download(repo_id=dataset_id, repo_type="dataset", revision=revision,
+                                       local_files_only=True)
+            print(f"ModelScope ({url}) did not answer; using the cached copy in {cached}", flush=True)
+            return Path(cached), revision
+        except Exception:
+            pass
+    raise UserError(f"error: could not download {what}: {_one_line('ModelScope', url, what, error)}. "
+                    "Offline? Pass a local file in the same schema: --source=data/sample.jsonl") from None
+
+
+def download_model(model_id: str, allow_patterns: list[str]) -> str:
+    """The model's files matching allow_patterns: from ModelScope, else from the Hugging Face Hub."""
+    errors = []
+    what = f"model {model_id!r}"
+    try:
+        snapshot_download = _import_modelscope()
+        print(f"downloading {model_id} from ModelScope ...", flush=True)
+        return snapshot_download(model_id, allow_patterns=allow_patterns)
+    except ImportError:
+        errors.append("ModelScope: modelscope is not installed")
+    except Exception as e:
+        errors.append(_one_line("ModelScope", modelscope_endpoint(), what, e))
+        if _failure(e) == "offline":
+            try:
+                return snapshot_download(model_id, allow_patterns=allow_patterns, local_files_only=True)
+            except Exception:
+                pass
+    try:
+        from huggingface_hub import snapshot_download
+
+        print(f"downloading {model_id} from the Hugging Face Hub ...", flush=True)
+        return snapshot_download(model_id, allow_patterns=allow_patterns, etag_timeout=HUB_TIMEOUT_S)
+    except Exception as e:  # it falls back to its own cache by itself
+        errors.append(_one_line("the Hugging Face Hub", hub_endpoint(), what, e))
+    raise UserError(f"error: could not get {what}: " + "; ".join(errors)
+                    + ". Check the spelling, or download it yourself and pass its folder: --model_path=/path/to/model")
