@@ -36,7 +36,8 @@ def hub_endpoint() -> str:
 def _import_modelscope():
     for name, value in _MODELSCOPE_BOUNDS.items():
         os.environ.setdefault(name, str(value))
-    from modelscope import snapshot_download
+    # what modelscope's snapshot_download delegates to, without the torch import of `import modelscope`
+    from modelscope_hub.compat.snapshot_download import snapshot_download
 
     return snapshot_download
 

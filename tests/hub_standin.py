@@ -52,7 +52,7 @@ class HubStandIn:
     """Both hubs on one port. `modelscope` and `hub` map (kind, "org/name") to a Repo.
 
     mode: "serve" (normal), "503" (every request answered 503), "hang" (every request read, never answered).
-    cut_file: a file path whose first download is cut off after half its bytes (an interrupted download).
+    stall_file: a file path whose download stops after half its bytes, sets `stalled` and waits for `release`.
     """
 
     def __init__(self):
@@ -60,7 +60,8 @@ class HubStandIn:
         self.hub: dict[tuple[str, str], Repo] = {}
         self.log: list[dict] = []
         self.mode = "serve"
-        self.cut_file: str | None = None
+        self.stall_file: str | None = None
+        self.stalled, self.release = threading.Event(), threading.Event()
         self._lock = threading.Lock()
         self._server = None
 
@@ -81,18 +82,16 @@ class HubStandIn:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_port}"  # kept after stop(): a port nothing listens on
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
     def stop(self) -> None:
+        self.release.set()
         if self._server:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}"
 
     def env(self) -> dict[str, str]:
         return {"MODELSCOPE_ENDPOINT": self.url, "HF_ENDPOINT": self.url, "NO_PROXY": "127.0.0.1",
@@ -136,23 +135,22 @@ class HubStandIn:
             body = body[int(start): int(end) + 1 if end else None]
             headers["Content-Range"] = f"bytes {start}-{int(start) + len(body) - 1}/{total}"
             status = entry["status"] = 206
-        cut = status in (200, 206) and h.command == "GET" and self.cut_file and entry["path"].endswith(self.cut_file) \
-            or self.cut_file and entry["query"].get("FilePath") == self.cut_file
+        stall = h.command == "GET" and status in (200, 206) and self.stall_file is not None \
+            and self.stall_file in (entry["path"].rsplit("/resolve/", 1)[-1].split("/", 1)[-1], entry["query"].get("FilePath"))
         h.send_response(status)
         for key, value in headers.items():
             h.send_header(key, value)
         h.send_header("Content-Length", str(len(body)))
         h.send_header("Accept-Ranges", "bytes")
-        if cut:
-            h.send_header("Connection", "close")
         h.end_headers()
         if h.command == "HEAD":
             return
-        if cut:  # half the bytes, then the connection drops: an interrupted download
-            self.cut_file = None
-            entry["cut"] = True
+        if stall:  # half the bytes, then nothing: the test interrupts the download here
             h.wfile.write(body[: len(body) // 2])
             h.wfile.flush()
+            entry["stalled"] = True
+            self.stalled.set()
+            self.release.wait(60)
             h.close_connection = True
             return
         h.wfile.write(body)
