@@ -4,6 +4,7 @@ Mirrors and caches are the SDKs' own settings: MODELSCOPE_ENDPOINT (the deprecat
 works) and MODELSCOPE_CACHE; HF_ENDPOINT and HF_HOME.
 """
 import os
+import time
 from pathlib import Path
 
 from medsft.errors import UserError
@@ -64,8 +65,7 @@ def _one_line(hub: str, url: str, what: str, e: Exception) -> str:
     if kind == "not_found":
         return f"{hub} ({url}) has no {what}"
     if kind == "offline":
-        return (f"{hub} ({url}) did not answer: {HUB_ATTEMPTS} attempts, {HUB_TIMEOUT_S} s timeout each "
-                f"({type(e).__name__})")
+        return f"{hub} ({url}) did not answer for {what}: {HUB_ATTEMPTS} attempts, {HUB_TIMEOUT_S} s timeout each"
     return f"{hub} ({url}) failed on {what} ({type(e).__name__})"
 
 
@@ -77,7 +77,7 @@ def download_dataset(dataset_id: str, revision: str = "") -> tuple[Path, str]:
     except ImportError:
         raise UserError("error: modelscope is not installed (pip install -r requirements.txt), "
                         "or pass a local file with --source=PATH") from None
-    url, what = modelscope_endpoint(), f"dataset {dataset_id!r} at revision {revision!r}"
+    url = modelscope_endpoint()
     try:
         return Path(snapshot_download(repo_id=dataset_id, repo_type="dataset", revision=revision)), revision
     except Exception as e:  # network, missing-dataset and server errors all come as different types
@@ -90,14 +90,14 @@ def download_dataset(dataset_id: str, revision: str = "") -> tuple[Path, str]:
             return Path(cached), revision
         except Exception:
             pass
-    raise UserError(f"error: could not download {what}: {_one_line('ModelScope', url, what, error)}. "
-                    "Offline? Pass a local file in the same schema: --source=data/sample.jsonl") from None
+    what = f"dataset {dataset_id!r} at revision {revision!r}"
+    raise UserError(f"error: {_one_line('ModelScope', url, what, error)}. Check the id and --revision; offline, "
+                    "pass a local file in the same schema: --source=data/sample.jsonl") from None
 
 
 def download_model(model_id: str, allow_patterns: list[str]) -> str:
     """The model's files matching allow_patterns: from ModelScope, else from the Hugging Face Hub."""
-    errors = []
-    what = f"model {model_id!r}"
+    errors, what = [], f"model {model_id!r}"
     try:
         snapshot_download = _import_modelscope()
         print(f"downloading {model_id} from ModelScope ...", flush=True)
@@ -112,11 +112,30 @@ def download_model(model_id: str, allow_patterns: list[str]) -> str:
             except Exception:
                 pass
     try:
-        from huggingface_hub import snapshot_download
-
         print(f"downloading {model_id} from the Hugging Face Hub ...", flush=True)
-        return snapshot_download(model_id, allow_patterns=allow_patterns, etag_timeout=HUB_TIMEOUT_S)
-    except Exception as e:  # it falls back to its own cache by itself
+        return _hub_snapshot(model_id, allow_patterns)
+    except Exception as e:
         errors.append(_one_line("the Hugging Face Hub", hub_endpoint(), what, e))
     raise UserError(f"error: could not get {what}: " + "; ".join(errors)
                     + ". Check the spelling, or download it yourself and pass its folder: --model_path=/path/to/model")
+
+
+def _hub_snapshot(model_id: str, allow_patterns: list[str]) -> str:
+    """huggingface_hub's snapshot download, after resolving main to a commit with bounded tries: the library
+    itself asks that first question with no timeout and no retry."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    for attempt in range(HUB_ATTEMPTS):
+        try:
+            commit = HfApi().model_info(model_id, revision="main", timeout=HUB_TIMEOUT_S).sha
+            break
+        except Exception as e:
+            if _failure(e) != "offline":
+                raise
+            if attempt == HUB_ATTEMPTS - 1:
+                try:  # the last download of main, if any
+                    return snapshot_download(model_id, allow_patterns=allow_patterns, local_files_only=True)
+                except Exception:
+                    raise e from None
+            time.sleep(1)
+    return snapshot_download(model_id, revision=commit, allow_patterns=allow_patterns, etag_timeout=HUB_TIMEOUT_S)

@@ -51,7 +51,7 @@ class Repo:
 class HubStandIn:
     """Both hubs on one port. `modelscope` and `hub` map (kind, "org/name") to a Repo.
 
-    mode: "serve" (normal), "503" (every request answered 503), "hang" (every request read, never answered).
+    failing: {path prefix: "503" or "hang"}: requests under it are answered 503, or read and never answered.
     stall_file: a file path whose download stops after half its bytes, sets `stalled` and waits for `release`.
     """
 
@@ -59,7 +59,7 @@ class HubStandIn:
         self.modelscope: dict[tuple[str, str], Repo] = {}
         self.hub: dict[tuple[str, str], Repo] = {}
         self.log: list[dict] = []
-        self.mode = "serve"
+        self.failing: dict[str, str] = {}  # path prefix -> "503" (answered 503) or "hang" (read, never answered)
         self.stall_file: str | None = None
         self.stalled, self.release = threading.Event(), threading.Event()
         self._lock = threading.Lock()
@@ -108,7 +108,8 @@ class HubStandIn:
                  "range": h.headers.get("Range"), "at": time.monotonic(), "status": None, "closed_at": None}
         with self._lock:
             self.log.append(entry)
-        if self.mode == "hang":  # read, never answer: the client's read timeout ends it
+        failure = next((how for prefix, how in self.failing.items() if entry["path"].startswith(prefix)), None)
+        if failure == "hang":  # read, never answer: the client's read timeout ends it
             h.close_connection = True
             h.connection.settimeout(120)
             try:
@@ -117,7 +118,7 @@ class HubStandIn:
                 pass
             entry["closed_at"] = time.monotonic()
             return
-        if self.mode == "503":
+        if failure == "503":
             return self._reply(h, entry, 503, b'{"error": "service unavailable"}')
         try:
             status, body, headers = self._route(entry)

@@ -102,7 +102,7 @@ def test_the_deprecated_modelscope_domain_setting_still_works_and_a_wrong_datase
     line = error_line(result)
     assert "'krisfu/no_such_dataset'" in line and "has no dataset" in line and standin.url in line
     assert [r["status"] for r in standin.log[start:]] == [404]  # asked once, at the stand-in
-    assert "Offline? Pass a local file" in line
+    assert "--source=data/sample.jsonl" in line
 
 
 def test_a_model_id_downloads_only_what_training_needs_from_modelscope_then_the_hub(standin, tmp_path):
@@ -131,7 +131,7 @@ def test_a_model_id_downloads_only_what_training_needs_from_modelscope_then_the_
 
 def test_an_unanswering_modelscope_ends_in_one_line_after_bounded_tries(tmp_path):
     standin = make_standin()
-    standin.mode = "hang"  # takes each request and never answers
+    standin.failing = {"/": "hang"}  # takes each request and never answers
     try:
         result = run([str(ROOT / "data.py"), "--data_dir=out"], standin, tmp_path)
     finally:
@@ -146,18 +146,23 @@ def test_an_unanswering_modelscope_ends_in_one_line_after_bounded_tries(tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_a_failing_server_is_tried_a_bounded_number_of_times_on_each_hub(standin, tmp_path):
-    standin.mode, start = "503", len(standin.log)
+def test_failing_hubs_are_tried_a_bounded_number_of_times_each(standin, tmp_path):
+    standin.failing, start = {"/api/v1/": "503", "/api/models/": "hang"}, len(standin.log)
     try:
         result = run(["-c", RESOLVE, "Qwen/TinyOnBoth"], standin, tmp_path)
     finally:
-        standin.mode = "serve"
+        standin.failing = {}
     line = error_line(result)
-    assert "ModelScope" in line and "Hugging Face Hub" in line and line.count("did not answer") == 2
-    log = [r for r in standin.log[start:] if r["path"] != "/api/agent-harnesses"]  # the Hub SDK's telemetry
-    modelscope = [r for r in log if r["path"].startswith("/api/v1/")]
-    hub = [r for r in log if r["path"].startswith("/api/models/")]
-    assert len(modelscope) == HUB_ATTEMPTS and len(hub) <= HUB_ATTEMPTS and len(log) == len(modelscope) + len(hub)
+    assert "ModelScope" in line and "Hugging Face Hub" in line and "'Qwen/TinyOnBoth'" in line
+    assert line.count(f"did not answer for model 'Qwen/TinyOnBoth': {HUB_ATTEMPTS} attempts, {HUB_TIMEOUT_S} s") == 2
+    log = [r for r in standin.log[start:] if r["path"] != "/api/agent-harnesses"]  # the Hub library's telemetry
+    modelscope = [r for r in log if r["path"] == "/api/v1/models/Qwen/TinyOnBoth/repo/files"]
+    hub = [r for r in log if r["path"] == "/api/models/Qwen/TinyOnBoth/revision/main"]
+    assert len(modelscope) == len(hub) == HUB_ATTEMPTS and len(log) == 2 * HUB_ATTEMPTS
+    assert [r["status"] for r in modelscope] == [503] * HUB_ATTEMPTS
+    waited = [r["closed_at"] - r["at"] for r in hub]
+    assert all(HUB_TIMEOUT_S - 0.5 < w < HUB_TIMEOUT_S + 1.5 for w in waited), waited
+    assert hub[-1]["closed_at"] - hub[0]["at"] < 11
 
 
 def test_an_interrupted_download_completes_on_the_rerun(tmp_path):
