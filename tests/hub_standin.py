@@ -6,10 +6,10 @@ SDKs at it with their own settings: MODELSCOPE_ENDPOINT (or the older MODELSCOPE
 Endpoints (found by pointing modelscope 1.40 and huggingface_hub 2.4 at it and reading their sources):
   ModelScope  GET /api/v1/datasets/{org}/{name}/repo/tree?Revision=&Recursive=&PageNumber=&PageSize=
               GET /api/v1/models/{org}/{name}/repo/files?Revision=&Recursive=
-              GET /api/v1/{datasets|models}/{org}/{name}/repo?Revision=&FilePath=     (the file; Range honoured)
+              GET /api/v1/{datasets|models}/{org}/{name}/repo?Revision=&FilePath=     (the file)
   Hub         GET /api/models/{org}/{name}/revision/{revision}                          (the commit sha)
               GET /api/models/{org}/{name}/tree/{sha}?recursive=true
-              HEAD|GET /{org}/{name}/resolve/{sha}/{path}                               (the file; Range honoured)
+              HEAD|GET /{org}/{name}/resolve/{sha}/{path}                               (the file)
 """
 import hashlib
 import json
@@ -80,8 +80,13 @@ class HubStandIn:
             def log_message(self, *args):
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):  # a client that hung up: the log says what matters
+                pass
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_port}"  # kept after stop(): a port nothing listens on
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
@@ -104,8 +109,9 @@ class HubStandIn:
     # ---- request handling
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         url = urlparse(h.path)
-        entry = {"method": h.command, "path": unquote(url.path), "query": {k: v[0] for k, v in parse_qs(url.query).items()},
-                 "range": h.headers.get("Range"), "at": time.monotonic(), "status": None, "closed_at": None}
+        query = {key: values[0] for key, values in parse_qs(url.query).items()}
+        entry = {"method": h.command, "path": unquote(url.path), "query": query, "range": h.headers.get("Range"),
+                 "at": time.monotonic(), "status": None, "closed_at": None}
         with self._lock:
             self.log.append(entry)
         failure = next((how for prefix, how in self.failing.items() if entry["path"].startswith(prefix)), None)
@@ -129,20 +135,12 @@ class HubStandIn:
     def _reply(self, h, entry, status, body, headers=None):
         entry["status"] = status
         headers = {"Content-Type": "application/json", **(headers or {})}
-        ranged = entry["range"] and status == 200 and headers.get("Content-Type") == "application/octet-stream"
-        total = len(body)
-        if ranged:  # bytes=START- or bytes=START-END
-            start, _, end = entry["range"].removeprefix("bytes=").partition("-")
-            body = body[int(start): int(end) + 1 if end else None]
-            headers["Content-Range"] = f"bytes {start}-{int(start) + len(body) - 1}/{total}"
-            status = entry["status"] = 206
-        stall = h.command == "GET" and status in (200, 206) and self.stall_file is not None \
-            and self.stall_file in (entry["path"].rsplit("/resolve/", 1)[-1].split("/", 1)[-1], entry["query"].get("FilePath"))
+        served = entry["query"].get("FilePath") or entry["path"].partition("/resolve/")[2].partition("/")[2]
+        stall = h.command == "GET" and status == 200 and served == self.stall_file
         h.send_response(status)
         for key, value in headers.items():
             h.send_header(key, value)
         h.send_header("Content-Length", str(len(body)))
-        h.send_header("Accept-Ranges", "bytes")
         h.end_headers()
         if h.command == "HEAD":
             return
@@ -171,9 +169,6 @@ class HubStandIn:
                 return 200, json.dumps({"Code": 200, "Success": True, "Data": {"Files": listing}}).encode(), {}
             if action == "repo":
                 return 200, files[e["query"]["FilePath"]], {"Content-Type": "application/octet-stream"}
-            if action == "revisions":
-                branches = [{"Revision": name, "CommitId": c} for name, c in repo.refs.items()]
-                return 200, json.dumps({"Code": 200, "Data": {"RevisionMap": {"Branches": branches, "Tags": []}}}).encode(), {}
             raise KeyError(action)
         if parts[:1] == ["api"] and len(parts) >= 6 and parts[1] in ("models", "datasets"):  # Hub API
             kind, repo_id, action = parts[1].rstrip("s"), "/".join(parts[2:4]), parts[4]

@@ -20,8 +20,12 @@ DATASET_FILES = {"README.md": b"# delicate_medical_r1_data\n\nChinese medical R1
                  "r1_data_example.jsonl": SAMPLE.read_bytes()}
 TRAINING_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                   "tokenizer_config.json", "chat_template.jinja"}
-RESOLVE = "from medsft.model_loading import check_model_folder, resolve_model_path; import sys; " \
-          "print('MODEL', check_model_folder(resolve_model_path(sys.argv[1])))"
+RESOLVE = """import sys
+from medsft.model_loading import check_model_folder, resolve_model_path
+for arg in sys.argv[1:]:  # dry:ID = what a dry run fetches
+    dry = arg.startswith("dry:")
+    print("MODEL", check_model_folder(resolve_model_path(arg.removeprefix("dry:"), dry), dry), flush=True)
+"""
 
 
 def make_standin(model_dir=None) -> HubStandIn:
@@ -107,12 +111,13 @@ def test_the_deprecated_modelscope_domain_setting_still_works_and_a_wrong_datase
 
 def test_a_model_id_downloads_only_what_training_needs_from_modelscope_then_the_hub(standin, tmp_path):
     start = len(standin.log)
-    result = run(["-c", RESOLVE, "Qwen/TinyOnBoth"], standin, tmp_path)
+    result = run(["-c", RESOLVE, "dry:Qwen/TinyOnBoth", "Qwen/TinyOnBoth"], standin, tmp_path)
     assert result.returncode == 0, result.stderr
     folder = result.stdout.split("MODEL ")[-1].strip()
     assert folder.startswith(str(tmp_path / "modelscope")) and set(os.listdir(folder)) == TRAINING_FILES
-    fetched = {r["query"].get("FilePath") for r in standin.log[start:] if r["path"].endswith("/repo")}
-    assert fetched == TRAINING_FILES  # no README, LICENSE or .bin weights
+    fetched = [r["query"].get("FilePath") for r in standin.log[start:] if r["path"].endswith("/repo")]
+    assert sorted(fetched) == sorted(TRAINING_FILES)  # no README, LICENSE or .bin weights, and nothing twice
+    assert fetched[-1] == "model.safetensors"  # the dry run fetched all but the weights
 
     start = len(standin.log)
     result = run(["-c", RESOLVE, "Qwen/TinyOnHubOnly"], standin, tmp_path)
