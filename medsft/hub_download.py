@@ -50,8 +50,7 @@ def _failure(e: BaseException) -> str:
         seen.append(e)
         name = type(e).__name__
         status = getattr(getattr(e, "response", None), "status_code", None)
-        if name in ("NotExistError", "RepositoryNotFoundError", "RevisionNotFoundError") or status == 404 \
-                or "[404]" in str(e):
+        if name in ("NotExistError", "RepositoryNotFoundError", "RevisionNotFoundError") or status == 404:
             return "not_found"
         if name in ("NetworkError", "RequestTimeoutError", "ServerError", "ConnectError", "ConnectTimeout",
                     "ReadTimeout", "TimeoutException", "ConnectionError", "Timeout") or (status or 0) >= 500:
@@ -60,12 +59,21 @@ def _failure(e: BaseException) -> str:
     return "other"
 
 
+def _cached(folder: str, hub: str, url: str) -> str:
+    print(f"{hub} ({url}) did not answer; using the cached copy in {folder}", flush=True)
+    return folder
+
+
 def _one_line(hub: str, url: str, what: str, e: Exception) -> str:
     kind = _failure(e)
     if kind == "not_found":
         return f"{hub} ({url}) has no {what}"
     if kind == "offline":
-        return f"{hub} ({url}) did not answer for {what}: {HUB_ATTEMPTS} attempts, {HUB_TIMEOUT_S} s timeout each"
+        attempts, timeout = HUB_ATTEMPTS, HUB_TIMEOUT_S
+        if hub == "ModelScope":  # the settings it ran with: ours, or the user's
+            attempts = os.environ["MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS"]
+            timeout = os.environ["MODELSCOPE_REPO_TREE_PAGE_TIMEOUT_SECONDS"]
+        return f"{hub} ({url}) did not answer for {what}: {attempts} attempts, {timeout} s timeout each"
     return f"{hub} ({url}) failed on {what} ({type(e).__name__})"
 
 
@@ -84,10 +92,8 @@ def download_dataset(dataset_id: str, revision: str = "") -> tuple[Path, str]:
         error = e
     if _failure(error) == "offline":
         try:
-            cached = snapshot_download(repo_id=dataset_id, repo_type="dataset", revision=revision,
-                                       local_files_only=True)
-            print(f"ModelScope ({url}) did not answer; using the cached copy in {cached}", flush=True)
-            return Path(cached), revision
+            return Path(_cached(snapshot_download(repo_id=dataset_id, repo_type="dataset", revision=revision,
+                                                  local_files_only=True), "ModelScope", url)), revision
         except Exception:
             pass
     what = f"dataset {dataset_id!r} at revision {revision!r}"
@@ -108,7 +114,8 @@ def download_model(model_id: str, allow_patterns: list[str]) -> str:
         errors.append(_one_line("ModelScope", modelscope_endpoint(), what, e))
         if _failure(e) == "offline":
             try:
-                return snapshot_download(model_id, allow_patterns=allow_patterns, local_files_only=True)
+                return _cached(snapshot_download(model_id, allow_patterns=allow_patterns, local_files_only=True),
+                               "ModelScope", modelscope_endpoint())
             except Exception:
                 pass
     try:
@@ -123,8 +130,10 @@ def download_model(model_id: str, allow_patterns: list[str]) -> str:
 def _hub_snapshot(model_id: str, allow_patterns: list[str]) -> str:
     """huggingface_hub's snapshot download, after resolving main to a commit with bounded tries: the library
     itself asks that first question with no timeout and no retry."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
 
+    if constants.HF_HUB_OFFLINE:  # the cache only, as the library does it
+        return snapshot_download(model_id, allow_patterns=allow_patterns)
     for attempt in range(HUB_ATTEMPTS):
         try:
             commit = HfApi().model_info(model_id, revision="main", timeout=HUB_TIMEOUT_S).sha
@@ -134,7 +143,8 @@ def _hub_snapshot(model_id: str, allow_patterns: list[str]) -> str:
                 raise
             if attempt == HUB_ATTEMPTS - 1:
                 try:  # the last download of main, if any
-                    return snapshot_download(model_id, allow_patterns=allow_patterns, local_files_only=True)
+                    return _cached(snapshot_download(model_id, allow_patterns=allow_patterns, local_files_only=True),
+                                   "The Hugging Face Hub", hub_endpoint())
                 except Exception:
                     raise e from None
             time.sleep(1)
