@@ -23,10 +23,14 @@ _MODELSCOPE_BOUNDS = {
 
 
 def modelscope_endpoint() -> str:
-    """Where ModelScope's SDK downloads from, as it decides it: MODELSCOPE_ENDPOINT, then MODELSCOPE_DOMAIN."""
+    """MODELSCOPE_ENDPOINT, else MODELSCOPE_DOMAIN, else modelscope.cn (modelscope.ai with MODELSCOPE_PREFER_AI_SITE).
+
+    Passed to the SDK explicitly: without an endpoint it first probes both sites, up to 4 s each when offline.
+    """
     url = os.environ.get("MODELSCOPE_ENDPOINT", "").strip() or os.environ.get("MODELSCOPE_DOMAIN", "").strip()
     if not url:
-        return "https://modelscope.cn"
+        prefer_ai = os.environ.get("MODELSCOPE_PREFER_AI_SITE", "").strip().lower() in ("1", "true", "yes", "on")
+        return "https://www.modelscope.ai" if prefer_ai else "https://modelscope.cn"
     return (url if url.startswith(("http://", "https://")) else f"https://{url}").rstrip("/")
 
 
@@ -87,7 +91,8 @@ def download_dataset(dataset_id: str, revision: str = "") -> tuple[Path, str]:
                         "or pass a local file with --source=PATH") from None
     url = modelscope_endpoint()
     try:
-        return Path(snapshot_download(repo_id=dataset_id, repo_type="dataset", revision=revision)), revision
+        folder = snapshot_download(repo_id=dataset_id, repo_type="dataset", revision=revision, endpoint=url)
+        return Path(folder), revision
     except Exception as e:  # network, missing-dataset and server errors all come as different types
         error = e
     if _failure(error) == "offline":
@@ -107,7 +112,7 @@ def download_model(model_id: str, allow_patterns: list[str]) -> str:
     try:
         snapshot_download = _import_modelscope()
         print(f"downloading {model_id} from ModelScope ...", flush=True)
-        return snapshot_download(model_id, allow_patterns=allow_patterns)
+        return snapshot_download(model_id, allow_patterns=allow_patterns, endpoint=modelscope_endpoint())
     except ImportError:
         errors.append("ModelScope: modelscope is not installed")
     except Exception as e:

@@ -120,18 +120,15 @@ def test_a_model_id_downloads_only_what_training_needs_from_modelscope_then_the_
     assert fetched[-1] == "model.safetensors"  # the dry run fetched all but the weights
 
     start = len(standin.log)
-    result = run(["-c", RESOLVE, "Qwen/TinyOnHubOnly"], standin, tmp_path)
-    assert result.returncode == 0, result.stderr
-    folder = result.stdout.split("MODEL ")[-1].strip()
+    result = run(["-c", RESOLVE, "Qwen/TinyOnHubOnly", "Qwen/NoSuchModel"], standin, tmp_path)
+    line = error_line(result)  # the second id: on neither hub
+    assert "'Qwen/NoSuchModel'" in line and line.count("has no model") == 2 and "--model_path=" in line
+    folder = result.stdout.split("MODEL ")[-1].splitlines()[0]
     assert folder.startswith(str(tmp_path / "hf")) and set(os.listdir(folder)) == TRAINING_FILES
-    log = standin.log[start:]
+    log = [r for r in standin.log[start:] if "NoSuchModel" not in r["path"]]
     assert log[0]["path"] == "/api/v1/models/Qwen/TinyOnHubOnly/repo/files" and log[0]["status"] == 404
     fetched = {r["path"].rsplit("/", 1)[-1] for r in log if "/resolve/" in r["path"] and r["method"] == "GET"}
     assert fetched == TRAINING_FILES
-
-    result = run(["-c", RESOLVE, "Qwen/NoSuchModel"], standin, tmp_path)
-    line = error_line(result)
-    assert "'Qwen/NoSuchModel'" in line and line.count("has no model") == 2 and "--model_path=" in line
 
 
 def test_an_unanswering_modelscope_ends_in_one_line_after_bounded_tries(tmp_path):
