@@ -51,8 +51,10 @@ def standin(tiny_model_dir):
 
 
 def run(args, standin, cache, settings=None, **popen):
-    env = {**os.environ, **standin.env(), "MODELSCOPE_CACHE": str(cache / "modelscope"), "HF_HOME": str(cache / "hf"),
-           "HF_HUB_OFFLINE": "0", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(settings or {})}
+    """A script in a fresh process, with the SDKs' settings pointing at the stand-in and a cache under `cache`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELSCOPE_", "HF_"))}  # none of the caller's
+    env |= {**standin.env(), "MODELSCOPE_CACHE": str(cache / "modelscope"), "HF_HOME": str(cache / "hf"),
+            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(settings or {})}
     env = {k: v for k, v in env.items() if v is not None}
     command = [sys.executable, *args]
     if popen:
@@ -99,7 +101,7 @@ def test_data_py_downloads_pins_a_revision_and_reruns_from_the_cache(tmp_path):
 
 
 def test_the_deprecated_modelscope_domain_setting_still_works_and_a_wrong_dataset_id_is_named(standin, tmp_path):
-    domain = {"MODELSCOPE_ENDPOINT": None, "MODELSCOPE_DOMAIN": standin.url}  # what SDKs before 1.38 read
+    domain = {"MODELSCOPE_ENDPOINT": None, "MODELSCOPE_DOMAIN": standin.url}  # the older setting, still honoured
     start = len(standin.log)
     result = run([str(ROOT / "data.py"), "--data_dir=out", "--source=krisfu/no_such_dataset"], standin, tmp_path,
                  domain)
