@@ -102,8 +102,9 @@ def download_dataset(dataset_id: str, revision: str = "") -> tuple[Path, str]:
         except Exception:
             pass
     what = f"dataset {dataset_id!r} at revision {revision!r}"
-    raise UserError(f"error: {_one_line('ModelScope', url, what, error)}. Check the id and --revision; offline, "
-                    "pass a local file in the same schema: --source=data/sample.jsonl") from None
+    advice = "Offline? Pass" if _failure(error) == "offline" else "Check the id and --revision, or pass"
+    raise UserError(f"error: {_one_line('ModelScope', url, what, error)}. {advice} a local file in the same schema: "
+                    "--source=data/sample.jsonl") from None
 
 
 def download_model(model_id: str, allow_patterns: list[str]) -> str:
