@@ -146,7 +146,7 @@ def test_an_unanswering_modelscope_ends_in_one_line_after_bounded_tries(tmp_path
     assert len(tries) == len(standin.log) == HUB_ATTEMPTS
     waited = [r["closed_at"] - r["at"] for r in tries]  # when the client gave up on each
     assert all(HUB_TIMEOUT_S - 0.5 < w < HUB_TIMEOUT_S + 1.5 for w in waited), waited
-    assert sum(waited) + (tries[-1]["at"] - tries[0]["at"] - waited[0]) < 11  # tries and pauses: within ~10 s
+    assert tries[-1]["closed_at"] - tries[0]["at"] < 11  # 2 tries of 4 s and a 1 s pause: about 10 s
     assert not (tmp_path / "out").exists()
 
 
