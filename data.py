@@ -17,10 +17,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from medsft.dataset_prep import (clean_splits, download_dataset, find_data_files, held_out_duplicates,
-                                 no_reasoning_replies, pick_gold_rows, quality_score, read_source, split_as_originals,
-                                 stratum_of)
+from medsft.dataset_prep import (clean_splits, find_data_files, held_out_duplicates, no_reasoning_replies,
+                                 pick_gold_rows, quality_score, read_source, split_as_originals, stratum_of)
 from medsft.errors import UserError
+from medsft.hub_download import download_dataset
 from medsft.records import jsonl_text, write_files_atomically
 from medsft.schemas import SCHEMAS, parse_columns
 from medsft.settings import check_settings, parse_settings
@@ -28,7 +28,7 @@ from medsft.settings import check_settings, parse_settings
 # -----------------------------------------------------------------------------
 # source
 SOURCE = "krisfu/delicate_medical_r1_data"  # ModelScope dataset id, or a local .jsonl/.json/.csv/.parquet file or folder
-REVISION = ""                               # dataset revision on ModelScope; "" = the default branch
+REVISION = ""                               # ModelScope branch or tag to download; "" = the default branch, master
 ON_BAD_ROW = "error"                        # "error" stops at bad rows (naming file and line); "skip" drops and counts them
 SCHEMA = "auto"                             # "auto" detects it from the keys; or question_think_answer, gradio_seed,
                                             # alpaca, medical_o1, sharegpt, openai
@@ -61,14 +61,15 @@ def main(argv=None):
     ])
 
     # ========== 1. Find the source files (a local file, or a ModelScope download) ==========
-    local = Path(cfg.SOURCE).expanduser()
+    local, revision = Path(cfg.SOURCE).expanduser(), None
     if local.is_dir():
         files = find_data_files(local)
     elif local.exists() or local.suffix or cfg.SOURCE.startswith(("/", ".", "~")):
         files = [local]
     else:
         print(f"downloading {cfg.SOURCE} from ModelScope ...", flush=True)
-        files = find_data_files(download_dataset(cfg.SOURCE, cfg.REVISION or None))
+        folder, revision = download_dataset(cfg.SOURCE, cfg.REVISION)
+        files = find_data_files(folder)
     print("reading " + ", ".join(map(str, files)))
 
     # ========== 2. Read every row through its file's schema (bad rows are kept until after the split) ==========
@@ -93,7 +94,8 @@ def main(argv=None):
         texts[out / "gold.jsonl"] = jsonl_text(gold)
     content = hashlib.sha256("".join(texts[p] for p in sorted(texts)).encode("utf-8")).hexdigest()
     manifest = {
-        "source": cfg.SOURCE, "source_files": [str(f) for f in files], "schemas": schemas, "rows_read": len(read_rows),
+        "source": cfg.SOURCE, **({"source_revision": revision} if revision else {}),
+        "source_files": [str(f) for f in files], "schemas": schemas, "rows_read": len(read_rows),
         "counts": {name: len(split) for name, split in splits.items()},
         "dropped": dropped,  # {split: {reason: rows}}: bad rows where they fell, duplicates from train only
         "held_out_duplicates": held_out_duplicates(splits), "replies": replies, "replies_without_reasoning": bare,
