@@ -90,15 +90,15 @@ def main(argv=None):
     if quantisation_of(model_path):  # a model id is only known to be quantised once downloaded
         raise UserError(f"error: the base {cfg.MODEL_PATH} is a quantised model ({quantisation_of(model_path)}); "
                         "pass the original bf16 base with --model_path")
+    tokenizer = load_tokenizer(model_path)
     measure = val_loss_plan(cfg, trained, device)
     losses = {}
     if measure:
         for name, load_in_4bit in (("nf4_base_plus_adapter", True), ("bf16_base_plus_adapter", False)):
-            losses[name] = measure_loss(model_path, cfg.ADAPTER_PATH, load_in_4bit, measure["rows"],
+            losses[name] = measure_loss(model_path, cfg.ADAPTER_PATH, load_in_4bit, measure["rows"], tokenizer,
                                         **measure["options"])
 
     # ========== 3. Base in bf16 or dequantized NF4 (never 4-bit) + the adapter, in float32 ==========
-    tokenizer = load_tokenizer(model_path)
     model, embedding = load_base_and_adapter(model_path, cfg.ADAPTER_PATH, device, cfg.MERGE_INTO)
     print(f"loaded {cfg.MODEL_PATH} ({cfg.MERGE_INTO}) + adapter {cfg.ADAPTER_PATH} on {device} (float32)", flush=True)
 
@@ -126,7 +126,7 @@ def main(argv=None):
             print("note: this adapter barely changes the logits, so the check cannot tell a merged model from the "
                   "bare base; it still checks loading, tying and the embedding")
         if measure:
-            losses["merged"] = measure_loss(str(temp), "", False, measure["rows"], **measure["options"])
+            losses["merged"] = measure_loss(str(temp), "", False, measure["rows"], tokenizer, **measure["options"])
         val_loss = val_loss_record(losses, measure, trained, cfg.MERGE_INTO)
         merge_record = {"base": cfg.MODEL_PATH, "adapter": cfg.ADAPTER_PATH, "merge_into": cfg.MERGE_INTO,
                         "versions": library_versions(), "device": device, "check": check, "val_loss": val_loss,

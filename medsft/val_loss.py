@@ -11,16 +11,18 @@ from types import SimpleNamespace
 from medsft.chat_format import SYSTEM_PROMPT
 
 
-def load_model_for_loss(model_path: str, adapter_path="", load_in_4bit: bool = True, shown_path=None):
+def load_model_for_loss(model_path: str, adapter_path="", load_in_4bit: bool = True, shown_path=None,
+                        tokenizer=None):
     """(model, tokenizer): the base as training evaluated it (4-bit with fp32 norms and embedding, or bf16), with
-    the adapter on it when one is given. `shown_path` names the base in errors (a model id rather than its cache)."""
+    the adapter on it when one is given. `shown_path` names the base in errors (a model id rather than its cache);
+    a tokenizer already loaded is used as is."""
     from peft import prepare_model_for_kbit_training
 
     from medsft.assistant import attach_adapter
     from medsft.model_loading import load_base_model, load_tokenizer, resolve_model_path
 
     model_path = resolve_model_path(str(model_path))
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = tokenizer or load_tokenizer(model_path)
     model = load_base_model(model_path, load_in_4bit)
     if load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -45,14 +47,14 @@ def rows_loss(model, tokenizer, rows: list[dict], max_length: int = 2048, system
     return evaluate_loss(model, loader, device=model.device) | {"examples": len(examples), **counts}
 
 
-def measure_loss(model_path: str, adapter_path, load_in_4bit: bool, rows: list[dict], **options) -> dict:
+def measure_loss(model_path: str, adapter_path, load_in_4bit: bool, rows: list[dict], tokenizer, **options) -> dict:
     """rows_loss of a model loaded by load_model_for_loss, which is freed again (GPU memory included) before
-    returning: merge_lora.py measures three models in turn on one card."""
+    returning: merge_lora.py measures three models in turn on one card, with one tokenizer."""
     import gc
 
     import torch
 
-    model, tokenizer = load_model_for_loss(model_path, adapter_path, load_in_4bit)
+    model, _ = load_model_for_loss(model_path, adapter_path, load_in_4bit, tokenizer=tokenizer)
     result = rows_loss(model, tokenizer, rows, **options)
     del model
     gc.collect()
