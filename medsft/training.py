@@ -452,12 +452,14 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str) -> None:
 
 
 def print_sample_answer(model, tokenizer, question: str, cfg) -> str:
-    """One answer to a val question, generated the right way: eval mode, KV cache on, no checkpointing."""
+    """One answer to a val question, generated the right way: eval mode, KV cache on, no checkpointing, and
+    Qwen3's thinking-mode sampling (its card warns that greedy decoding loops in thinking mode), seeded with the
+    run's SEED so the same run prints the same answer."""
     from medsft.generation import generate_replies, prepare_for_generation
 
     prepare_for_generation(model)
     reply = generate_replies(model, tokenizer, [question], system_prompt=cfg.SYSTEM_PROMPT,
-                             max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS, temperature=0.0)[0]
+                             max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS, seed=cfg.SEED)[0]
     shown = reply.text if reply.text.strip() else f"(empty reply: {reply.new_tokens} whitespace tokens)"
     print(f"==== sample answer to a val question ====\nQuestion: {question}\n\n{shown}\n"
           f"[finish: {reply.finish_reason}, {reply.new_tokens} new tokens]", flush=True)
