@@ -92,6 +92,33 @@ def test_dry_run_prints_the_first_row_as_the_chat_template_renders_it(tiny_model
     assert "p50" in out and "p99" in out and result["data"].stats["train_examples"] == 45
 
 
+def test_the_sample_answer_samples_as_qwen3_thinking_mode_asks_with_the_runs_seed(trained_adapter, tiny_model_dir,
+                                                                                 capsys):
+    from medsft.assistant import load_model
+    from medsft.chat_format import SYSTEM_PROMPT
+    from medsft.generation import generate_replies
+    from medsft.training import print_sample_answer
+
+    model, tokenizer = load_model(str(tiny_model_dir), trained_adapter)
+    question = "头痛怎么办？"
+
+    def sample_answer(seed):
+        class Settings:
+            SAMPLE_MAX_NEW_TOKENS, SEED = 12, seed
+        Settings.SYSTEM_PROMPT = SYSTEM_PROMPT
+        return print_sample_answer(model, tokenizer, question, Settings)
+
+    first, again, other_seed = sample_answer(42), sample_answer(42), sample_answer(7)
+    assert capsys.readouterr().out.count("sample answer to a val question") == 3
+
+    def reply(**options):
+        return generate_replies(model, tokenizer, [question], max_new_tokens=12, **options)[0].text
+
+    assert first == again == reply(temperature=0.6, top_p=0.95, top_k=20, seed=42)  # Qwen3's thinking-mode sampling
+    assert first != other_seed  # the seed decides it
+    assert first != reply(temperature=0.0)  # not greedy
+
+
 def test_settings_problems_are_reported_together_before_loading(tmp_path):
     with pytest.raises(UserError) as e:
         train_lora.main([f"--data_dir={tmp_path / 'none'}", "--learning_rate=0", "--lr_scheduler=wavy",
