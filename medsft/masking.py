@@ -159,7 +159,7 @@ def print_restated_terms(dataset: MaskedQuestionDataset) -> dict:
     c = dataset.restated_terms()
     share = f" ({100 * c['masked_restated'] / c['masked']:.0f}%)" if c["masked"] else ""
     print(f"masking (mask_policy {dataset.policy!r}, the first epoch's draw): {c['masked']} of {c['found']} question "
-          f"terms masked; {c['masked_restated']} of the masked{share} appear word for word in the trained reply, "
-          f"teaching the model to name what the user never said ({c['found_restated']} of all {c['found']} terms "
-          "are restated)", flush=True)
+          f"terms masked; {c['masked_restated']} of the masked{share} appear word for word in the trained reply "
+          f"(each teaches the model to name a term the user never said); {c['found_restated']} of all {c['found']} "
+          "question terms are restated", flush=True)
     return c

@@ -142,20 +142,19 @@ def test_inference_and_evaluate_take_the_merged_folder_with_an_empty_adapter_pat
 
     reports = {}
     for name, model_path, adapter, precision in (("merged", folder, "", []),  # a merged folder: bf16 by default
-                                                 ("adapter", tiny_model_dir, adapters["v2"], ["--load_in_4bit=False"]),
-                                                 ("validated", tiny_model_dir, adapters["v2"], [])):
+                                                 ("adapter", tiny_model_dir, adapters["v2"], ["--load_in_4bit=False"])):
         reports[name] = evaluate.main([f"--model_path={model_path}", f"--adapter_path={adapter}",
                                        f"--data_dir={short_data_dir}", f"--report_path={tmp_path / name}.json",
                                        *precision])
     out = capsys.readouterr().out
     assert f"max_length = 320, as the model was trained ({folder / 'settings.json'})" in out
     assert f"load_in_4bit = False: {folder} is a whole trained model" in out
-    assert [reports[name]["load_in_4bit"] for name in ("merged", "adapter", "validated")] == [False, False, True]
+    assert reports["merged"]["load_in_4bit"] is False and reports["adapter"]["load_in_4bit"] is False
     assert reports["merged"]["val_loss"] == pytest.approx(reports["adapter"]["val_loss"], abs=0.02)
     # merge.json's three losses are evaluate.py's, on the same rows (all of this val split: 2 rows <= 8)
     val_loss = json.loads((folder / "merge.json").read_text())["val_loss"]
     assert val_loss["examples"] == reports["merged"]["val_examples"] == 2
-    for name, key in (("merged", "merged"), ("adapter", "bf16_base_plus_adapter"), ("validated", "nf4_base_plus_adapter")):
+    for name, key in (("merged", "merged"), ("adapter", "bf16_base_plus_adapter")):
         assert val_loss[key] == pytest.approx(reports[name]["val_loss"], abs=2e-4), key
 
 
@@ -257,7 +256,7 @@ def test_a_merge_that_unties_or_ties_to_the_base_embedding_fails_the_check_and_w
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_merge_json_holds_the_val_loss_of_nf4_base_plus_adapter_bf16_base_plus_adapter_and_the_merged_folder(
-        version, merged):
+        version, merged, adapters):
     folder, record = merged[version]
     val_loss = record["val_loss"]
     assert json.loads((folder / "merge.json").read_text())["val_loss"] == val_loss
@@ -266,6 +265,9 @@ def test_merge_json_holds_the_val_loss_of_nf4_base_plus_adapter_bf16_base_plus_a
     assert val_loss["tokens"] > 50 and val_loss["max_length"] == 320  # the run's max_length, as evaluate.py uses
     nf4, bf16, merged_loss = (val_loss[k] for k in ("nf4_base_plus_adapter", "bf16_base_plus_adapter", "merged"))
     assert all(0 < loss < 20 for loss in (nf4, bf16, merged_loss))
+    # as validated: the run's own eval loss of best/ on the same (whole) val split, as evaluate.py reproduces it
+    assert nf4 == pytest.approx(json.loads((adapters[version].parent / "summary.json").read_text())["best_val_loss"],
+                                abs=2e-4)
     assert merged_loss == pytest.approx(bf16, abs=0.02)  # merged into bf16: it is bf16 base + adapter
     assert val_loss["gap_to_validated"] == pytest.approx({"bf16_base_plus_adapter": bf16 - nf4,
                                                           "merged": merged_loss - nf4}, abs=2e-6)

@@ -313,15 +313,21 @@ def test_mask_policy_absent_from_reply_masks_only_the_terms_the_reply_does_not_r
     assert counts["seed"]["found"] == counts["absent_from_reply"]["found"] > counts["seed"]["masked"]
 
 
-@pytest.mark.parametrize("policy", ["seed", "absent_from_reply"])
-def test_the_v3_dry_run_prints_how_many_masked_terms_the_reply_restates(policy, tiny_model_dir, sample_data_dir,
-                                                                          tmp_path, capsys):
-    result = run(train_lora3, tiny_model_dir, sample_data_dir, tmp_path, "--dry_run=True", f"--mask_policy={policy}")
-    counts = result["data"].train_set.restated_terms()
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("masking ("))
-    assert line.startswith(f"masking (mask_policy {policy!r}, the first epoch's draw): {counts['masked']} of "
-                           f"{counts['found']} question terms masked; {counts['masked_restated']} of the masked")
-    assert (counts["masked_restated"] > 0) == (policy == "seed") and counts["masked"] > 0
+def test_the_v3_dry_run_prints_how_many_masked_terms_the_reply_restates(tiny_model_dir, sample_data_dir, tmp_path,
+                                                                          capsys):
+    from medsft.masking import print_restated_terms
+
+    result = run(train_lora3, tiny_model_dir, sample_data_dir, tmp_path, "--dry_run=True",
+                 "--mask_policy=absent_from_reply")
+    dataset = result["data"].train_set
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("masking (")]
+    assert len(lines) == 1 and " 0 of the masked (0%) appear word for word in the trained reply" in lines[0]
+    dataset.policy = "seed"  # the default: the same draws, restated terms masked too
+    counts = print_restated_terms(dataset)
+    assert capsys.readouterr().out.startswith(
+        f"masking (mask_policy 'seed', the first epoch's draw): {counts['masked']} of {counts['found']} question "
+        f"terms masked; {counts['masked_restated']} of the masked (")
+    assert counts["masked_restated"] > 0 and counts["masked"] > counts["masked_restated"]
 
 
 def test_an_unknown_mask_policy_is_refused(tiny_model_dir, sample_data_dir, tmp_path):
