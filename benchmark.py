@@ -215,7 +215,7 @@ def build_report(cfg, plan, results, tokenizer, engine, how, precision, seconds)
                        **sides}
     for group, members in base.get("group_subtasks", {}).items():
         if members and all(m in tasks for m in members):
-            sides = {key: group_outcomes(results[key], group, [tasks[m][key] for m in members]) for key in results}
+            sides = {key: group_outcomes(results[key], group, {m: tasks[m][key] for m in members}) for key in results}
             tasks[group] = {"source": "group", **compare_task(sides["base"], sides["finetuned"]), **sides}
     template = tokenizer.chat_template or ""
     return {"base": cfg.MODEL_PATH, "finetuned": cfg.FINETUNED_PATH, "engine": engine, "models_in_memory": how,

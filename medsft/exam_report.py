@@ -46,11 +46,13 @@ def task_outcomes(result: dict, task: str, count_tokens=None, max_new_tokens: in
             "stderr": stderr if isinstance(stderr, (int, float)) else None, "outcomes": outcomes}
 
 
-def group_outcomes(result: dict, group: str, members: list[dict]) -> dict:
-    """A group's pooled result: its subtasks' outcomes together, lm-eval's size-weighted accuracy and stderr."""
-    metric, filter_name = members[0]["metric"], members[0]["filter"]
+def group_outcomes(result: dict, group: str, members: dict) -> dict:
+    """A group's pooled result: its subtasks' outcomes ({task: result}) together, each naming its task, with
+    lm-eval's size-weighted accuracy and stderr."""
+    first = next(iter(members.values()))
+    metric, filter_name = first["metric"], first["filter"]
     values = result["results"].get(group, {})
-    outcomes = [o for m in members for o in m["outcomes"]]
+    outcomes = [{"task": task} | o for task, member in members.items() for o in member["outcomes"]]
     n = len(outcomes)
     acc = values.get(f"{metric},{filter_name}", sum(o["correct"] for o in outcomes) / n)
     stderr = values.get(f"{metric}_stderr,{filter_name}")
@@ -61,7 +63,7 @@ def group_outcomes(result: dict, group: str, members: list[dict]) -> dict:
 def compare_task(base: dict, tuned: dict) -> dict:
     """The paired comparison of one task: Δ accuracy and McNemar's exact p on the per-question outcomes."""
     pairs = list(zip(base["outcomes"], tuned["outcomes"], strict=True))
-    if any(a["doc_id"] != b["doc_id"] for a, b in pairs):
+    if any((a["doc_id"], a.get("task")) != (b["doc_id"], b.get("task")) for a, b in pairs):
         raise RuntimeError("the two passes did not answer the same questions")
     b = sum(1 for x, y in pairs if x["correct"] and not y["correct"])
     c = sum(1 for x, y in pairs if y["correct"] and not x["correct"])
