@@ -49,6 +49,7 @@ REPORT_PATH = "benchmark.json"                       # every number and outcome;
 # -----------------------------------------------------------------------------
 
 _RUN_SETTINGS = ("MODEL_PATH", "SYSTEM_PROMPT", "MAX_LENGTH")  # taken from the fine-tuned run unless given here
+_DEMO_ADAPTER = "demo_output/train-v3/final"  # what python demo.py trains: the tiny model's adapter
 
 
 def main(argv=None):
@@ -56,6 +57,7 @@ def main(argv=None):
 
     # ========== 1. Settings (the base, system prompt and max length default to the fine-tuned run's) ==========
     cfg = parse_settings(globals(), argv)
+    use_demo_adapter(cfg, globals())
     use_run_settings(cfg, globals())
     cfg.print("benchmark.py settings")
     report_path = Path(cfg.REPORT_PATH)
@@ -91,6 +93,15 @@ def main(argv=None):
     print(f"\n{table}\n\n{note_lines(report)}\nwrote {report_path}, {report_path.with_suffix('.md')} and "
           f"{report_path.with_suffix('.png')}")
     return report
+
+
+def use_demo_adapter(cfg, defaults: dict) -> None:
+    """With no trained adapter yet but the demo's, compare that one (a check that the benchmark runs)."""
+    if (cfg.FINETUNED_PATH == defaults["FINETUNED_PATH"] and not Path(cfg.FINETUNED_PATH).exists()
+            and (Path(_DEMO_ADAPTER) / "adapter_config.json").is_file()):
+        print(f"note: {cfg.FINETUNED_PATH} not found; comparing the demo's adapter {_DEMO_ADAPTER} (python demo.py) "
+              "with its tiny random base: a check that the benchmark runs, not a medical result")
+        cfg.FINETUNED_PATH = _DEMO_ADAPTER
 
 
 def use_run_settings(cfg, defaults: dict) -> None:

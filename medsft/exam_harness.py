@@ -136,8 +136,11 @@ def chat_template_args(cfg) -> dict:
 
 def hf_model(model, tokenizer, cfg):
     """lm-eval's transformers wrapper around a model already loaded (the base, or the base with the adapter)."""
+    import logging
+
     from lm_eval.models.huggingface import HFLM
 
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about passing a loaded model are expected
     # HFLM calls model.tie_weights(), which fails on an adapter that trains Qwen3's tied embedding (v2, v3:
     # "attribute 'weight' already exists"); PEFT already tied it when the adapter loaded (ensure_weight_tying).
     model.tie_weights = lambda *args, **kwargs: None
