@@ -82,6 +82,8 @@ def main(argv=None):
 
     # ========== 2. Tasks: read and check every exam file, then lm-eval's task folder ==========
     plan, rows = plan_tasks(cfg)
+
+    # ========== 3.-5. Both models over the same tasks, then the paired comparison (run_benchmark) ==========
     with tempfile.TemporaryDirectory(prefix="benchmark-tasks-") as folder:
         report = run_benchmark(cfg, plan, rows, folder)
 

@@ -5,7 +5,8 @@ Layouts read (one row per question):
 - CSV in CMMLU's layout: Question,A,B,C,D,Answer (the official files also have an unnamed index column first)
 - CSV in C-Eval's layout: id,question,A,B,C,D,answer[,explanation]
 - Parquet with either CSV layout's columns (a hub mirror of CMMLU or C-Eval)
-Every layout becomes {"question", "choices": [text, ...], "label": index of the answer, "line": where it was}.
+Every layout becomes {"question", "choices": [text, ...], "label": index of the answer, "line": where it was}
+(and "id", when the file has one).
 A missing option, an answer that is not one of the options or a malformed line stops with one line naming the
 file and the line (medsft.errors.DataError), before any model loads.
 """
@@ -52,7 +53,7 @@ def _from_options_row(path: Path, line: int, row: dict) -> dict:
     if any(key not in LETTERS for key in letters):
         raise DataError(path, line, f"option names must be letters A-{LETTERS[-1]}, not {letters}")
     return _checked_row(path, line, question, [options.get(letter) for letter in LETTERS[: LETTERS.index(letters[-1]) + 1]],
-                        answer)
+                        answer, ident=row.get("id"))
 
 
 def _table_columns(path: Path, first: dict) -> dict:
@@ -62,7 +63,7 @@ def _table_columns(path: Path, first: dict) -> dict:
     if missing:
         raise DataError(path, 1, "expected the columns Question,A,B,C,D,Answer (CMMLU) or "
                         f"id,question,A,B,C,D,answer (C-Eval); missing {', '.join(m.upper() if len(m) == 1 else m for m in missing)}")
-    return {"question": names["question"], "answer": names["answer"],
+    return {"question": names["question"], "answer": names["answer"], "id": names.get("id"),
             "options": [names[letter.lower()] for letter in LETTERS if letter.lower() in names]}
 
 
@@ -70,10 +71,11 @@ def _from_table_row(path: Path, line: int, row: dict, columns: dict, unit: str) 
     options = [row.get(column) for column in columns["options"]]
     if len(options) == 5 and options[4] in (None, ""):
         options = options[:4]  # an E column left empty: a four-option question
-    return _checked_row(path, line, row.get(columns["question"]), options, row.get(columns["answer"]), unit)
+    return _checked_row(path, line, row.get(columns["question"]), options, row.get(columns["answer"]), unit,
+                        row.get(columns["id"]) if columns["id"] else None)
 
 
-def _checked_row(path: Path, line: int, question, options: list, answer, unit: str = "line") -> dict:
+def _checked_row(path: Path, line: int, question, options: list, answer, unit: str = "line", ident=None) -> dict:
     def fail(problem):
         raise DataError(path, line, problem, unit=unit)
 
@@ -92,7 +94,8 @@ def _checked_row(path: Path, line: int, question, options: list, answer, unit: s
     answer = answer.strip().upper() if isinstance(answer, str) else answer
     if not isinstance(answer, str) or len(answer) != 1 or answer not in letters:
         fail(f"the answer {answer!r} is not one of the options {', '.join(letters)}")
-    return {"question": question.strip(), "choices": texts, "label": letters.index(answer), "line": line}
+    row = {"question": question.strip(), "choices": texts, "label": letters.index(answer), "line": line}
+    return row | ({"id": str(ident)} if ident not in (None, "") else {})
 
 
 def find_subject_file(exam_dir, benchmark: str, subject: str, split: str) -> Path | None:

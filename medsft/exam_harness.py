@@ -85,7 +85,7 @@ def write_task_folder(folder, plan: TaskPlan, rows: dict, cfg) -> None:
         data = folder / f"{task}.jsonl"
         data.write_text(jsonl_text(task_rows), encoding="utf-8")
         config = json.loads(json.dumps(template)) | {"task": task}
-        config["dataset_kwargs"] = {"data_files": {"test": str(data)}}
+        config["dataset_kwargs"] = {"data_files": {"test": str(data)}, "cache_dir": str(folder / "datasets-cache")}
         if cfg.MODE == "generate":
             config["generation_kwargs"] = generation_settings(cfg)
             if not cfg.THINKING:  # the empty think block is in the prompt: the reply is the answer

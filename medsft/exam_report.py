@@ -32,8 +32,7 @@ def task_outcomes(result: dict, task: str, count_tokens=None, max_new_tokens: in
     outcomes = []
     for sample in samples:
         outcome = {"doc_id": sample["doc_id"], "correct": int(sample[metric] > 0)}
-        if "line" in sample["doc"]:
-            outcome["line"] = sample["doc"]["line"]
+        outcome |= {key: sample["doc"][key] for key in ("id", "line") if sample["doc"].get(key) is not None}
         if isinstance(sample["filtered_resps"][0], str):  # a generated answer
             reply, letter = sample["resps"][0][0], sample["filtered_resps"][0]
             cut = (thinking and "</think>" not in reply) or bool(

@@ -97,7 +97,8 @@ def test_loglikelihood_mode_base_and_adapter(loglikelihood_run, trained_adapter,
     assert [row[:3] for row in rows] == [["exam_sample", "base", "20"], ["", "fine-tuned", "20"]]
     assert rows[1][5].startswith(("+", "-")) and rows[1][6] != ""
     check_outcomes(saved, "exam_sample", 20)
-    assert [o["line"] for o in saved["tasks"]["exam_sample"]["base"]["outcomes"]] == list(range(1, 21))
+    outcomes = saved["tasks"]["exam_sample"]["base"]["outcomes"]
+    assert [(o["id"], o["line"]) for o in outcomes] == [(f"exam-{i:02d}", i) for i in range(1, 21)]
     # fairness, recorded: the base came from the adapter's settings.json; same precision, template, system prompt
     assert saved["base"] == str(tiny_model_dir) and saved["precision"] == "bfloat16"
     assert saved["system_prompt"] == json.loads((trained_adapter / "settings.json").read_text())["SYSTEM_PROMPT"]
