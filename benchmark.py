@@ -209,9 +209,8 @@ def timed_pass(lm, folder, plan, cfg, manager, label: str):
 
 
 def build_report(cfg, plan, results, tokenizer, engine, how, precision, seconds) -> dict:
-    import lm_eval
-
     from medsft.exam_report import compare_task, group_outcomes, task_outcomes
+    from medsft.model_export import library_versions
 
     def count_tokens(text):
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -236,7 +235,8 @@ def build_report(cfg, plan, results, tokenizer, engine, how, precision, seconds)
             "chat_template": {"sha256": hashlib.sha256(template.encode()).hexdigest(), "text": template,
                               "enable_thinking": cfg.MODE == "generate" and cfg.THINKING,
                               "first_prompt": prompts["base"]},
-            "lm_eval_version": lm_eval.__version__, "seconds": seconds, "settings": cfg.as_dict(), "tasks": tasks}
+            "libraries": library_versions(("lm_eval", "torch", "transformers", "peft", "vllm")),
+            "seconds": seconds, "settings": cfg.as_dict(), "tasks": tasks}
 
 
 def first_prompt(result: dict) -> str:

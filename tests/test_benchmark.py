@@ -17,6 +17,17 @@ SAMPLE_EXAM = ROOT / "data" / "exam_sample.jsonl"
 BASE_COLOUR, TUNED_COLOUR = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # exam_report.plot_report's bar colours
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_environment_dump():
+    """simple_evaluate records torch's collect_env (it runs `pip list` and more in subprocesses, seconds a pass);
+    benchmark.json does not keep it, so the tests skip it."""
+    import lm_eval.evaluator
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+        yield
+
+
 def run_benchmark(out_dir, adapter, *args):
     out_dir.mkdir(parents=True, exist_ok=True)
     report = benchmark.main([f"--finetuned_path={adapter}", f"--report_path={out_dir / 'benchmark.json'}",
@@ -107,6 +118,7 @@ def test_loglikelihood_mode_base_and_adapter(loglikelihood_run, trained_adapter,
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # the letter is scored after the empty think
     assert "以下是单项选择题" in prompt and "\nA. " in prompt
     assert len(saved["chat_template"]["sha256"]) == 64 and "engine: transformers" in printed
+    assert saved["libraries"]["lm_eval"] and saved["engine"] == "transformers"
     assert (out / "benchmark.md").read_text(encoding="utf-8").count("fine-tuned") >= 2
 
 
@@ -246,3 +258,29 @@ def test_medical_zh_without_files_says_where_to_get_them(tmp_path, trained_adapt
         run_benchmark(tmp_path, trained_adapter)
     with pytest.raises(UserError, match=r"exam_dir .*: no file for 11 task\(s\): cmmlu/test/clinical_knowledge.csv"):
         run_benchmark(tmp_path, trained_adapter, f"--exam_dir={tmp_path}")
+
+
+def test_adapter_that_trains_the_tied_embedding(tmp_path, tiny_model_dir):
+    """v2/v3 adapters train Qwen3's tied embedding; lm-eval's wrapper calls tie_weights(), which fails on them
+    ("attribute 'weight' already exists") unless skipped. PEFT has tied it already: the logits are the adapter's."""
+    from types import SimpleNamespace
+
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from medsft.exam_harness import hf_model
+    from medsft.model_loading import load_base_model, load_tokenizer
+
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True,
+                        task_type="CAUSAL_LM")
+    trained = get_peft_model(load_base_model(str(tiny_model_dir), False), config)
+    with torch.no_grad():
+        trained.base_model.model.model.embed_tokens.modules_to_save["default"].weight.mul_(3.0)
+    trained.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    expected = trained(input_ids=ids).logits
+    model = PeftModel.from_pretrained(load_base_model(str(tiny_model_dir), False), tmp_path / "adapter").eval()
+    settings = SimpleNamespace(BATCH_SIZE=2, MAX_LENGTH=64, MAX_NEW_TOKENS=8, MODE="loglikelihood", THINKING=True)
+    lm = hf_model(model, load_tokenizer(str(tiny_model_dir)), settings)
+    assert lm.model is model and "tie_weights" not in vars(model)
+    torch.testing.assert_close(lm.model(input_ids=ids).logits, expected)
