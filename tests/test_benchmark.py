@@ -284,3 +284,24 @@ def test_adapter_that_trains_the_tied_embedding(tmp_path, tiny_model_dir):
     lm = hf_model(model, load_tokenizer(str(tiny_model_dir)), settings)
     assert lm.model is model and "tie_weights" not in vars(model)
     torch.testing.assert_close(lm.model(input_ids=ids).logits, expected)
+
+
+def test_parquet_mirror_layout(tmp_path):
+    """A hub mirror's parquet files are found by subject and split and read like the CSV files."""
+    import pandas as pd
+
+    from medsft.exam_data import find_subject_file
+
+    cmmlu = tmp_path / "exams" / "cmmlu" / "anatomy" / "test" / "0000.parquet"
+    ceval = tmp_path / "exams" / "ceval-exam" / "physician" / "val-00000-of-00001.parquet"
+    for path in (cmmlu, ceval):
+        path.parent.mkdir(parents=True)
+    pd.DataFrame({"Question": ["问"], "A": ["1"], "B": ["2"], "C": ["3"], "D": ["4"], "Answer": ["D"]}).to_parquet(cmmlu)
+    pd.DataFrame({"id": [7], "question": ["问"], "A": ["1"], "B": ["2"], "C": ["3"], "D": [""], "answer": ["B"],
+                  "explanation": [""]}).to_parquet(ceval)
+    assert find_subject_file(tmp_path / "exams", "cmmlu", "anatomy", "test") == cmmlu
+    assert find_subject_file(tmp_path / "exams", "ceval", "physician", "val") == ceval
+    assert find_subject_file(tmp_path / "exams", "cmmlu", "physician", "val") is None
+    assert read_exam_file(cmmlu) == [{"question": "问", "choices": ["1", "2", "3", "4"], "label": 3, "line": 1}]
+    with pytest.raises(DataError, match=r"physician/val-00000-of-00001.parquet: row 1: option D is missing"):
+        read_exam_file(ceval)
