@@ -315,7 +315,7 @@ def measure_web_demo(cfg, model_dir, paths) -> dict:
         assistant = MedicalAssistant(str(model_dir), str(adapter), False, web_demo.SYSTEM_PROMPT)
         _synchronize()
         result["load_s"] = round(time.perf_counter() - start, 2)
-        chat = web_demo.WebChat(assistant, web_demo.MAX_LENGTH, web_demo.MAX_QUESTION_CHARS)
+        chat = web_demo.WebChat(assistant, web_demo.CONTEXT_LENGTH, web_demo.MAX_QUESTION_CHARS)
         question = next(row for _, row in read_jsonl(paths.data / "val.jsonl"))["question"]
         start, updates, last = time.perf_counter(), 0, None
         for last in chat.respond(question, [], [], None, 0.0, 1.0, cfg.INFERENCE_NEW_TOKENS):

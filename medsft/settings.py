@@ -66,22 +66,28 @@ RUN_SETTINGS = ("MODEL_PATH", "DATA_DIR", "SYSTEM_PROMPT")
 TRAINING_LENGTH = ("MAX_LENGTH", "LONG_EXAMPLES")
 
 
-def use_run_settings(cfg: Settings, training_length: bool = False, also=()) -> dict:
+def use_run_settings(cfg: Settings, training_length: bool = False, also=(), folder=None) -> dict:
     """Take RUN_SETTINGS (and TRAINING_LENGTH, and `also`) from the settings.json of the run that made the model,
     unless given on the command line.
 
     The run is ADAPTER_PATH's (a run's final/ or best/) or, with no adapter, MODEL_PATH's (a merged folder or
-    train.py's final/); a model folder's own MODEL_PATH is never taken, since that folder is the model. Names
-    the script has no constant for are skipped. Each value's origin is kept for cfg.print(). An explicit
-    MODEL_PATH of another shape than the adapter's base is refused here, before anything loads. Returns the
-    run's settings ({} when there is no run to read).
+    train.py's final/); a model folder's own MODEL_PATH is never taken, since that folder is the model. A script
+    that names the trained folder otherwise passes it as `folder` (benchmark.py's FINETUNED_PATH, compared with
+    its base): its run's MODEL_PATH is then taken either way. Names the script has no constant for are skipped.
+    Each value's origin is kept for cfg.print(). An explicit MODEL_PATH of another shape than an adapter's base
+    is refused here, before anything loads. Returns the run's settings ({} when there is no run to read).
     """
     names = RUN_SETTINGS + (TRAINING_LENGTH if training_length else ()) + tuple(also)
     given = getattr(cfg, "_given", set())
-    adapter = getattr(cfg, "ADAPTER_PATH", "")
-    folder = adapter or (getattr(cfg, "MODEL_PATH", "") if Path(getattr(cfg, "MODEL_PATH", "")).is_dir() else "")
+    if folder is None:
+        adapter = getattr(cfg, "ADAPTER_PATH", "")
+        model = getattr(cfg, "MODEL_PATH", "")
+        folder, take_base = adapter or (model if Path(model).is_dir() else ""), bool(adapter)
+    else:
+        adapter = folder if (Path(folder) / "adapter_config.json").is_file() else ""
+        take_base = True
     run = read_run_settings(folder) if folder else {}
-    taken = [n for n in names if hasattr(cfg, n) and n in run and n not in given and (adapter or n != "MODEL_PATH")]
+    taken = [n for n in names if hasattr(cfg, n) and n in run and n not in given and (take_base or n != "MODEL_PATH")]
     for name in taken:
         setattr(cfg, name, tuple(run[name]) if isinstance(getattr(cfg, name), tuple) else run[name])
     cfg._origins = {k: "command line" if k in given else "from the run" if k in taken else "default"
