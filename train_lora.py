@@ -84,7 +84,7 @@ def main(argv=None):
 
     # ========== 3. 4-bit NF4 base model + LoRA ==========
     warn_if_cpu()
-    model = load_lora_model(model_path, cfg)
+    model = load_lora_model(model_path, cfg, data)
 
     # ========== 4. Trainer ==========
     trainer = build_trainer(cfg, model, tokenizer, data)

@@ -1,4 +1,4 @@
-"""QLoRA v2: v1 + cosine decay with 10% warmup, LoRA dropout 0.2, and the (tied) embedding trained too.
+"""QLoRA v2: v1 + cosine decay with 10% warmup, LoRA dropout 0.2, and the embedding rows of the data's tokens trained.
 
     python data.py && python train_lora2.py
     python train_lora2.py --dry_run=True                         # token-length stats and the first example, no model
@@ -17,7 +17,7 @@ from medsft.training import (build_trainer, check_training_settings, load_lora_m
 # -----------------------------------------------------------------------------
 # version
 VERSION = "v2"                             # written to summary.json for compare.py
-KEY_CHANGE = "cosine decay + warmup, dropout 0.2, embedding trained"
+KEY_CHANGE = "cosine decay + warmup, dropout 0.2, embedding rows trained"
 # model
 MODEL_PATH = "Qwen/Qwen3-1.7B"             # a local folder, or a ModelScope / Hugging Face id (downloaded once)
 LOAD_IN_4BIT = True                        # QLoRA: NF4 base with double quantisation, bf16 compute; False = bf16 LoRA
@@ -33,6 +33,8 @@ LORA_ALPHA = 16                            # scale = alpha / r
 LORA_DROPOUT = 0.2                         # v1 used 0.05
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODULES_TO_SAVE = ["embed_tokens", "lm_head"]  # as the original; Qwen3 ties them, so the one shared matrix is trained
+EMBEDDING_MODE = "tokens"                  # "tokens": only the rows of tokens in the training inputs; "full": all 151,936
+EMBEDDING_LEARNING_RATE = 5e-5             # "full" only: the embedding's own rate, 4x below LEARNING_RATE (2-10x is usual)
 # optimisation
 EPOCHS = 3.0                               # passes over train.jsonl (ignored when MAX_STEPS > 0)
 MAX_STEPS = -1                             # > 0 stops after this many optimizer steps
@@ -84,7 +86,7 @@ def main(argv=None):
 
     # ========== 3. 4-bit NF4 base model + LoRA ==========
     warn_if_cpu()
-    model = load_lora_model(model_path, cfg)
+    model = load_lora_model(model_path, cfg, data)
 
     # ========== 4. Trainer ==========
     trainer = build_trainer(cfg, model, tokenizer, data)

@@ -101,6 +101,19 @@ class MaskedQuestionDataset:
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")  # str seeds hash the same in every process
         return self.masker.mask(self.rows[index]["question"], rng, self.prob, self.style_now())
 
+    def every_variant(self):
+        """Each row's example unmasked and with every term masked, in each placeholder style the run uses:
+        the tokens a draw can feed the model (EMBEDDING_MODE="tokens" trains their embedding rows)."""
+        styles = ("mask", "typed") if self.style == "progressive" else (self.style,)
+        for row in self.rows:
+            questions = [row["question"]] + [self.masker.mask(row["question"], random.Random(0), 1.0, style)[0]
+                                             for style in styles]
+            for question in questions:
+                example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt,
+                                                 question=question)
+                if example is not None:
+                    yield example
+
     def __getitem__(self, index: int) -> dict:
         question, masked, found = self.masked_question(index)
         self.masked_terms += masked
