@@ -291,3 +291,125 @@ def counted_bytes(model, optimizer=None) -> dict:
         for state in optimizer.state.values():
             states += sum(size(v) for v in state.values() if hasattr(v, "untyped_storage"))
     return {"weights": weights, "trainable": trainable, "optimizer": states, "gradients": gradients}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the dry run's report
+
+
+def batch_tokens(data, cfg) -> tuple[int, int]:
+    """(tokens of the longest training micro-batch the data can give: the BATCH_SIZE longest examples packed
+    together, or padded; trained positions of the longest evaluation micro-batch, whose batches are fixed)."""
+    lengths = sorted((len(data.train_set[i]["input_ids"]) for i in range(len(data.train_set))), reverse=True)
+    longest = lengths[:cfg.BATCH_SIZE]
+    train = sum(longest) if cfg.PACKING else len(longest) * -(-longest[0] // 8) * 8
+    trained = [sum(label != -100 for label in e["labels"]) for e in data.val_set]
+    size = cfg.EVAL_BATCH_SIZE
+    batches = [trained[i:i + size] for i in range(0, len(trained), size)]
+    evaluation = max(sum(b) if cfg.PACKING else len(b) * max(b) for b in batches)
+    return train, evaluation
+
+
+def _with(cfg, **changes):
+    from medsft.settings import Settings
+
+    return Settings(**{**vars(cfg), **changes})
+
+
+def fixes(cfg) -> list[tuple[str, dict]]:
+    """Settings that lower the peak, in the order to try them: the cheapest in speed and quality first."""
+    options = []
+    if not cfg.USE_LIGER_KERNEL:
+        options.append(("--use_liger_kernel=True", {"USE_LIGER_KERNEL": True}))
+    if not cfg.GRADIENT_CHECKPOINTING:
+        options.append(("--gradient_checkpointing=True", {"GRADIENT_CHECKPOINTING": True}))
+    if getattr(cfg, "EMBEDDING_MODE", None) == "full" and cfg.MODULES_TO_SAVE:
+        options.append(("--embedding_mode=tokens", {"EMBEDDING_MODE": "tokens"}))
+    if hasattr(cfg, "LORA_R") and not cfg.LOAD_IN_4BIT:
+        options.append(("--load_in_4bit=True", {"LOAD_IN_4BIT": True}))
+    batch, accumulation = cfg.BATCH_SIZE, cfg.GRADIENT_ACCUMULATION
+    while batch > 1:
+        batch, accumulation = batch // 2, accumulation * 2
+        options.append((f"--batch_size={batch} --gradient_accumulation={accumulation}",
+                        {"BATCH_SIZE": batch, "GRADIENT_ACCUMULATION": accumulation}))
+    size = cfg.EVAL_BATCH_SIZE
+    while size > 1:
+        size //= 2
+        options.append((f"--eval_batch_size={size}", {"EVAL_BATCH_SIZE": size}))
+    return options
+
+
+def print_memory_estimate(model_path: str, cfg, data) -> Estimate:
+    """The dry run's answer to "will it fit?", for one CUDA GPU, and the first setting to change if not."""
+    from transformers import AutoConfig
+
+    from medsft.training import trained_token_indices
+
+    config = AutoConfig.from_pretrained(model_path)
+    rows = trained_token_indices(data, cfg)
+    budget = gpu_memory_budget(getattr(cfg, "GPU_MEMORY_GB", 0))
+
+    def estimate(settings):
+        train, evaluation = batch_tokens(data, settings)
+        trained = trained_token_indices(data, settings) if settings is not cfg else rows
+        return estimate_memory(config, settings, "cuda", train, evaluation, len(trained) if trained else None), \
+            train, evaluation
+
+    result, train, evaluation = estimate(cfg)
+    recipe = {"qlora": "QLoRA (4-bit NF4 base, fp32 LoRA)", "bf16_lora": "LoRA on a bf16 base",
+              "full": f"full fine-tuning ({'fp32' if getattr(cfg, 'FP32_WEIGHTS', False) else 'bf16'} weights)"}
+    parameters = sum(p.numel() for p in meta_model(config).parameters())
+    print(f"==== will it fit? estimated peak memory of one CUDA GPU (bf16 compute), before any weight loads ====")
+    print(f"{getattr(config, 'model_type', 'model')}: {parameters:,} parameters, {config.num_hidden_layers} layers, "
+          f"hidden {config.hidden_size:,}, vocabulary {config.vocab_size:,}; {recipe[recipe_of(cfg)]}, "
+          f"optim {cfg.OPTIM}")
+    print(f"longest micro-batch the data can give: {train:,} tokens ({cfg.BATCH_SIZE} longest examples, "
+          f"{'packed' if cfg.PACKING else 'padded'}); longest eval micro-batch: {evaluation:,} trained positions")
+    gb = lambda n: f"{n / GB:6.2f} GB"  # noqa: E731
+    parts, other = result.parts, result.alternatives
+    checkpointing = "on" if cfg.GRADIENT_CHECKPOINTING else "off"
+    liger = "Liger fused loss" if cfg.USE_LIGER_KERNEL else "full logits, --use_liger_kernel=False"
+    lines = [
+        ("weights (frozen)" if recipe_of(cfg) != "full" else "weights (frozen buffers)", parts["weights"], ""),
+        ("adapter and trainable rows" if recipe_of(cfg) != "full" else "trained weights", parts["trainable"],
+         f"{len(rows):,} embedding rows" if rows else ""),
+        ("optimizer states", parts["optimizer"],
+         "32-bit states for the embedding: bitsandbytes" if "8bit" in cfg.OPTIM and cfg.OPTIM != "adamw_torch_8bit"
+         and getattr(cfg, "EMBEDDING_MODE", None) == "full" and cfg.MODULES_TO_SAVE else ""),
+        ("gradients", parts["gradients"], ""),
+        (f"activations (checkpointing {checkpointing})", parts["activations"],
+         f"{'off' if cfg.GRADIENT_CHECKPOINTING else 'on'}: {other['activations'] / GB:.2f} GB"),
+        (f"logits ({liger})", parts["logits"],
+         f"{'without' if cfg.USE_LIGER_KERNEL else 'with'} Liger: {other['logits'] / GB:.2f} GB"),
+    ]
+    if "merged rows" in parts:
+        lines.append(("merged embedding copies (tokens mode)", parts["merged rows"], f"{TOKENS_MODE_COPIES} x vocab x hidden"))
+    if "liger lm_head grad" in parts:
+        lines.append(("Liger's lm_head gradient", parts["liger lm_head grad"], "vocab x hidden"))
+    lines += [("CUDA context", parts["cuda context"], "outside torch's count"),
+              ("training step peak", result.train_peak, ""),
+              ("evaluation peak", result.eval_peak, "no gradients; logits of the trained positions")]
+    for name, value, note in lines:
+        print(f"  {name:<48} {gb(value)}" + (f"   ({note})" if note else ""))
+    for note in result.notes:
+        print(f"  note: {note}")
+    verdict = "fits" if result.peak <= budget * GB else "does NOT fit"
+    print(f"estimated peak {result.peak / GB:.2f} GB of {budget:.1f} GB (gpu_memory_gb): {verdict}. Weights, "
+          "optimizer states and gradients are counted exactly; activations and logits are a formula, not measured")
+    if result.peak > budget * GB:
+        chosen, settings = [], cfg
+        for flag, change in fixes(cfg):
+            settings = _with(settings, **change)
+            chosen.append(flag)
+            after, _, _ = estimate(settings)
+            if after.peak <= budget * GB:
+                print(f"to fit, change first: {chosen[0]}"
+                      + (f"; then {', '.join(chosen[1:])}" if len(chosen) > 1 else "")
+                      + f" (estimated {after.peak / GB:.2f} GB)")
+                break
+        else:
+            advice = ("use train_lora.py (QLoRA), or a smaller model" if recipe_of(cfg) == "full"
+                      else "lower --max_length, or use a smaller model")
+            print(f"even with {', '.join(chosen) or 'the current settings'} it does not fit: {advice}")
+    print("====", flush=True)
+    return result
