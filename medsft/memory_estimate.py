@@ -8,6 +8,8 @@ torchao likewise), and the gradients. Those static parts are checked against the
 (tests/test_memory_estimate.py). Activations and logits are a formula from the longest packed micro-batch the
 data can give; they are not measured yet.
 """
+import functools
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -80,10 +82,26 @@ def meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _is_4bit_linear(name: str, module) -> bool:
+@functools.cache
+def _tensor_table(config_json: str) -> tuple[list, list]:
+    """([(parameter name, numel, shape, is a decoder-layer nn.Linear weight)], [buffer numels]) of the meta model;
+    a tied lm_head is the embedding, listed once."""
     import torch
+    from transformers import AutoConfig
 
-    return isinstance(module, torch.nn.Linear) and ".layers." in f".{name}."
+    config = AutoConfig.for_model(**json.loads(config_json))
+    model = meta_model(config)
+    modules = dict(model.named_modules())
+    params = []
+    for name, param in model.named_parameters():
+        module = modules[name.rsplit(".", 1)[0]]
+        linear = isinstance(module, torch.nn.Linear) and ".layers." in f".{name}."
+        params.append((name, param.numel(), tuple(param.shape), linear))
+    return params, [buffer.numel() for buffer in model.buffers()]
+
+
+def tensor_table(config) -> tuple[list, list]:
+    return _tensor_table(config.to_json_string(use_diff=False))
 
 
 def nf4_bytes(numel: int) -> int:
@@ -118,7 +136,7 @@ def _bnb_8bit(optim: str) -> bool:
 
 def static_parts(config, cfg, layout: Layout, trained_rows: int | None = None) -> dict:
     """{weights, trainable, optimizer, gradients} in bytes, from the meta model and the settings."""
-    model = meta_model(config)
+    params, buffers = tensor_table(config)
     hidden, vocab = config.hidden_size, config.vocab_size
     tied = bool(getattr(config, "tie_word_embeddings", False))
     embedding_modules = {"embed_tokens"} | (set() if tied else {"lm_head"})
@@ -132,23 +150,20 @@ def static_parts(config, cfg, layout: Layout, trained_rows: int | None = None) -
         gradients += numel * nbytes
         optimizer += optimizer_state_bytes(optim, numel, nbytes, embedding)
 
-    for name, buffer in model.named_buffers():
-        weights += buffer.numel() * 4  # rotary inverse frequencies: fp32
-    modules = dict(model.named_modules())
-    for name, param in model.named_parameters():  # a tied lm_head is the embedding: listed once
-        module = modules[name.rsplit(".", 1)[0]]
-        numel, short = param.numel(), name.rsplit(".", 2)[-2]
+    weights += 4 * sum(buffers)  # rotary inverse frequencies: fp32
+    for name, numel, shape, linear in params:
+        short = name.rsplit(".", 2)[-2]
         if layout.recipe == "full":
             add_trainable(numel, layout.full_bytes)
             continue
-        if layout.recipe == "qlora" and _is_4bit_linear(name, module):
+        if layout.recipe == "qlora" and linear:
             weights += nf4_bytes(numel)
         elif short in embedding_modules:
             weights += numel * layout.embedding_bytes
         else:
             weights += numel * layout.weight_bytes
         if short in LORA_TARGETS and short in cfg.TARGET_MODULES:
-            out_features, in_features = param.shape
+            out_features, in_features = shape
             add_trainable(cfg.LORA_R * in_features, 4)
             add_trainable(out_features * cfg.LORA_R, 4)
     if layout.recipe != "full" and {"embed_tokens", "lm_head"} & set(cfg.MODULES_TO_SAVE):
@@ -358,7 +373,7 @@ def print_memory_estimate(model_path: str, cfg, data) -> Estimate:
     result, train, evaluation = estimate(cfg)
     recipe = {"qlora": "QLoRA (4-bit NF4 base, fp32 LoRA)", "bf16_lora": "LoRA on a bf16 base",
               "full": f"full fine-tuning ({'fp32' if getattr(cfg, 'FP32_WEIGHTS', False) else 'bf16'} weights)"}
-    parameters = sum(p.numel() for p in meta_model(config).parameters())
+    parameters = sum(numel for _, numel, _, _ in tensor_table(config)[0])
     print(f"==== will it fit? estimated peak memory of one CUDA GPU (bf16 compute), before any weight loads ====")
     print(f"{getattr(config, 'model_type', 'model')}: {parameters:,} parameters, {config.num_hidden_layers} layers, "
           f"hidden {config.hidden_size:,}, vocabulary {config.vocab_size:,}; {recipe[recipe_of(cfg)]}, "
