@@ -146,3 +146,47 @@ def test_the_default_install_brings_liger_on_linux():
 
     lines = (Path(__file__).parent.parent / "requirements.txt").read_text().splitlines()
     assert any(line.startswith("liger-kernel>=0.6,<1") and '; sys_platform == "linux"' in line for line in lines)
+
+
+README_TOKENS = 4 * 2048  # a training micro-batch of 4 x MAX_LENGTH packed: the most the defaults allow
+README_EVAL_POSITIONS = 4 * 1443  # an eval micro-batch of 4 p99-long examples, every position trained (an upper bound)
+
+
+def readme_memory_table() -> str:
+    """The README's table, from the estimator: Qwen3-1.7B on one CUDA GPU, every recipe with its defaults."""
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(**{k: v for k, v in QWEN3_1_7B.items() if k not in ("architectures", "model_type")})
+    recipes = {"v1": (train_lora, []), "v2/v3 (`tokens`)": (train_lora2, []),
+               "v2/v3 (`full`)": (train_lora2, ["--embedding_mode=full"]),
+               "bf16 LoRA": (train_lora, ["--load_in_4bit=False"]), "`train.py`": (train, [])}
+    rows = {name: [] for name in ("weights (frozen)", "adapter / trained weights", "optimizer states", "gradients",
+                                  "activations (checkpointing)", "logits (Liger)", "logits without Liger",
+                                  "merged embedding copies / Liger's lm_head gradient", "CUDA context",
+                                  "**training step peak**", "evaluation peak")}
+    for script, extra in recipes.values():
+        cfg = parse_settings(vars(script), extra)
+        rows_trained = 10_000 if script is train_lora2 and not extra else None  # assumed; the dry run counts the data's
+        e = estimate_memory(config, cfg, "cuda", README_TOKENS, README_EVAL_POSITIONS, rows_trained)
+        off = estimate_memory(config, parse_settings(vars(script), [*extra, "--use_liger_kernel=False"]), "cuda",
+                              README_TOKENS, README_EVAL_POSITIONS, rows_trained)
+        values = [e.parts["weights"], e.parts["trainable"], e.parts["optimizer"], e.parts["gradients"],
+                  e.parts["activations"], e.parts["logits"], off.parts["logits"],
+                  e.parts.get("merged rows", 0) + e.parts.get("liger lm_head grad", 0), e.parts["cuda context"],
+                  e.train_peak, e.eval_peak]
+        for name, value in zip(rows, values):
+            rows[name].append(f"{value / GB:.2f}")
+    lines = ["| GB, estimated | " + " | ".join(recipes) + " |", "|---" * (len(recipes) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"**{v}**" if name.startswith("**") else v for v in values) + " |"
+              for name, values in rows.items()]
+    return "\n".join(lines)
+
+
+def test_the_readme_memory_table_is_the_estimators(capsys):
+    from pathlib import Path
+
+    table = readme_memory_table()
+    with capsys.disabled():
+        print("\n" + table)
+    for readme in ("README.md", "README_zh.md"):
+        assert table in (Path(__file__).parent.parent / readme).read_text(encoding="utf-8"), readme
