@@ -261,14 +261,14 @@ def build_lora_config(cfg, tied: bool, token_indices: list[int] | None = None):
         # original did) would double its memory and untie the model; train the one shared matrix instead.
         modules_to_save.remove("lm_head")
     trainable_tokens = None
-    if token_indices:  # EMBEDDING_MODE="tokens": the listed rows of the same modules, the tie kept by PEFT
+    if token_indices:  # EMBEDDING_MODE="tokens": the listed rows of the same modules; PEFT keeps a tie by itself
         trainable_tokens = {name: list(token_indices) for name in modules_to_save}
         modules_to_save = []
     return LoraConfig(
         r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
         target_modules=list(cfg.TARGET_MODULES), modules_to_save=modules_to_save or None,
         trainable_token_indices=trainable_tokens,
-        ensure_weight_tying=bool((modules_to_save or trainable_tokens) and tied), bias="none", task_type="CAUSAL_LM",
+        ensure_weight_tying=bool(modules_to_save and tied), bias="none", task_type="CAUSAL_LM",
     )
 
 
