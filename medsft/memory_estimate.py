@@ -312,13 +312,18 @@ def counted_bytes(model, optimizer=None) -> dict:
 # the dry run's report
 
 
-def batch_tokens(data, cfg) -> tuple[int, int]:
+def example_lengths(data) -> tuple[list[int], list[int]]:
+    """(token counts of the training examples, longest first; trained positions of each val example, in order)."""
+    train = sorted((len(data.train_set[i]["input_ids"]) for i in range(len(data.train_set))), reverse=True)
+    return train, [sum(label != -100 for label in e["labels"]) for e in data.val_set]
+
+
+def batch_tokens(lengths: tuple[list[int], list[int]], cfg) -> tuple[int, int]:
     """(tokens of the longest training micro-batch the data can give: the BATCH_SIZE longest examples packed
     together, or padded; trained positions of the longest evaluation micro-batch, whose batches are fixed)."""
-    lengths = sorted((len(data.train_set[i]["input_ids"]) for i in range(len(data.train_set))), reverse=True)
-    longest = lengths[:cfg.BATCH_SIZE]
+    train_lengths, trained = lengths
+    longest = train_lengths[:cfg.BATCH_SIZE]
     train = sum(longest) if cfg.PACKING else len(longest) * -(-longest[0] // 8) * 8
-    trained = [sum(label != -100 for label in e["labels"]) for e in data.val_set]
     size = cfg.EVAL_BATCH_SIZE
     batches = [trained[i:i + size] for i in range(0, len(trained), size)]
     evaluation = max(sum(b) if cfg.PACKING else len(b) * max(b) for b in batches)
@@ -361,14 +366,18 @@ def print_memory_estimate(model_path: str, cfg, data) -> Estimate:
     from medsft.training import trained_token_indices
 
     config = AutoConfig.from_pretrained(model_path)
-    rows = trained_token_indices(data, cfg)
     budget = gpu_memory_budget(getattr(cfg, "GPU_MEMORY_GB", 0))
+    tokens_mode = hasattr(cfg, "EMBEDDING_MODE") and bool(cfg.MODULES_TO_SAVE)
+    # the rows "tokens" would train (counted once: v3 tokenises every question masked), also for a "full" run
+    token_rows = len(trained_token_indices(data, _with(cfg, EMBEDDING_MODE="tokens"))) if tokens_mode else None
+    rows = token_rows if getattr(cfg, "EMBEDDING_MODE", None) == "tokens" else None
+
+    lengths = example_lengths(data)
 
     def estimate(settings):
-        train, evaluation = batch_tokens(data, settings)
-        trained = trained_token_indices(data, settings) if settings is not cfg else rows
-        return estimate_memory(config, settings, "cuda", train, evaluation, len(trained) if trained else None), \
-            train, evaluation
+        train, evaluation = batch_tokens(lengths, settings)
+        trained = token_rows if getattr(settings, "EMBEDDING_MODE", None) == "tokens" else None
+        return estimate_memory(config, settings, "cuda", train, evaluation, trained), train, evaluation
 
     result, train, evaluation = estimate(cfg)
     recipe = {"qlora": "QLoRA (4-bit NF4 base, fp32 LoRA)", "bf16_lora": "LoRA on a bf16 base",
@@ -387,7 +396,7 @@ def print_memory_estimate(model_path: str, cfg, data) -> Estimate:
     lines = [
         ("weights (frozen)" if recipe_of(cfg) != "full" else "weights (frozen buffers)", parts["weights"], ""),
         ("adapter and trainable rows" if recipe_of(cfg) != "full" else "trained weights", parts["trainable"],
-         f"{len(rows):,} embedding rows" if rows else ""),
+         f"{rows:,} embedding rows" if rows else ""),
         ("optimizer states", parts["optimizer"],
          "32-bit states for the embedding: bitsandbytes" if "8bit" in cfg.OPTIM and cfg.OPTIM != "adamw_torch_8bit"
          and getattr(cfg, "EMBEDDING_MODE", None) == "full" and cfg.MODULES_TO_SAVE else ""),
