@@ -41,8 +41,8 @@ LORA_ALPHA = 16                            # scale = alpha / r
 LORA_DROPOUT = 0.2                         # v1 used 0.05
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODULES_TO_SAVE = ["embed_tokens", "lm_head"]  # as the original; Qwen3 ties them, so the one shared matrix is trained
-EMBEDDING_MODE = "tokens"                  # "tokens": only the rows of tokens in the training inputs; "full": all 151,936
-EMBEDDING_LEARNING_RATE = 5e-5             # "full" only: the embedding's own rate, 4x below LEARNING_RATE (2-10x is usual)
+EMBEDDING_MODE = "tokens"                  # "tokens": the rows of the training inputs' tokens; "full": all 151,936
+EMBEDDING_LEARNING_RATE = 5e-5             # "full" only: the embedding's own rate, 4x below LEARNING_RATE (2-10x usual)
 # optimisation
 EPOCHS = 3.0                               # passes over train.jsonl (ignored when MAX_STEPS > 0)
 MAX_STEPS = -1                             # > 0 stops after this many optimizer steps
