@@ -155,13 +155,14 @@ def generate_from_problems(cfg) -> list[str]:
 def generate_predictions(cfg) -> Path:
     """Answers to the first GENERATE val (or gold) rows and the red-team set, through inference_lora.py's batch mode."""
     import inference_lora
+    from medsft.schemas import opening_question
 
     source = cfg.GENERATE_FROM
     held_out = [row for _, row in read_jsonl(Path(cfg.DATA_DIR) / f"{source}.jsonl")][: cfg.GENERATE]
     redteam = [row for _, row in read_jsonl(cfg.REDTEAM_PATH)]
     questions = Path(cfg.REPORT_PATH).with_suffix(".questions.jsonl")
     predictions = Path(cfg.REPORT_PATH).with_suffix(".predictions.jsonl")
-    rows = [{"id": f"{source}-{row.get('id', i)}", "question": row["question"]} for i, row in enumerate(held_out)]
+    rows = [{"id": f"{source}-{row.get('id', i)}", "question": opening_question(row)} for i, row in enumerate(held_out)]
     rows += redteam
     write_files_atomically({questions: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)})
     predictions.unlink(missing_ok=True)  # batch mode resumes by id: answers of another adapter must not count

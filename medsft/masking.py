@@ -8,7 +8,7 @@ import random
 import re
 from pathlib import Path
 
-from medsft.chat_format import build_training_example
+from medsft.chat_format import build_conversation_example, build_training_example
 from medsft.errors import DataError, UserError
 
 CATEGORIES = ("疾病", "症状", "药物", "检查", "解剖")  # disease, symptom, drug, examination, anatomy
@@ -106,19 +106,41 @@ class MaskedQuestionDataset:
         the tokens a draw can feed the model (EMBEDDING_MODE="tokens" trains their embedding rows)."""
         styles = ("mask", "typed") if self.style == "progressive" else (self.style,)
         for row in self.rows:
-            questions = [row["question"]] + [self.masker.mask(row["question"], random.Random(0), 1.0, style)[0]
-                                             for style in styles]
-            for question in questions:
-                example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt,
-                                                 question=question)
+            for style in (None, *styles):
+                mask = None if style is None else (
+                    lambda text, style=style: self.masker.mask(text, random.Random(0), 1.0, style)[0])
+                if "messages" in row:
+                    example = build_conversation_example(self.tokenizer, row["messages"], self.max_length,
+                                                         self.system_prompt, mask_user=mask)
+                else:
+                    question = row["question"] if mask is None else mask(row["question"])
+                    example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt,
+                                                     question=question)
                 if example is not None:
                     yield example
 
+    def masked_user_turn(self, rng: random.Random):
+        """A conversation's masker: each user turn in order, from the row's one random stream."""
+        def mask(text: str) -> str:
+            text, masked, found = self.masker.mask(text, rng, self.prob, self.style_now())
+            self.masked_terms += masked
+            self.found_terms += found
+            return text
+        return mask
+
     def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        if "messages" in row:  # a conversation up to the trained reply: only its user turns are masked
+            rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
+            example = build_conversation_example(self.tokenizer, row["messages"], self.max_length, self.system_prompt,
+                                                 mask_user=self.masked_user_turn(rng))
+            if example is None or (self.drop_long and example["think_cut"]):
+                example = build_conversation_example(self.tokenizer, row["messages"], self.max_length,
+                                                     self.system_prompt)
+            return example
         question, masked, found = self.masked_question(index)
         self.masked_terms += masked
         self.found_terms += found
-        row = self.rows[index]
         example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt, question=question)
         if example is None or (self.drop_long and example["think_cut"]):
             # masking lengthened the question past MAX_LENGTH: this draw trains the row unmasked (it fits as is)

@@ -79,17 +79,24 @@ def _parse_json(path: Path, text: str) -> list[tuple[int, dict]]:
 
 
 def _parse_csv(path: Path, text: str) -> list[tuple[int, dict]]:
-    reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
-    rows = []
+    lines = text.splitlines(keepends=True)
+    reader = csv.DictReader(lines, strict=True)
+    rows, end = [], 1  # end: the last line read so far (the header's)
     try:
         for row in reader:
+            start, end = end + 1, reader.line_num  # a row starts on the line after the last one read,
+            while start < end and not lines[start - 1].strip():  # past blank lines the reader skipped
+                start += 1
             if None in row:
-                raise DataError(path, reader.line_num, "more fields than the header has")
+                raise DataError(path, start, "more fields than the header has")
             metrics = {k.split(".", 1)[1]: _number(v) for k, v in row.items() if k.startswith("metrics.") and v}
-            row = {k: v for k, v in row.items() if not k.startswith("metrics.")}
+            meta = {k.split(".", 1)[1]: v for k, v in row.items() if k.startswith("meta.") and v}
+            row = {k: v for k, v in row.items() if not k.startswith(("metrics.", "meta."))}
             if metrics:
                 row["metrics"] = metrics
-            rows.append((reader.line_num, row))
+            if meta:
+                row["meta"] = meta
+            rows.append((start, row))
     except csv.Error as e:  # the reader stops before counting the broken row's lines: it starts after the last good one
         raise DataError(path, reader.line_num + 1, f"invalid CSV in the row starting on this line ({e})") from None
     return rows
