@@ -142,7 +142,7 @@ def make_shareable(folder) -> None:
 
 
 def write_files_atomically(files: dict, remove=()) -> None:
-    """Write {path: text} so that readers see all the old files or all the new ones, never a half-written file.
+    """Write {path: text or bytes} so that readers see all the old files or all the new ones, never a half-written file.
 
     Every file is first written to a temporary file beside it; only when all are written are they renamed
     into place. `remove` lists stale files (e.g. a test split no longer wanted) deleted after the renames.
@@ -155,7 +155,8 @@ def write_files_atomically(files: dict, remove=()) -> None:
             fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             temps[path] = temp
             os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            binary = isinstance(text, bytes)
+            with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())

@@ -504,7 +504,8 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str) -> None:
 
 def print_sample_answer(model, tokenizer, row: dict | str, cfg) -> str:
     """One answer to a question, or a val row's (a conversation's last one, after its earlier turns), generated the
-    right way: eval mode, KV cache on, no checkpointing."""
+    right way: eval mode, KV cache on, no checkpointing, and Qwen3's thinking-mode sampling (its card warns that
+    greedy decoding loops in thinking mode), seeded with the run's SEED so the same run prints the same answer."""
     from medsft.generation import generate_replies, prepare_for_generation
 
     prepare_for_generation(model)
@@ -515,7 +516,7 @@ def print_sample_answer(model, tokenizer, row: dict | str, cfg) -> str:
         body = [m["content"] for m in row["messages"] if m["role"] != "system"]
         question, history = body[-2], list(zip(body[0:-2:2], body[1:-2:2]))
     reply = generate_replies(model, tokenizer, [question], system_prompt=system_prompt, histories=[history],
-                             max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS, temperature=0.0)[0]
+                             max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS, seed=cfg.SEED)[0]
     shown = reply.text if reply.text.strip() else f"(empty reply: {reply.new_tokens} whitespace tokens)"
     print(f"==== sample answer to a val question ====\nQuestion: {question}\n\n{shown}\n"
           f"[finish: {reply.finish_reason}, {reply.new_tokens} new tokens]", flush=True)
