@@ -18,8 +18,10 @@ IDS = [151644, 8948, 198, 100, 200, 300, 151645, 198, 151644, 77091, 198, 151667
 
 @pytest.fixture(scope="module")
 def adapters(train_once, short_data_dir) -> dict:
-    """v1 (LoRA only) and v2 (LoRA + the tied embedding) finals, trained hard enough to move the logits."""
-    return {version: train_once(version, short_data_dir, "--learning_rate=1e-2")[0] / "final" for version in ("v1", "v2")}
+    """v1 (LoRA only) and v2 (LoRA + the whole tied embedding) finals, trained hard enough to move the logits.
+    (v2's default, embedding_mode="tokens", is merged in tests/test_embedding_mode.py.)"""
+    return {"v1": train_once("v1", short_data_dir, "--learning_rate=1e-2")[0] / "final",
+            "v2": train_once("v2", short_data_dir, "--learning_rate=1e-2", "--embedding_mode=full")[0] / "final"}
 
 
 @pytest.fixture(scope="module")
