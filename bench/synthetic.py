@@ -7,6 +7,7 @@ import json
 import math
 import random
 import re
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +31,14 @@ def prepare_model(cfg, paths) -> Path:
         return model_dir
     print(f"building a random-weight Qwen3 ({shape}) in {model_dir} ...", flush=True)
     staging = paths.work / f".{name}.tmp"  # renamed when complete, so a killed build is never reused
-    build_tiny_qwen3(staging, seed=cfg.SEED, **shape)
+    shutil.rmtree(staging, ignore_errors=True)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    with torch.device("cuda" if cuda else "cpu"):  # the random init of 1.7B weights takes seconds on a GPU
+        build_tiny_qwen3(staging, seed=cfg.SEED, **shape)
+    if cuda:
+        torch.cuda.empty_cache()
     staging.rename(model_dir)
     return model_dir
 
