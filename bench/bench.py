@@ -143,15 +143,16 @@ def main(argv=None):
             results["gpu_tests"] = measure.run_gpu_tests(cfg, run.timeout(cfg.GPU_TESTS_TIMEOUT_S))
 
     # ========== 4. Random-weight model and synthetic data in the dataset's shape ==========
-    with run.stage("model_and_data"):
-        model_dir = synthetic.prepare_model(cfg, paths)
-        tokenizer = synthetic.load_bench_tokenizer(model_dir)
-        results["model"] = measure.model_summary(model_dir)
-        results["data"] = data_stats = synthetic.write_synthetic_data(cfg, tokenizer, paths.data)
-        print(f"synthetic data: {cfg.TRAIN_ROWS} train + {cfg.VAL_ROWS} val rows; whole-example tokens p50 "
-              f"{data_stats['p50']} (target {cfg.LENGTH_P50}), p90 {data_stats['p90']} (target {cfg.LENGTH_P90}), "
-              f"p99 {data_stats['p99']}, max {data_stats['max']}; think share {data_stats['think_share']:.2f} "
-              f"(target {cfg.THINK_SHARE})", flush=True)
+    if run.enough_time("model_and_data"):  # when it does not fit, no later stage does
+        with run.stage("model_and_data"):
+            model_dir = synthetic.prepare_model(cfg, paths)
+            tokenizer = synthetic.load_bench_tokenizer(model_dir)
+            results["model"] = measure.model_summary(model_dir)
+            results["data"] = data_stats = synthetic.write_synthetic_data(cfg, tokenizer, paths.data)
+            print(f"synthetic data: {cfg.TRAIN_ROWS} train + {cfg.VAL_ROWS} val rows; whole-example tokens p50 "
+                  f"{data_stats['p50']} (target {cfg.LENGTH_P50}), p90 {data_stats['p90']} (target {cfg.LENGTH_P90}), "
+                  f"p99 {data_stats['p99']}, max {data_stats['max']}; think share {data_stats['think_share']:.2f} "
+                  f"(target {cfg.THINK_SHARE})", flush=True)
 
     # ========== 5. Train each recipe for WARMUP_STEPS + STEPS steps, in the order asked ==========
     if run.enough_time("training"):
