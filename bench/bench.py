@@ -2,7 +2,8 @@
 
     python bench/bench.py                                       # = --mode=tiny: a CPU harness check, NOT a benchmark
     python bench/bench.py --mode=tiny --results_dir=/tmp/bench  # keep the tiny results (default: a temp dir)
-    python bench/bench.py --mode=full                           # the benchmark on a CUDA GPU (15-25 min on an H100, derived)
+    bench/gpu_check.sh --out=/tmp/gpu-check                     # all of it on a CUDA GPU, GPU tests first (<= 7.5 min)
+    python bench/bench.py --mode=full                           # the benchmark alone (15-25 min on an H100, derived)
     python bench/bench.py --mode=full --configs=original,v1,trl_liger --shipped_scripts=False  # a part of it
     python bench/bench.py --mode=full --configs= --inference=False --append_to=bench/results/2026-01-01-nvidia-h100.json
     python bench/bench.py --render_only=True                    # rebuild bench/RESULTS.md from bench/results/*.json

@@ -102,9 +102,10 @@ def run_gpu_tests(cfg, timeout_s: int) -> dict:
         for case in ElementTree.parse(report_file).iter("testcase"):
             outcome = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
             message = (outcome.get("message") or "").strip().splitlines() if outcome is not None else []
+            tag = "passed" if outcome is None else outcome.tag
             tests.append({"test": f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}",
-                          "outcome": "passed" if outcome is None else {"failure": "failed"}.get(outcome.tag, outcome.tag),
-                          "seconds": round(float(case.get("time") or 0), 2), "message": message[0][:300] if message else None})
+                          "outcome": {"failure": "failed"}.get(tag, tag), "seconds": round(float(case.get("time") or 0), 2),
+                          "message": message[0][:300] if message else None})
     counts = collections.Counter(t["outcome"] for t in tests)
     result = {"command": shlex.join(["python", *cmd[1:]]), "files": files, "rc": run["rc"],
               "timed_out": run["timed_out"], "seconds": run["seconds"], "per_test_timeout_s": per_test,

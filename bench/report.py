@@ -195,8 +195,8 @@ def render_results_md(all_results: list[dict]) -> str:
              "What is measured and how: `bench/README.md`.", ""]
     if not any(r.get("mode") == "full" for r in all_results):
         lines += ["**No GPU measurement has been made yet.** There are no numbers here until "
-                  "`python bench/bench.py --mode=full` has run on a GPU and its results file is in `bench/results/`.",
-                  ""]
+                  "`bench/gpu_check.sh` (or `python bench/bench.py --mode=full`) has run on a GPU and its results "
+                  "file is in `bench/results/`.", ""]
     for results in sorted(all_results, key=lambda r: r.get("timestamp", ""), reverse=True):
         lines += [render_results(results), ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -237,7 +237,8 @@ def render_results(results: dict) -> str:
          f"{model['heads']}/{model['kv_heads']} heads of {model['head_dim']}, vocab {model['vocab']:,}; "
          f"N = {model['matmul_params'] / 1e9:.3f}B matmul parameters") if model else "- model: not built",
         (f"- data: {data['rows']} synthetic train rows, tokens p50 {data['p50']}, p90 {data['p90']}, "
-         f"p99 {data['p99']}, max {data['max']}; think share {data['think_share']:.2f}") if data else "- data: not built",
+         f"p99 {data['p99']}, max {data['max']}; think share {data['think_share']:.2f}")
+        if data else "- data: not built",
         (f"- measured matmul rate: {format_rate(rate['tflops'])} ({rate['dtype']}); " if rate else
          "- matmul rate: not measured; ") + f"{settings['WARMUP_STEPS']} warm-up + {settings['STEPS']} measured "
         f"steps per config, max_length {settings['MAX_LENGTH']}",

@@ -56,8 +56,8 @@ def wheel_dir(tmp_path_factory) -> Path:
 
 
 def gpu_check(out: Path, wheels: Path, *bench_settings: str) -> list[str]:
-    return (["bash", str(ROOT / "bench" / "gpu_check.sh"), f"--out={out}", f"--wheels={wheels}",
-             f"--site={out.parent / (out.name + '-site')}", "--tiny", *(["--", *bench_settings] if bench_settings else [])])
+    return ["bash", str(ROOT / "bench" / "gpu_check.sh"), f"--out={out}", f"--wheels={wheels}",
+            f"--site={out.parent / (out.name + '-site')}", "--tiny", *(["--", *bench_settings] if bench_settings else [])]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,8 @@ def test_gpu_check_rehearsal_runs_every_stage_in_one_command(tiny_run, tiny_resu
     assert environment["packages"] == {"gpu_check_probe": {"version": "1.0", "from_wheels": True}}
     assert "wheels: ok: 1 wheels" in (tiny_run.out / "gpu-check.log").read_text(encoding="utf-8")
     # the GPU tests: every @gpu test of tests/ found and run (skipped on CPU)
-    marked = {f"tests/{f.name}": f.read_text(encoding="utf-8").count("\n@gpu\n") for f in (ROOT / "tests").glob("test_*.py")}
+    marked = {f"tests/{f.name}": f.read_text(encoding="utf-8").count("\n@gpu\n")
+              for f in (ROOT / "tests").glob("test_*.py")}
     gpu_tests = results["gpu_tests"]
     assert gpu_tests["ok"] and gpu_tests["files"] == sorted(f for f, n in marked.items() if n)
     assert gpu_tests["counts"] == {"skipped": sum(marked.values())} and sum(marked.values()) >= 5
