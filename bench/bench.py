@@ -65,7 +65,7 @@ INFERENCE = True                    # measure generation speed with the v3 adapt
 INFERENCE_BATCH = 16                # questions per ask_batch call
 INFERENCE_NEW_TOKENS = 256          # new tokens per reply
 # the shipped scripts at real size (tiny mode: off unless asked)
-SHIPPED_SCRIPTS = True              # train_lora3.py, then on its adapter inference_lora.py -b, merge_lora.py, web demo
+SHIPPED_SCRIPTS = True              # train_lora3.py, then on its adapter inference_lora.py -b, merge_lora.py, a streamed answer
 SCRIPT_STEPS = 20                   # --max_steps of the train_lora3.py run
 SCRIPT_QUESTIONS = 32               # questions answered by inference_lora.py -b
 # the GPU-marked tests (tests/ files with @gpu), run first by bench/gpu_check.sh

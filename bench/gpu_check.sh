@@ -25,6 +25,7 @@
 # whole check about 7 to 8 min (bench/README.md has the table). BUDGET_S caps it whatever happens: what no
 # longer fits is recorded as skipped, lowest priority first.
 set -uo pipefail
+{  # the whole script is read before it runs: editing this file during a run cannot change that run
 
 OUT="" WHEELS="" SITE="${TMPDIR:-/tmp}/gpu-check-site" TINY=0
 BUDGET_S=450          # the whole check's wall time, the install included (the loan's command limit is 600 s)
@@ -85,3 +86,4 @@ fi
 rc=$?
 echo "gpu check: finished in $((SECONDS - START)) s (budget ${BUDGET_S} s), exit code $rc, results in $OUT"
 exit $rc
+}

@@ -115,9 +115,9 @@ def test_gpu_check_rehearsal_runs_every_stage_in_one_command(tiny_run, tiny_resu
 
 
 def test_a_run_stopped_midway_leaves_valid_results(wheel_dir, tmp_path):
-    """Killed as training starts, the results file is whole (at every read) and says what never ran."""
+    """Killed mid-way (after its first stage), the results file is whole (at every read) and says what never ran."""
     out = tmp_path / "out"
-    proc = subprocess.Popen(gpu_check(out, wheel_dir, "--gpu_tests=False", "--configs=v1,v2", "--inference=False"),
+    proc = subprocess.Popen(gpu_check(out, wheel_dir, "--gpu_tests=False"),  # no subprocess of its own to outlive it
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env=os.environ | {"PYTHON": sys.executable})
     results, reads, deadline = None, 0, time.monotonic() + 300
@@ -126,7 +126,7 @@ def test_a_run_stopped_midway_leaves_valid_results(wheel_dir, tmp_path):
             for results_file in out.glob("*.json"):
                 results = json.loads(results_file.read_text(encoding="utf-8"))  # never half a file
                 reads += 1
-            if results and results["stages"]["model_and_data"]["status"] == "done":
+            if results and results["stages"]["environment"]["status"] == "done":
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be stopped"
@@ -137,10 +137,12 @@ def test_a_run_stopped_midway_leaves_valid_results(wheel_dir, tmp_path):
     results = json.loads(results_file.read_text(encoding="utf-8"))
     stages = {name: stage["status"] for name, stage in results["stages"].items()}
     assert list(stages) == STAGES and reads > 1
-    assert stages["environment"] == stages["model_and_data"] == "done" and stages["gpu_tests"] == "skipped"
-    assert stages["training"] in ("running", "done") and stages["shipped_scripts"] == "pending"
-    assert results["versions"]["torch"] and results["matmul_rate"]["tflops"] > 0 and results["data"]["rows"] == 16
-    assert set(results["configs"]) <= {"v1", "v2"} and results["shipped_scripts"] is None
+    assert stages["environment"] == "done" and stages["shipped_scripts"] == "pending"
+    assert set(stages.values()) <= {"done", "skipped", "running", "pending"}
+    assert results["versions"]["torch"] and results["matmul_rate"]["tflops"] > 0
+    assert results["environment"]["packages"]["gpu_check_probe"]["from_wheels"]
+    assert results["configs"] == {} or stages["training"] != "pending"
+    assert results["shipped_scripts"] is None
     assert "- stages: environment done" in report.render_results(results)  # a cut run renders too
 
 
