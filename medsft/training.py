@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsft.chat_format import IGNORE_INDEX, build_training_example
+from medsft.chat_format import IGNORE_INDEX, build_row_example
 from medsft.distributed import is_main_process, launch_problems, sharding, use_liger_kernel, world_size
 from medsft.errors import DataError, UserError, exit_on_interrupt
 from medsft.records import read_jsonl, write_files_atomically
@@ -20,6 +20,8 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
 SWANLAB_PROJECT = "qwen3-medical-r1"
 TRACKERS = ("auto", "swanlab", "tensorboard", "none")  # REPORT_TO: auto = SwanLab when logged in, else none
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Qwen3's linear layers
+EMBEDDING_MODES = ("tokens", "full")  # v2/v3: train the rows of the data's tokens, or every row (modules_to_save)
+LIGER_INSTALL = "pip install 'liger-kernel>=0.6,<1'"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,6 +82,10 @@ def _lora_problems(cfg) -> list[str]:
         problems.append(f"target_modules must be some of {', '.join(PROJECTIONS)}, not {list(cfg.TARGET_MODULES)}")
     if set(cfg.MODULES_TO_SAVE) - {"embed_tokens", "lm_head"}:
         problems.append(f"modules_to_save may hold embed_tokens and lm_head, not {list(cfg.MODULES_TO_SAVE)}")
+    if getattr(cfg, "EMBEDDING_MODE", "full") not in EMBEDDING_MODES:
+        problems.append(f"embedding_mode must be 'tokens' or 'full', not {cfg.EMBEDDING_MODE!r}")
+    if not getattr(cfg, "EMBEDDING_LEARNING_RATE", 1) > 0:
+        problems.append(f"embedding_learning_rate must be positive, not {cfg.EMBEDDING_LEARNING_RATE}")
     return problems
 
 
@@ -97,6 +103,9 @@ def _library_choice_problems(cfg) -> list[str]:
     if cfg.ATTN_IMPLEMENTATION not in attention:
         problems.append(f"attn_implementation {cfg.ATTN_IMPLEMENTATION!r} is not available here "
                         f"(choose from {', '.join(sorted(attention))})")
+    if cfg.USE_LIGER_KERNEL and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is None:
+        problems.append(f"liger-kernel is not installed, so the loss would materialise the full-vocabulary logits "
+                        f"(GBs at 2k tokens): {LIGER_INSTALL}, or pass --use_liger_kernel=False to accept that")
     return problems
 
 
@@ -120,10 +129,15 @@ class TrainingData:
 
 
 def tokenize_rows(tokenizer, rows, cfg) -> tuple[list, list, dict]:
-    """(examples, the rows they came from, how many were shortened (think cut) or dropped for MAX_LENGTH)."""
+    """(examples, the rows they came from, how many were shortened (think cut) or dropped for MAX_LENGTH).
+
+    A conversation gives one example per assistant reply; its row here is the conversation up to that reply.
+    """
+    from medsft.schemas import expand_conversation
+
     examples, kept, shortened, dropped = [], [], 0, 0
-    for row in rows:
-        example = build_training_example(tokenizer, row, cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT)
+    for row in (part for whole in rows for part in expand_conversation(whole)):
+        example = build_row_example(tokenizer, row, cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT)
         if example is not None and example["think_cut"] and cfg.LONG_EXAMPLES == "drop":
             example = None
         if example is None:
@@ -176,7 +190,9 @@ def show_data_preview(tokenizer, data: TrainingData, cfg) -> None:
           f"{s['train_tokens']:,} train tokens per epoch")
     print(f"example length in tokens: p50 {s['p50']}, p90 {s['p90']}, p99 {s['p99']}, max {s['max']} "
           f"(max_length {cfg.MAX_LENGTH}: {s['shortened']} shortened, {s['dropped']} dropped)")
-    first = data.train_set[0]
+    # a conversation shows its last reply: the whole conversation as trained, earlier replies without their think
+    last = max(i for i, row in enumerate(data.train_rows[:1000]) if row.get("id") == data.train_rows[0].get("id"))
+    first = data.train_set[last]
     print("==== first training example, exactly as trained (between the rulers) ====")
     print(tokenizer.decode(first["input_ids"]), end="")
     print("\n==== its trained part (labels != -100) ====")
@@ -189,13 +205,16 @@ def show_data_preview(tokenizer, data: TrainingData, cfg) -> None:
 # 3. model
 
 
-def load_lora_model(model_path: str, cfg):
-    """The base model (4-bit NF4 unless LOAD_IN_4BIT=False) with fresh LoRA adapters."""
+def load_lora_model(model_path: str, cfg, data: TrainingData | None = None):
+    """The base model (4-bit NF4 unless LOAD_IN_4BIT=False) with fresh LoRA adapters.
+
+    With EMBEDDING_MODE="tokens", `data` gives the embedding rows to train: the tokens of its training inputs.
+    """
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
-    from medsft.model_loading import load_base_model
+    from medsft.model_loading import compute_dtype, load_base_model
 
     set_seed(cfg.SEED)  # before get_peft_model draws the LoRA init: every rank, and every run, starts the same
     model = load_base_model(model_path, cfg.LOAD_IN_4BIT, cfg.ATTN_IMPLEMENTATION)
@@ -205,26 +224,42 @@ def load_lora_model(model_path: str, cfg):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+        if torch.cuda.is_available():
+            # ... but a frozen fp32 embedding only costs memory (0.62 GB more at 1.7B, and every merged copy
+            # "tokens" makes is twice as big): keep it bf16; its output is widened to fp32 below, exactly
+            model.get_input_embeddings().to(compute_dtype())
     elif cfg.GRADIENT_CHECKPOINTING:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = build_lora_config(cfg, tied=bool(getattr(model.config, "tie_word_embeddings", False)))
+    token_indices = trained_token_indices(data, cfg)
+    lora = build_lora_config(cfg, tied=bool(getattr(model.config, "tie_word_embeddings", False)),
+                             token_indices=token_indices)
     set_seed(cfg.SEED)  # the LoRA initialisation is random: the same SEED gives the same adapter
     model = get_peft_model(model, lora)
+    if cfg.LOAD_IN_4BIT and torch.cuda.is_available():
+        model.get_input_embeddings().register_forward_hook(_widen_to_fp32)
     for param in model.parameters():  # the optimizer's master weights: fp32 (a bf16 base gives bf16 copies)
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-          + (f"; fully trained: {sorted(lora.modules_to_save)}" if lora.modules_to_save else ""), flush=True)
+          + (f"; fully trained: {sorted(lora.modules_to_save)}" if lora.modules_to_save else "")
+          + (f"; embedding rows trained: {len(token_indices):,} of {model.config.vocab_size:,} (the tokens of the "
+             "training inputs)" if token_indices else ""), flush=True)
     model.trainable_params = trainable
+    if lora.modules_to_save and getattr(cfg, "EMBEDDING_MODE", None) == "full":
+        model.embedding_learning_rate = cfg.EMBEDDING_LEARNING_RATE  # its own param group (QLoRATrainer)
     if not cfg.LOAD_IN_4BIT and not torch.cuda.is_available():
         model.to(torch.float32)  # bf16 matmuls are slow on CPU
     return model
 
 
-def build_lora_config(cfg, tied: bool):
+def _widen_to_fp32(module, args, output):
+    return output.float()  # what the fp32 embedding of prepare_model_for_kbit_training gave, bit for bit
+
+
+def build_lora_config(cfg, tied: bool, token_indices: list[int] | None = None):
     from peft import LoraConfig
 
     modules_to_save = list(cfg.MODULES_TO_SAVE)
@@ -232,11 +267,27 @@ def build_lora_config(cfg, tied: bool):
         # Qwen3 (0.6B-4B) ties lm_head to embed_tokens: one matrix. Training two separate copies (as the
         # original did) would double its memory and untie the model; train the one shared matrix instead.
         modules_to_save.remove("lm_head")
+    trainable_tokens = None
+    if token_indices:  # EMBEDDING_MODE="tokens": the listed rows of the same modules; PEFT keeps a tie by itself
+        trainable_tokens = {name: list(token_indices) for name in modules_to_save}
+        modules_to_save = []
     return LoraConfig(
         r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
         target_modules=list(cfg.TARGET_MODULES), modules_to_save=modules_to_save or None,
+        trainable_token_indices=trainable_tokens,
         ensure_weight_tying=bool(modules_to_save and tied), bias="none", task_type="CAUSAL_LM",
     )
+
+
+def trained_token_indices(data: TrainingData | None, cfg) -> list[int] | None:
+    """EMBEDDING_MODE="tokens": every token id of the training inputs (v3: unmasked and fully masked questions,
+    and the placeholders); None when the embedding is not trained or is trained in full."""
+    if getattr(cfg, "EMBEDDING_MODE", None) != "tokens" or not cfg.MODULES_TO_SAVE:
+        return None
+    if data is None:
+        raise ValueError("EMBEDDING_MODE='tokens' needs the training data to pick the embedding rows")
+    examples = data.train_set.every_variant() if hasattr(data.train_set, "every_variant") else data.train_set
+    return sorted({token for example in examples for token in example["input_ids"]})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -451,13 +502,21 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str) -> None:
 # 7. sample answer
 
 
-def print_sample_answer(model, tokenizer, question: str, cfg) -> str:
-    """One answer to a val question, generated the right way: eval mode, KV cache on, no checkpointing."""
+def print_sample_answer(model, tokenizer, row: dict | str, cfg) -> str:
+    """One answer to a question, or a val row's (a conversation's last one, after its earlier turns), generated the
+    right way: eval mode, KV cache on, no checkpointing, and Qwen3's thinking-mode sampling (its card warns that
+    greedy decoding loops in thinking mode), seeded with the run's SEED so the same run prints the same answer."""
     from medsft.generation import generate_replies, prepare_for_generation
 
     prepare_for_generation(model)
-    reply = generate_replies(model, tokenizer, [question], system_prompt=cfg.SYSTEM_PROMPT,
-                             max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS, temperature=0.0)[0]
+    row = {"question": row} if isinstance(row, str) else row
+    question, history, system_prompt = row.get("question"), (), cfg.SYSTEM_PROMPT
+    if "messages" in row:
+        system_prompt = next((m["content"] for m in row["messages"] if m["role"] == "system"), system_prompt)
+        body = [m["content"] for m in row["messages"] if m["role"] != "system"]
+        question, history = body[-2], list(zip(body[0:-2:2], body[1:-2:2]))
+    reply = generate_replies(model, tokenizer, [question], system_prompt=system_prompt, histories=[history],
+                             max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS, seed=cfg.SEED)[0]
     shown = reply.text if reply.text.strip() else f"(empty reply: {reply.new_tokens} whitespace tokens)"
     print(f"==== sample answer to a val question ====\nQuestion: {question}\n\n{shown}\n"
           f"[finish: {reply.finish_reason}, {reply.new_tokens} new tokens]", flush=True)
