@@ -119,13 +119,20 @@ def run_gpu_tests(cfg, timeout_s: int) -> dict:
     return result
 
 
-def estimate_peak_memory(settings) -> dict:
-    """HOOK for the memory estimator of the training scripts' --dry_run (not in this checkout yet).
+def estimate_peak_memory(settings, model_dir, tokenizer, runner: str) -> dict:
+    """The training scripts' --dry_run estimate of the training step's peak (medsft/memory_estimate.py), from the
+    config and the same data, before the model loads; report.py puts it beside the measured peak."""
+    if runner == "trl":
+        return {"estimated_peak_gib": None, "how": "not estimated: the estimate models our scripts, not TRL's"}
+    from medsft.memory_estimate import print_memory_estimate
+    from medsft.training import load_training_data
 
-    When it exists, call it here with the recipe's settings and return {"estimated_peak_gib": ..., "how": ...};
-    report.py then puts the estimate beside the measured peak and checks the 15% target.
-    """
-    return {"estimated_peak_gib": None, "how": "not measured: no --dry_run memory estimate exists yet"}
+    try:
+        estimate = print_memory_estimate(str(model_dir), settings, load_training_data(settings, tokenizer))
+    except (Exception, UserError) as e:
+        return {"estimated_peak_gib": None, "how": f"the estimate failed: {type(e).__name__}: {str(e)[:200]}"}
+    return {"estimated_peak_gib": round(estimate.train_peak / 2**30, 3),
+            "how": "--dry_run's estimate of the training step (CUDA context included)"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,10 +159,12 @@ def measure_training(cfg, name: str, model_dir, paths, tokenizer=None) -> dict:
               "load_in_4bit": settings.LOAD_IN_4BIT, "optim": settings.OPTIM,
               "gradient_checkpointing": settings.GRADIENT_CHECKPOINTING,
               "modules_to_save": getattr(settings, "MODULES_TO_SAVE", None),
-              "peak_reserved_gib": None, "peak_allocated_gib": None, **estimate_peak_memory(settings)}
+              "embedding_mode": getattr(settings, "EMBEDDING_MODE", None),
+              "peak_reserved_gib": None, "peak_allocated_gib": None, "estimated_peak_gib": None, "how": None}
     trainer = None
     try:
         tokenizer = tokenizer or load_bench_tokenizer(model_dir)
+        result |= estimate_peak_memory(settings, model_dir, tokenizer, recipe.runner)
         trainer = build_recipe_trainer(name, settings, model_dir, tokenizer)
         result["trainable_params"] = trainer.model.trainable_params
         timer = step_timer(trainer)

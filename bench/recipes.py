@@ -29,7 +29,9 @@ RECIPES = {  # in the order a run measures them: the comparisons that matter mos
                   "TRL SFTTrainer, v1's settings: NF4 QLoRA, padding_free, completion-only loss"),
     "trl_liger": Recipe("trl", "train_lora", {"USE_LIGER_KERNEL": True},
                         "the same with use_liger_kernel=True (Liger's kernels are CUDA only)", needs_cuda=True),
-    "v2": Recipe("ours", "train_lora2", about="train_lora2.py as shipped"),
+    "v2": Recipe("ours", "train_lora2", about="train_lora2.py as shipped (EMBEDDING_MODE 'tokens')"),
+    "v2_full_embedding": Recipe("ours", "train_lora2", {"EMBEDDING_MODE": "full"},
+                                "v2 training every one of the 151,936 embedding rows (EMBEDDING_MODE 'full')"),
     "v3": Recipe("ours", "train_lora3", about="train_lora3.py as shipped"),
     "full": Recipe("full", "train", about="train.py as shipped: every weight, bf16, 8-bit AdamW"),
     "original": Recipe("ours", "train_lora", {

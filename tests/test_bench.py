@@ -21,7 +21,7 @@ from bench import report
 from bench.recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ["v1", "trl", "trl_liger", "v2", "v3", "full", "original", "bf16_lora"]  # the order the check runs them
+CONFIGS = ["v1", "trl", "trl_liger", "v2", "v2_full_embedding", "v3", "full", "original", "bf16_lora"]  # the order the check runs them
 CUDA_ONLY = {"trl_liger"}
 STAGES = ["environment", "gpu_tests", "model_and_data", "training", "inference", "shipped_scripts"]
 
@@ -171,12 +171,16 @@ def test_tiny_mode_measures_every_recipe_that_runs_on_cpu(tiny_results):
         assert c["tokens_per_s"] > 0 and c["median_step_s"] > 0 and c["tokens"] > 0, name
         assert c["mfu"] is not None and c["mfu"] > 0, name
         assert c["peak_reserved_gib"] is None and c["peak_allocated_gib"] is None, name  # no GPU memory on CPU
-        assert c["estimated_peak_gib"] is None and c["how"].startswith("not measured"), name  # the estimator's hook
+        if c["runner"] == "trl":  # the estimate models our scripts
+            assert c["estimated_peak_gib"] is None and c["how"].startswith("not estimated"), name
+        else:
+            assert c["estimated_peak_gib"] > 0 and c["how"].startswith("--dry_run's estimate"), (name, c["how"])
         assert all(loss == loss for loss in c["losses"]), name
     configs = results["configs"]
     assert configs["original"]["speedup_vs_original"] == 1.0
     assert not configs["original"]["packing"] and configs["original"]["use_liger_kernel"] is False
     assert configs["bf16_lora"]["load_in_4bit"] is False
+    assert configs["v2"]["embedding_mode"] == "tokens" and configs["v2_full_embedding"]["embedding_mode"] == "full"
     assert configs["full"]["runner"] == "full" and configs["full"]["optim"] == "adamw_torch_8bit"
     assert configs["full"]["trainable_params"] > 10 * configs["v1"]["trainable_params"]  # every weight, not LoRA
     inference = results["inference"]
@@ -208,7 +212,8 @@ def test_results_md_has_one_row_per_recipe(tiny_run, tiny_results):
     assert f"- file: `{tiny_run.results_file.name}`" in text
     table = text[text.index("| config |"):].split("\n\n")[0].splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == CONFIGS
-    assert "| v1 |" in text and "| not measured |" in text  # the memory estimate, beside the measured peak
+    v1 = next(row for row in table if row.startswith("| v1 |")).split("|")
+    assert v1[6].strip() == f"{tiny_results['configs']['v1']['estimated_peak_gib']:.2f}"  # beside the measured peak
     assert "- stages: environment done" in text and "GPU tests (`python -m pytest -m gpu" in text
     assert "| trl_liger | skipped: needs a CUDA GPU |" in text
     assert "No GPU measurement has been made yet" in text  # a tiny run is no GPU measurement
