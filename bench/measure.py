@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.recipes import ADAPTER_RECIPE, RECIPES, build_recipe_trainer, recipe_settings
+from bench.recipes import ADAPTER_RECIPE, RECIPES, build_recipe_trainer, load_recipe_data, recipe_settings
 from bench.synthetic import load_bench_tokenizer
 from medsft.errors import UserError
 from medsft.records import read_jsonl
@@ -119,16 +119,15 @@ def run_gpu_tests(cfg, timeout_s: int) -> dict:
     return result
 
 
-def estimate_peak_memory(settings, model_dir, tokenizer, runner: str) -> dict:
+def estimate_peak_memory(settings, model_dir, data, runner: str) -> dict:
     """The training scripts' --dry_run estimate of the training step's peak (medsft/memory_estimate.py), from the
     config and the same data, before the model loads; report.py puts it beside the measured peak."""
     if runner == "trl":
         return {"estimated_peak_gib": None, "how": "not estimated: the estimate models our scripts, not TRL's"}
     from medsft.memory_estimate import print_memory_estimate
-    from medsft.training import load_training_data
 
     try:
-        estimate = print_memory_estimate(str(model_dir), settings, load_training_data(settings, tokenizer))
+        estimate = print_memory_estimate(str(model_dir), settings, data)
     except (Exception, UserError) as e:
         return {"estimated_peak_gib": None, "how": f"the estimate failed: {type(e).__name__}: {str(e)[:200]}"}
     return {"estimated_peak_gib": round(estimate.train_peak / 2**30, 3),
@@ -164,8 +163,9 @@ def measure_training(cfg, name: str, model_dir, paths, tokenizer=None) -> dict:
     trainer = None
     try:
         tokenizer = tokenizer or load_bench_tokenizer(model_dir)
-        result |= estimate_peak_memory(settings, model_dir, tokenizer, recipe.runner)
-        trainer = build_recipe_trainer(name, settings, model_dir, tokenizer)
+        data = load_recipe_data(settings, tokenizer)
+        result |= estimate_peak_memory(settings, model_dir, data, recipe.runner)
+        trainer = build_recipe_trainer(name, settings, model_dir, tokenizer, data)
         result["trainable_params"] = trainer.model.trainable_params
         timer = step_timer(trainer)
         trainer.add_callback(timer)
