@@ -34,10 +34,14 @@ def prepare_model(cfg, paths) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     import torch
 
-    cuda = torch.cuda.is_available()
-    with torch.device("cuda" if cuda else "cpu"):  # the random init of 1.7B weights takes seconds on a GPU
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 1.7B random weights: seconds on a GPU
+            build_tiny_qwen3(staging, seed=cfg.SEED, **shape)
+    except RuntimeError as e:  # e.g. a GPU without room for it: the CPU takes a minute, but the run goes on
+        print(f"building on the GPU failed ({str(e).splitlines()[0][:200]}); building on the CPU", flush=True)
+        shutil.rmtree(staging, ignore_errors=True)
         build_tiny_qwen3(staging, seed=cfg.SEED, **shape)
-    if cuda:
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     staging.rename(model_dir)
     return model_dir
