@@ -10,6 +10,7 @@ from pathlib import Path
 
 from medsft.chat_format import build_training_example
 from medsft.errors import DataError, UserError
+from medsft.no_think import drawn_indices
 
 CATEGORIES = ("疾病", "症状", "药物", "检查", "解剖")  # disease, symptom, drug, examination, anatomy
 MASK_STYLES = ("mask", "typed", "progressive")  # "[MASK]"; the term's category such as "[药物]"; [MASK] then typed
@@ -78,6 +79,7 @@ class MaskedQuestionDataset:
         self.prob, self.style, self.seed = cfg.MASK_PROB, cfg.MASK_STYLE, cfg.SEED
         self.max_length, self.system_prompt = cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT
         self.drop_long = cfg.LONG_EXAMPLES == "drop"
+        self.no_think_fraction = cfg.NO_THINK_FRACTION
         self.epoch = 0
         self.reset_counts()
 
@@ -101,13 +103,21 @@ class MaskedQuestionDataset:
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")  # str seeds hash the same in every process
         return self.masker.mask(self.rows[index]["question"], rng, self.prob, self.style_now())
 
+    def is_no_think(self, index: int) -> bool:
+        """Drawn this epoch to be a reply without reasoning (NO_THINK_FRACTION), or a row without a think."""
+        return index in drawn_indices(self.no_think_fraction, len(self), self.seed, self.epoch) \
+            or not self.rows[index]["think"]
+
     def __getitem__(self, index: int) -> dict:
         question, masked, found = self.masked_question(index)
         self.masked_terms += masked
         self.found_terms += found
-        row = self.rows[index]
-        example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt, question=question)
+        row, no_think = self.rows[index], self.is_no_think(index)
+        example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt, question=question,
+                                         no_think=no_think)
         if example is None or (self.drop_long and example["think_cut"]):
             # masking lengthened the question past MAX_LENGTH: this draw trains the row unmasked (it fits as is)
-            example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt)
+            example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt,
+                                             no_think=no_think) or build_training_example(
+                self.tokenizer, row, self.max_length, self.system_prompt)
         return example

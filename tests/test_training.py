@@ -173,7 +173,7 @@ def test_a_few_rows_lose_most_of_their_training_loss(tiny_model_dir, tmp_path):
 
 class MaskingSettings:
     LEXICON_PATH, MASK_PROB, MASK_STYLE, SEED, MAX_LENGTH = "data/medical_terms.tsv", 0.15, "mask", 42, 2048
-    LONG_EXAMPLES = "shorten_think"
+    LONG_EXAMPLES, NO_THINK_FRACTION = "shorten_think", 0.0
     from medsft.chat_format import SYSTEM_PROMPT
 
 
