@@ -52,7 +52,7 @@ TEMPERATURE = 0.6                                    # Qwen3's thinking-mode sam
 THINKING = True                                      # False: answers as Qwen3's enable_thinking=False, no think
 # the thinking switch
 NO_THINK_CHECK = 20                                  # val questions asked with thinking off, base and adapter; 0 = skip
-NO_THINK_CHECK_TOKENS = 16                           # new tokens per reply: enough to see whether it starts thinking
+NO_THINK_CHECK_TOKENS = 8                            # new tokens per reply: enough to see whether it starts thinking
 BATCH_SIZE = 8                                       # answers generated at once
 SEED = 42                                            # sampling seed
 # output

@@ -144,7 +144,7 @@ def test_inference_and_evaluate_take_the_merged_folder_with_an_empty_adapter_pat
     for name, model_path, adapter in (("merged", folder, ""), ("adapter", tiny_model_dir, adapters["v2"])):
         reports[name] = evaluate.main([f"--model_path={model_path}", f"--adapter_path={adapter}",
                                        f"--data_dir={short_data_dir}", "--load_in_4bit=False",
-                                       f"--report_path={tmp_path / name}.json"])
+                                       f"--report_path={tmp_path / name}.json", "--no_think_check=0"])
     assert f"max_length = 320, as the model was trained ({folder / 'settings.json'})" in capsys.readouterr().out
     assert reports["merged"]["val_loss"] == pytest.approx(reports["adapter"]["val_loss"], abs=0.02)
 
