@@ -183,18 +183,18 @@ def test_finish_line_tells_when_the_model_thinks_anyway(capsys):
 # evaluate.py
 
 
-def test_evaluate_reports_the_switch_for_base_and_adapter(trained_adapter, tiny_model_dir, sample_data_dir,
+def test_evaluate_reports_the_switch_for_base_and_adapter(trained_adapter, tiny_model_dir, short_data_dir,
                                                           tmp_path):
     import evaluate
 
     report = evaluate.main([f"--model_path={tiny_model_dir}", f"--adapter_path={trained_adapter}",
-                            f"--data_dir={sample_data_dir}", "--no_think_check=2", "--no_think_check_tokens=4",
-                            "--no_think_fraction=0.4",
+                            f"--data_dir={short_data_dir}", "--no_think_check=2", "--no_think_check_tokens=4",
+                            "--no_think_fraction=0.5",
                             "--eval_batch_size=8", f"--report_path={tmp_path / 'r.json'}"])
     assert report["no_think_check_questions"] == 2
     for who in ("base", "adapter"):
         soft = report[f"{who}_no_think_empty_think_share"] + report[f"{who}_no_think_thinks_anyway_share"]
         assert 0 <= soft <= 1 and 0 <= report[f"{who}_thinking_off_thinks_anyway_share"] <= 1
-    assert report["val_no_think_answer_loss"] > 0 and report["val_examples"] == 5
+    assert report["val_no_think_answer_loss"] > 0 and report["val_examples"] == 2
     assert json.loads((tmp_path / "r.json").read_text())["adapter_no_think_empty_think_share"] == \
         report["adapter_no_think_empty_think_share"]
