@@ -103,16 +103,19 @@ class MaskedQuestionDataset:
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")  # str seeds hash the same in every process
         return self.masker.mask(self.rows[index]["question"], rng, self.prob, self.style_now())
 
+    def drawn_no_think(self, index: int) -> bool:
+        """Drawn this epoch (NO_THINK_FRACTION) to be trained as a reply without reasoning, with /no_think."""
+        return index in drawn_indices(self.no_think_fraction, len(self), self.seed, self.epoch)
+
     def is_no_think(self, index: int) -> bool:
-        """Drawn this epoch to be a reply without reasoning (NO_THINK_FRACTION), or a row without a think."""
-        return index in drawn_indices(self.no_think_fraction, len(self), self.seed, self.epoch) \
-            or not self.rows[index]["think"]
+        """A reply without reasoning this epoch: drawn, or a row without a think."""
+        return self.drawn_no_think(index) or not self.rows[index]["think"]
 
     def __getitem__(self, index: int) -> dict:
         question, masked, found = self.masked_question(index)
         self.masked_terms += masked
         self.found_terms += found
-        row, no_think = self.rows[index], self.is_no_think(index)
+        row, no_think = self.rows[index], self.drawn_no_think(index)
         example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt, question=question,
                                          no_think=no_think)
         if example is None or (self.drop_long and example["think_cut"]):

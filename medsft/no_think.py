@@ -23,10 +23,9 @@ def drawn_indices(fraction: float, size: int, seed, epoch: int = 0) -> frozenset
     return frozenset(rng.sample(range(size), round(fraction * size)))
 
 
-def no_think_example(tokenizer, row: dict, cfg, question: str | None = None, fallback: dict | None = None) -> dict:
+def no_think_example(tokenizer, row: dict, cfg, fallback: dict | None = None) -> dict:
     """The row as a reply without reasoning; `fallback` (its thinking example) in the rare case that it does not fit."""
-    example = build_training_example(tokenizer, row, cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT, question=question,
-                                     no_think=True)
+    example = build_training_example(tokenizer, row, cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT, no_think=True)
     return fallback if example is None else example
 
 
