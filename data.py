@@ -9,15 +9,16 @@ import hashlib
 import json
 from pathlib import Path
 
-from medsft.dataset_prep import (download_dataset, drop_duplicate_questions, find_data_files, load_checked_rows,
-                                 pick_gold_rows, quality_score, split_rows)
+from medsft.dataset_prep import (drop_duplicate_questions, find_data_files, load_checked_rows, pick_gold_rows,
+                                 quality_score, split_rows)
+from medsft.hub_download import download_dataset
 from medsft.records import jsonl_text, write_files_atomically
 from medsft.settings import check_settings, parse_settings
 
 # -----------------------------------------------------------------------------
 # source
 SOURCE = "krisfu/delicate_medical_r1_data"  # ModelScope dataset id, or a local .jsonl/.json/.csv/.parquet file or folder
-REVISION = ""                               # dataset revision on ModelScope; "" = the default branch
+REVISION = ""                               # ModelScope branch or tag to download; "" = the default branch, master
 ON_BAD_ROW = "error"                        # "error" stops at bad rows (naming file and line); "skip" drops and counts them
 # split
 DATA_DIR = "data"                           # writes train.jsonl, val.jsonl (test.jsonl) and manifest.json here
@@ -40,14 +41,15 @@ def main(argv=None):
     ])
 
     # ========== 1. Find the source files (a local file, or a ModelScope download) ==========
-    local = Path(cfg.SOURCE).expanduser()
+    local, revision = Path(cfg.SOURCE).expanduser(), None
     if local.is_dir():
         files = find_data_files(local)
     elif local.exists() or local.suffix or cfg.SOURCE.startswith(("/", ".", "~")):
         files = [local]
     else:
         print(f"downloading {cfg.SOURCE} from ModelScope ...", flush=True)
-        files = find_data_files(download_dataset(cfg.SOURCE, cfg.REVISION or None))
+        folder, revision = download_dataset(cfg.SOURCE, cfg.REVISION)
+        files = find_data_files(folder)
     print("reading " + ", ".join(map(str, files)))
 
     # ========== 2. Check every row, then drop duplicate questions ==========
@@ -69,7 +71,8 @@ def main(argv=None):
         texts[out / "gold.jsonl"] = jsonl_text(gold)
     content = hashlib.sha256("".join(texts[p] for p in sorted(texts)).encode("utf-8")).hexdigest()
     manifest = {
-        "source": cfg.SOURCE, "source_files": [str(f) for f in files], "rows_read": read,
+        "source": cfg.SOURCE, **({"source_revision": revision} if revision else {}),
+        "source_files": [str(f) for f in files], "rows_read": read,
         "counts": {name: len(split) for name, split in splits.items()},
         "dropped": dict(sorted(dropped.items())), "seed": cfg.SEED,
         "val_fraction": cfg.VAL_FRACTION, "test_fraction": cfg.TEST_FRACTION, "content_sha256": content,

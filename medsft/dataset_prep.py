@@ -15,20 +15,6 @@ REQUIRED_FIELDS = ("question", "think", "answer")
 _NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
 
-def download_dataset(dataset_id: str, revision: str | None = None) -> Path:
-    """Download the dataset's raw files with ModelScope and return the folder it put them in."""
-    try:
-        from modelscope.hub.snapshot_download import dataset_snapshot_download
-    except ImportError:
-        raise UserError("error: modelscope is not installed (pip install -r requirements.txt), "
-                        "or pass a local file with --source=PATH") from None
-    try:
-        return Path(dataset_snapshot_download(dataset_id, revision=revision))
-    except Exception as e:  # network, auth and missing-dataset errors all come as different types
-        raise UserError(f"error: could not download {dataset_id!r} from ModelScope ({type(e).__name__}: {e}).\n"
-                        "Offline? Pass a local file in the same schema: python data.py --source=data/sample.jsonl") from None
-
-
 METADATA_FILES = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "configuration.json", "state.json"}
 
 

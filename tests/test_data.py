@@ -194,7 +194,7 @@ def test_a_downloaded_dataset_folder_is_read_without_its_metadata(tmp_path, monk
     (snapshot / ".mdl").write_text("x")
     assert dataset_prep.find_data_files(snapshot) == [snapshot / "data" / "train.jsonl"]
 
-    monkeypatch.setattr(data, "download_dataset", lambda dataset_id, revision=None: snapshot)
+    monkeypatch.setattr(data, "download_dataset", lambda dataset_id, revision="": (snapshot, "master"))
     manifest = data.main([f"--data_dir={tmp_path / 'out'}"])  # the default source: a ModelScope dataset id
     assert manifest["source"] == "krisfu/delicate_medical_r1_data" and manifest["rows_read"] == 12
     assert manifest["source_files"] == [str(snapshot / "data" / "train.jsonl")]
