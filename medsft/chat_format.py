@@ -7,8 +7,8 @@ generation stop (the originals ended replies with <|endoftext|> and cut it off w
 
 Qwen3 is hybrid: `enable_thinking=False` (the hard switch) ends the prompt with an empty think block, so the
 reply is the answer alone; "/think" or "/no_think" in a user turn (the soft switch) asks the model itself, which
-then thinks, or writes the empty block and answers. A training example without reasoning (`no_think=True`) is
-Qwen3's rendering of such a turn: the question with " /no_think", then "<think>\n\n</think>\n\n{answer}".
+then thinks, or writes the empty block and answers. A row with an empty think is Qwen3's rendering of a reply
+without reasoning: "<think>\n\n</think>\n\n{answer}" (medsft/no_think.py adds " /no_think" to its question).
 
 Text from the data or the user (question, history, think, answer, system prompt) is always plain text:
 a question that contains "<|im_end|>" or "<think>" is tokenised as those characters, never as the control
@@ -186,22 +186,19 @@ def _plain_ids(tokenizer, text: str) -> list[int]:
 
 
 def build_training_example(tokenizer, row: dict, max_length: int, system_prompt: str = SYSTEM_PROMPT,
-                           question: str | None = None, no_think: bool = False) -> dict | None:
+                           question: str | None = None) -> dict | None:
     """Token ids and labels for one row, or None when it cannot fit `max_length` even with its think cut.
 
     An example longer than `max_length` never loses its answer or end token: the think text is shortened
     (at a token boundary, from the end) until the whole example fits. `question` overrides the row's
-    question (v3 masks terms in it). `no_think=True` renders the reply without reasoning and the question
-    with " /no_think" (Qwen3's rendering of such a turn). The result also has `think_end` (index of the
-    </think> token, so the think and answer parts of the loss can be told apart), `think_cut` (tokens
-    removed from the think) and `no_think` (the think is empty: a reply without reasoning).
+    question (v3 masks terms in it). The result also has `think_end` (index of the </think> token, so the
+    think and answer parts of the loss can be told apart), `think_cut` (tokens removed from the think) and
+    `no_think` (the think is empty: a reply without reasoning, which Qwen3 renders as an empty think block).
     """
     question = row["question"] if question is None else question
-    think, answer = ("", row["answer"]) if no_think else (row["think"], row["answer"])
-    if no_think:
-        question = with_no_think_switch(question)
+    think, answer = row["think"], row["answer"]
     prompt = _render_prompt(tokenizer, question, system_prompt, ())
-    example = _tokenize(tokenizer, prompt, think, answer) | {"no_think": not think}
+    example = _tokenize(tokenizer, prompt, think, answer)
     if len(example["input_ids"]) <= max_length:
         return example | {"think_cut": 0}
     think_ids = tokenizer(think, add_special_tokens=False, return_offsets_mapping=True)
@@ -211,7 +208,7 @@ def build_training_example(tokenizer, row: dict, max_length: int, system_prompt:
         cut = think[: offsets[keep - 1][1]].rstrip()
         example = _tokenize(tokenizer, prompt, cut, answer)
         if len(example["input_ids"]) <= max_length:
-            return example | {"think_cut": len(offsets) - keep, "no_think": False}
+            return example | {"think_cut": len(offsets) - keep}
         keep -= max(1, len(example["input_ids"]) - max_length)
     return None
 
@@ -224,7 +221,7 @@ def _tokenize(tokenizer, prompt: _Marked, think: str, answer: str) -> dict:
     end = len(ids) - 1 - ids[::-1].index(end_id)  # the reply's <|im_end|>; the "\n" after it is not trained
     labels = [IGNORE_INDEX] * prompt_len + ids[prompt_len : end + 1] + [IGNORE_INDEX] * (len(ids) - end - 1)
     think_end = prompt_len + ids[prompt_len:].index(think_end_id)
-    return {"input_ids": ids, "labels": labels, "think_end": think_end}
+    return {"input_ids": ids, "labels": labels, "think_end": think_end, "no_think": not think}
 
 
 _REPLY = re.compile(r"^\s*(?:<think>(?P<think>.*?)(?:</think>|$))?(?P<answer>.*)$", re.S)
@@ -234,3 +231,40 @@ def split_reply(text: str) -> tuple[str, str]:
     """(think, answer) of a generated reply; a reply cut before </think> has all its text as think."""
     match = _REPLY.match(text)
     return match["think"].strip() if match["think"] else "", match["answer"].strip()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# multi-turn conversations: one example per assistant reply
+
+
+def build_conversation_example(tokenizer, messages: list[dict], max_length: int, system_prompt: str = SYSTEM_PROMPT,
+                               mask_user=None) -> dict | None:
+    """The example that trains a conversation's last message, an assistant reply.
+
+    It is the text Qwen3's template renders for the conversation up to that reply: the conversation's own system
+    message (else `system_prompt`), earlier replies without their think (the template drops it), the <think> block
+    on the trained reply only. Only that reply and its <|im_end|> carry labels. Longer than `max_length`, the
+    oldest (question, reply) pairs are dropped first, as a chat does; with none left, the think is shortened as for
+    a single turn. Messages are {"role", "content"} with "think" on assistant turns. `mask_user` (v3) rewrites
+    the user turns' text. The result also has `turns_dropped`.
+    """
+    system = messages[0]["content"] if messages[0]["role"] == "system" else system_prompt
+    body = [m["content"] if m["role"] != "user" or mask_user is None else mask_user(m["content"])
+            for m in messages if m["role"] != "system"]
+    history = list(zip(body[0:-2:2], body[1:-2:2]))
+    reply = messages[-1]
+    for dropped in range(len(history)):  # whole turns only: never half a reply
+        prompt = _render_prompt(tokenizer, body[-2], system, history[dropped:])
+        example = _tokenize(tokenizer, prompt, reply["think"], reply["content"])
+        if len(example["input_ids"]) <= max_length:
+            return example | {"think_cut": 0, "turns_dropped": dropped}
+    row = {"question": body[-2], "think": reply["think"], "answer": reply["content"]}
+    example = build_training_example(tokenizer, row, max_length, system)
+    return None if example is None else example | {"turns_dropped": len(history)}
+
+
+def build_row_example(tokenizer, row: dict, max_length: int, system_prompt: str = SYSTEM_PROMPT) -> dict | None:
+    """The example of a split row: a single-turn row, or a conversation prefix ending with the reply it trains."""
+    if "messages" in row:
+        return build_conversation_example(tokenizer, row["messages"], max_length, system_prompt)
+    return build_training_example(tokenizer, row, max_length, system_prompt)

@@ -11,7 +11,7 @@ import functools
 import random
 import re
 
-from medsft.chat_format import build_training_example, encode_prompt, with_no_think_switch
+from medsft.chat_format import build_row_example, encode_prompt, with_no_think_switch
 
 
 @functools.lru_cache(maxsize=8)
@@ -23,9 +23,24 @@ def drawn_indices(fraction: float, size: int, seed, epoch: int = 0) -> frozenset
     return frozenset(rng.sample(range(size), round(fraction * size)))
 
 
+def without_reasoning(row: dict) -> dict:
+    """The row as Qwen3 renders a reply without reasoning: its (last) question ends with " /no_think" and the
+    reply it trains has an empty think. A row is single-turn, or a conversation ending with the trained reply."""
+    if "messages" in row:
+        *earlier, question, reply = row["messages"]
+        return {**row, "messages": [*earlier, {**question, "content": with_no_think_switch(question["content"])},
+                                    {**reply, "think": ""}]}
+    return {**row, "question": with_no_think_switch(row["question"]), "think": ""}
+
+
+def has_empty_think(row: dict) -> bool:
+    """A data row whose trained reply has no reasoning (it counts as no-think in the loss, as it is)."""
+    return not (row["messages"][-1].get("think") if "messages" in row else row["think"])
+
+
 def no_think_example(tokenizer, row: dict, cfg, fallback: dict | None = None) -> dict:
     """The row as a reply without reasoning; `fallback` (its thinking example) in the rare case that it does not fit."""
-    example = build_training_example(tokenizer, row, cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT, no_think=True)
+    example = build_row_example(tokenizer, without_reasoning(row), cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT)
     return fallback if example is None else example
 
 
