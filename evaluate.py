@@ -159,8 +159,10 @@ def thinking_switch_report(model, tokenizer, cfg) -> dict:
     from medsft.generation import prepare_for_generation
     from medsft.losses import mixed_precision
     from medsft.no_think import switch_check
+    from medsft.schemas import opening_question
 
-    questions = [row["question"] for _, row in read_jsonl(Path(cfg.DATA_DIR) / "val.jsonl")][: cfg.NO_THINK_CHECK]
+    rows = [row for _, row in read_jsonl(Path(cfg.DATA_DIR) / "val.jsonl")][: cfg.NO_THINK_CHECK]
+    questions = [opening_question(row) for row in rows]
     prepare_for_generation(model)
     models = {"base": model.disable_adapter(), "adapter": contextlib.nullcontext()} if cfg.ADAPTER_PATH \
         else {"model": contextlib.nullcontext()}

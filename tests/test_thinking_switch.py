@@ -9,7 +9,7 @@ from medsft.chat_format import (IGNORE_INDEX, SYSTEM_PROMPT, build_messages, bui
                                 format_reply, thinking_switch, turn_thinks)
 from medsft.errors import UserError
 from medsft.generation import Reply
-from medsft.no_think import NoThinkMix, drawn_indices, mix_val_examples, reply_start
+from medsft.no_think import NoThinkMix, drawn_indices, mix_val_examples, reply_start, without_reasoning
 from tests.conftest import FAST_TRAINING
 
 HISTORY = [("头痛怎么办？", format_reply("用户头痛。", "建议休息。")),
@@ -32,7 +32,7 @@ def test_prompt_without_thinking_is_qwen3_enable_thinking_false(tokenizer, histo
 
 
 def test_no_think_example_is_qwen3_rendering_and_trains_the_empty_block_answer_and_end(tokenizer):
-    example = build_training_example(tokenizer, ROW, 1024, no_think=True)
+    example = build_training_example(tokenizer, without_reasoning(ROW), 1024)
     messages = build_messages(ROW["question"] + " /no_think", reply=ROW["answer"])  # a reply without reasoning
     reference = tokenizer.apply_chat_template(messages, tokenize=False)
     assert "<think>\n\n</think>\n\n" + ROW["answer"] + "<|im_end|>" in reference
@@ -43,6 +43,20 @@ def test_no_think_example_is_qwen3_rendering_and_trains_the_empty_block_answer_a
         "<think>\n\n</think>\n\n" + ROW["answer"] + "<|im_end|>"
     assert example["no_think"] and not build_training_example(tokenizer, ROW, 1024)["no_think"]
     assert build_training_example(tokenizer, dict(ROW, think=""), 1024)["no_think"]  # a row without reasoning
+
+
+def test_a_conversation_without_reasoning_is_qwen3_rendering_too(tokenizer):
+    from medsft.chat_format import build_conversation_example
+
+    messages = [{"role": "user", "content": "头痛怎么办？"}, {"role": "assistant", "content": "休息。", "think": "想。"},
+                {"role": "user", "content": ROW["question"]},
+                {"role": "assistant", "content": ROW["answer"], "think": ROW["think"]}]
+    example = build_conversation_example(tokenizer, without_reasoning({"messages": messages})["messages"], 2048)
+    reference = tokenizer.apply_chat_template(
+        build_messages(ROW["question"] + " /no_think", history=[("头痛怎么办？", "休息。")], reply=ROW["answer"]),
+        tokenize=False)
+    assert example["input_ids"] == tokenizer(reference, add_special_tokens=False)["input_ids"] and example["no_think"]
+    assert messages[-1]["think"] == ROW["think"]  # the row itself is left as it was
 
 
 def test_no_think_fraction_draws_the_same_for_a_seed_and_anew_each_epoch(tokenizer):
@@ -64,7 +78,7 @@ def test_no_think_fraction_draws_the_same_for_a_seed_and_anew_each_epoch(tokeniz
         drawn = [i for i in range(len(mix)) if mix[i]["no_think"]]
         assert drawn == [i for i in range(len(mix)) if mix.is_no_think(i)] and len(drawn) == 4
         for i in drawn:
-            assert mix[i] == build_training_example(tokenizer, rows[i], 1024, no_think=True)
+            assert mix[i] == build_training_example(tokenizer, without_reasoning(rows[i]), 1024)
         return drawn
 
     assert no_think_at(0) != no_think_at(1) and no_think_at(0) == no_think_at(0)
@@ -99,8 +113,8 @@ def test_eval_loss_splits_think_answer_and_no_think_answer(tiny_model_dir, token
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     rows = [ROW, dict(ROW, question="头痛怎么办？"), dict(ROW, think="")]
-    examples = [build_training_example(tokenizer, rows[0], 1024), build_training_example(tokenizer, rows[1], 1024,
-                                                                                        no_think=True),
+    examples = [build_training_example(tokenizer, rows[0], 1024),
+                build_training_example(tokenizer, without_reasoning(rows[1]), 1024),
                 build_training_example(tokenizer, rows[2], 1024)]
     collate = Collator(tokenizer.pad_token_id, packing=True)
     both = evaluate_loss(model, [collate(examples)])
