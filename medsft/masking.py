@@ -140,6 +140,24 @@ class MaskedQuestionDataset:
                 counts["masked_restated"] += masked and restated
         return counts
 
+    def every_variant(self):
+        """Each row's example unmasked and with every term masked, in each placeholder style the run uses:
+        the tokens a draw can feed the model (EMBEDDING_MODE="tokens" trains their embedding rows)."""
+        styles = ("mask", "typed") if self.style == "progressive" else (self.style,)
+        for row in self.rows:
+            for style in (None, *styles):
+                mask = None if style is None else (
+                    lambda text, style=style: self.masker.mask(text, random.Random(0), 1.0, style)[0])
+                if "messages" in row:
+                    example = build_conversation_example(self.tokenizer, row["messages"], self.max_length,
+                                                         self.system_prompt, mask_user=mask)
+                else:
+                    question = row["question"] if mask is None else mask(row["question"])
+                    example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt,
+                                                     question=question)
+                if example is not None:
+                    yield example
+
     def masked_user_turn(self, rng: random.Random):
         """A conversation's masker: each user turn in order, from the row's one random stream."""
         def mask(text: str) -> str:

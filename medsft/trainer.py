@@ -77,6 +77,23 @@ class QLoRATrainer(Trainer):
         """FSDP or DeepSpeed: the forward needs the wrapped model, and every rank must join each forward."""
         return self.is_fsdp_enabled or self.is_deepspeed_enabled
 
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; a fully trained embedding (EMBEDDING_MODE="full") gets its own param group
+        at EMBEDDING_LEARNING_RATE, before the scheduler is built, so the schedule scales both alike."""
+        optimizer = super().create_optimizer(model)
+        lr = getattr(self.model, "embedding_learning_rate", None)
+        if lr is None or any(group.get("embedding") for group in optimizer.param_groups):
+            return optimizer
+        embedding = {id(p) for n, p in self.model.named_parameters() if p.requires_grad and "modules_to_save" in n}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in embedding]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in embedding]
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                           "params": moved, "lr": lr, "embedding": True})
+        optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+        return optimizer
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "segments"}  # eval's think/answer split, not a model input
         inputs["use_cache"] = False  # with a KV cache, packed examples would see each other

@@ -20,6 +20,8 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
 SWANLAB_PROJECT = "qwen3-medical-r1"
 TRACKERS = ("auto", "swanlab", "tensorboard", "none")  # REPORT_TO: auto = SwanLab when logged in, else none
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Qwen3's linear layers
+EMBEDDING_MODES = ("tokens", "full")  # v2/v3: train the rows of the data's tokens, or every row (modules_to_save)
+LIGER_INSTALL = "pip install 'liger-kernel>=0.6,<1'"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,6 +84,10 @@ def _lora_problems(cfg) -> list[str]:
         problems.append(f"target_modules must be some of {', '.join(PROJECTIONS)}, not {list(cfg.TARGET_MODULES)}")
     if set(cfg.MODULES_TO_SAVE) - {"embed_tokens", "lm_head"}:
         problems.append(f"modules_to_save may hold embed_tokens and lm_head, not {list(cfg.MODULES_TO_SAVE)}")
+    if getattr(cfg, "EMBEDDING_MODE", "full") not in EMBEDDING_MODES:
+        problems.append(f"embedding_mode must be 'tokens' or 'full', not {cfg.EMBEDDING_MODE!r}")
+    if not getattr(cfg, "EMBEDDING_LEARNING_RATE", 1) > 0:
+        problems.append(f"embedding_learning_rate must be positive, not {cfg.EMBEDDING_LEARNING_RATE}")
     return problems
 
 
@@ -99,6 +105,9 @@ def _library_choice_problems(cfg) -> list[str]:
     if cfg.ATTN_IMPLEMENTATION not in attention:
         problems.append(f"attn_implementation {cfg.ATTN_IMPLEMENTATION!r} is not available here "
                         f"(choose from {', '.join(sorted(attention))})")
+    if cfg.USE_LIGER_KERNEL and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is None:
+        problems.append(f"liger-kernel is not installed, so the loss would materialise the full-vocabulary logits "
+                        f"(GBs at 2k tokens): {LIGER_INSTALL}, or pass --use_liger_kernel=False to accept that")
     return problems
 
 
@@ -213,13 +222,16 @@ def is_no_think(dataset, index: int) -> bool:
 # 3. model
 
 
-def load_lora_model(model_path: str, cfg):
-    """The base model (4-bit NF4 unless LOAD_IN_4BIT=False) with fresh LoRA adapters."""
+def load_lora_model(model_path: str, cfg, data: TrainingData | None = None):
+    """The base model (4-bit NF4 unless LOAD_IN_4BIT=False) with fresh LoRA adapters.
+
+    With EMBEDDING_MODE="tokens", `data` gives the embedding rows to train: the tokens of its training inputs.
+    """
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
-    from medsft.model_loading import load_base_model
+    from medsft.model_loading import compute_dtype, load_base_model
 
     set_seed(cfg.SEED)  # before get_peft_model draws the LoRA init: every rank, and every run, starts the same
     model = load_base_model(model_path, cfg.LOAD_IN_4BIT, cfg.ATTN_IMPLEMENTATION)
@@ -229,26 +241,42 @@ def load_lora_model(model_path: str, cfg):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+        if torch.cuda.is_available():
+            # ... but a frozen fp32 embedding only costs memory (0.62 GB more at 1.7B, and every merged copy
+            # "tokens" makes is twice as big): keep it bf16; its output is widened to fp32 below, exactly
+            model.get_input_embeddings().to(compute_dtype())
     elif cfg.GRADIENT_CHECKPOINTING:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = build_lora_config(cfg, tied=bool(getattr(model.config, "tie_word_embeddings", False)))
+    token_indices = trained_token_indices(data, cfg)
+    lora = build_lora_config(cfg, tied=bool(getattr(model.config, "tie_word_embeddings", False)),
+                             token_indices=token_indices)
     set_seed(cfg.SEED)  # the LoRA initialisation is random: the same SEED gives the same adapter
     model = get_peft_model(model, lora)
+    if cfg.LOAD_IN_4BIT and torch.cuda.is_available():
+        model.get_input_embeddings().register_forward_hook(_widen_to_fp32)
     for param in model.parameters():  # the optimizer's master weights: fp32 (a bf16 base gives bf16 copies)
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-          + (f"; fully trained: {sorted(lora.modules_to_save)}" if lora.modules_to_save else ""), flush=True)
+          + (f"; fully trained: {sorted(lora.modules_to_save)}" if lora.modules_to_save else "")
+          + (f"; embedding rows trained: {len(token_indices):,} of {model.config.vocab_size:,} (the tokens of the "
+             "training inputs)" if token_indices else ""), flush=True)
     model.trainable_params = trainable
+    if lora.modules_to_save and getattr(cfg, "EMBEDDING_MODE", None) == "full":
+        model.embedding_learning_rate = cfg.EMBEDDING_LEARNING_RATE  # its own param group (QLoRATrainer)
     if not cfg.LOAD_IN_4BIT and not torch.cuda.is_available():
         model.to(torch.float32)  # bf16 matmuls are slow on CPU
     return model
 
 
-def build_lora_config(cfg, tied: bool):
+def _widen_to_fp32(module, args, output):
+    return output.float()  # what the fp32 embedding of prepare_model_for_kbit_training gave, bit for bit
+
+
+def build_lora_config(cfg, tied: bool, token_indices: list[int] | None = None):
     from peft import LoraConfig
 
     modules_to_save = list(cfg.MODULES_TO_SAVE)
@@ -256,11 +284,27 @@ def build_lora_config(cfg, tied: bool):
         # Qwen3 (0.6B-4B) ties lm_head to embed_tokens: one matrix. Training two separate copies (as the
         # original did) would double its memory and untie the model; train the one shared matrix instead.
         modules_to_save.remove("lm_head")
+    trainable_tokens = None
+    if token_indices:  # EMBEDDING_MODE="tokens": the listed rows of the same modules; PEFT keeps a tie by itself
+        trainable_tokens = {name: list(token_indices) for name in modules_to_save}
+        modules_to_save = []
     return LoraConfig(
         r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
         target_modules=list(cfg.TARGET_MODULES), modules_to_save=modules_to_save or None,
+        trainable_token_indices=trainable_tokens,
         ensure_weight_tying=bool(modules_to_save and tied), bias="none", task_type="CAUSAL_LM",
     )
+
+
+def trained_token_indices(data: TrainingData | None, cfg) -> list[int] | None:
+    """EMBEDDING_MODE="tokens": every token id of the training inputs (v3: unmasked and fully masked questions,
+    and the placeholders); None when the embedding is not trained or is trained in full."""
+    if getattr(cfg, "EMBEDDING_MODE", None) != "tokens" or not cfg.MODULES_TO_SAVE:
+        return None
+    if data is None:
+        raise ValueError("EMBEDDING_MODE='tokens' needs the training data to pick the embedding rows")
+    examples = data.train_set.every_variant() if hasattr(data.train_set, "every_variant") else data.train_set
+    return sorted({token for example in examples for token in example["input_ids"]})
 
 
 # ---------------------------------------------------------------------------------------------------------
