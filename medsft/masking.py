@@ -14,7 +14,8 @@ import random
 import re
 from pathlib import Path
 
-from medsft.chat_format import build_conversation_example, build_training_example, with_no_think_switch
+from medsft.chat_format import (build_conversation_example, build_row_example, build_training_example,
+                                with_no_think_switch)
 from medsft.errors import DataError, UserError
 from medsft.no_think import drawn_indices, has_empty_think, without_reasoning
 
@@ -157,6 +158,9 @@ class MaskedQuestionDataset:
                                                      question=question)
                 if example is not None:
                     yield example
+        if self.no_think_fraction > 0 and self.rows:  # a reply without reasoning adds the tokens of " /no_think"
+            yield from filter(None, [build_row_example(self.tokenizer, without_reasoning(self.rows[0]),
+                                                       self.max_length, self.system_prompt)])
 
     def masked_user_turn(self, rng: random.Random):
         """A conversation's masker: each user turn in order, from the row's one random stream."""

@@ -68,6 +68,12 @@ class NoThinkMix:
         return index in drawn_indices(self.cfg.NO_THINK_FRACTION, len(self), self.cfg.SEED, self.epoch) \
             or self.examples[index]["no_think"]
 
+    def every_variant(self):
+        """Every token a draw can feed the model (EMBEDDING_MODE="tokens" trains their rows): the examples with
+        their reasoning, and one without it for the tokens of " /no_think" (the rest are the same tokens)."""
+        yield from self.examples
+        yield no_think_example(self.tokenizer, self.rows[0], self.cfg, fallback=self.examples[0])
+
     def __getitem__(self, index: int) -> dict:
         if self.examples[index]["no_think"] or not self.is_no_think(index):
             return self.examples[index]
