@@ -31,6 +31,7 @@ DATA_DIR = "data"                          # train.jsonl and val.jsonl from data
 MAX_LENGTH = 2048                          # tokens; p99 of the dataset is 1,443, max 3,150
 LONG_EXAMPLES = "shorten_think"            # longer examples lose the end of their think ("drop" drops them); never the answer
 SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT   # the originals' prompt; inference_lora.py uses the same
+NO_THINK_FRACTION = 0.0                    # share of examples re-drawn each epoch as replies without reasoning; try 0.25
 # optimisation
 EPOCHS = 2.0                               # passes over train.jsonl (ignored when MAX_STEPS > 0); 1-3 is usual
 MAX_STEPS = -1                             # > 0 stops after this many optimizer steps

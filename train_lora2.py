@@ -28,6 +28,7 @@ DATA_DIR = "data"                          # train.jsonl and val.jsonl from data
 MAX_LENGTH = 2048                          # tokens; p99 of the dataset is 1,443, max 3,150
 LONG_EXAMPLES = "shorten_think"            # longer examples lose the end of their think ("drop" drops them); never the answer
 SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT   # the originals' prompt; inference_lora.py uses the same
+NO_THINK_FRACTION = 0.0                    # share of examples re-drawn each epoch as replies without reasoning; try 0.25
 # LoRA
 LORA_R = 64                                # rank
 LORA_ALPHA = 16                            # scale = alpha / r

@@ -11,14 +11,15 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 
-from medsft.batching import ANSWER, THINK
+from medsft.batching import ANSWER, NO_THINK, THINK
 from medsft.losses import token_losses
 from medsft.records import make_shareable
 
 
 @torch.no_grad()
 def loss_sums(model, batches, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss sums, token counts) over the trained positions: all of them, the think part, the answer part."""
+    """(loss sums, token counts) over the trained positions: all of them, the think part, the answer part, and
+    the replies without reasoning."""
     was_training = model.training
     model.eval()
     for module in model.modules():
@@ -26,12 +27,13 @@ def loss_sums(model, batches, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         # through a kernel with no autograd (wrong gradients): evaluate with the training layout
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-    sums, counts = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
+    sums, counts = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.long)
     for batch in batches:
         batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
         losses, segments = token_losses(model, batch)
         losses, segments = losses.double().cpu(), segments.cpu()
-        for i, mask in enumerate((torch.ones_like(segments, dtype=torch.bool), segments == THINK, segments == ANSWER)):
+        for i, mask in enumerate((torch.ones_like(segments, dtype=torch.bool), segments == THINK, segments == ANSWER,
+                                  segments == NO_THINK)):
             sums[i] += losses[mask].sum()
             counts[i] += int(mask.sum())
     model.train(was_training)
@@ -40,12 +42,16 @@ def loss_sums(model, batches, device=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 def loss_metrics(sums: torch.Tensor, counts: torch.Tensor) -> dict:
     means = [float(s / c) if c else float("nan") for s, c in zip(sums.tolist(), counts.tolist())]
-    return {"loss": means[0], "perplexity": math.exp(means[0]), "think_loss": means[1],
-            "answer_loss": means[2], "tokens": int(counts[0])}
+    metrics = {"loss": means[0], "perplexity": math.exp(means[0]), "think_loss": means[1],
+               "answer_loss": means[2], "tokens": int(counts[0])}
+    if counts[3]:  # replies without reasoning (NO_THINK_FRACTION, or rows with an empty think)
+        metrics["no_think_answer_loss"] = means[3]
+    return metrics
 
 
 def evaluate_loss(model, batches, device=None) -> dict:
-    """Mean token loss (and perplexity) over the trained positions, also split into think and answer parts.
+    """Mean token loss (and perplexity) over the trained positions, also split into think and answer parts (of
+    replies that think) and no-think answer (replies without reasoning: empty think block, answer, end token).
 
     It is the same label mask as training; evaluate.py and the training-time eval both use it.
     """
@@ -195,7 +201,8 @@ class LoggingCallback(TrainerCallback):
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         parts = [f"step {state.global_step}/{state.max_steps}", f"epoch {record['epoch']:.2f}"]
         for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("eval_think_loss", ".4f"),
-                         ("eval_answer_loss", ".4f"), ("learning_rate", ".2e"), ("grad_norm", ".3f"),
+                         ("eval_answer_loss", ".4f"), ("eval_no_think_answer_loss", ".4f"),
+                         ("learning_rate", ".2e"), ("grad_norm", ".3f"),
                          ("masked_terms", "d")):
             if key in logs:
                 parts.append(f"{key} {logs[key]:{fmt}}")

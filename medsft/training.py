@@ -59,6 +59,8 @@ def check_training_settings(cfg) -> list:
     problems += _library_choice_problems(cfg) + launch_problems()
     if cfg.LR_SCHEDULER not in SCHEDULERS:
         problems.append(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, not {cfg.LR_SCHEDULER!r}")
+    if not 0 <= cfg.NO_THINK_FRACTION <= 1:
+        problems.append(f"no_think_fraction must be in [0, 1], not {cfg.NO_THINK_FRACTION}")
     if cfg.LONG_EXAMPLES not in ("shorten_think", "drop"):
         problems.append(f"long_examples must be 'shorten_think' or 'drop', not {cfg.LONG_EXAMPLES!r}")
     if cfg.REPORT_TO not in TRACKERS:
@@ -123,7 +125,7 @@ def _writable(path: Path) -> bool:
 class TrainingData:
     train_rows: list
     val_rows: list
-    train_set: object  # a list of examples, or v3's MaskedQuestionDataset
+    train_set: object  # a list of examples, NoThinkMix (NO_THINK_FRACTION > 0) or v3's MaskedQuestionDataset
     val_set: list
     stats: dict = field(default_factory=dict)
 
@@ -151,6 +153,7 @@ def tokenize_rows(tokenizer, rows, cfg) -> tuple[list, list, dict]:
 
 def load_training_data(cfg, tokenizer) -> TrainingData:
     from medsft.dataset_prep import check_row
+    from medsft.no_think import NoThinkMix, mix_val_examples
 
     splits = {}
     for name in ("train", "val"):
@@ -175,6 +178,9 @@ def load_training_data(cfg, tokenizer) -> TrainingData:
         "shortened": train_stats["shortened"] + val_stats["shortened"],
         "dropped": train_stats["dropped"] + val_stats["dropped"],
     }
+    if cfg.NO_THINK_FRACTION > 0:  # that share of examples is a reply without reasoning, re-drawn each epoch
+        return TrainingData(train_rows, val_rows, NoThinkMix(train, train_rows, tokenizer, cfg),
+                            mix_val_examples(val, val_rows, tokenizer, cfg), stats)
     return TrainingData(train_rows, val_rows, train, val, stats)
 
 
@@ -184,21 +190,32 @@ def percentile(sorted_values, q):
 
 
 def show_data_preview(tokenizer, data: TrainingData, cfg) -> None:
-    """Token-length stats, then the first training example verbatim and its trained part."""
+    """Token-length stats, then the first training example of each kind (thinking, without reasoning) verbatim
+    and its trained part."""
     s = data.stats
     print(f"train examples {s['train_examples']}, val examples {s['val_examples']}, "
           f"{s['train_tokens']:,} train tokens per epoch")
     print(f"example length in tokens: p50 {s['p50']}, p90 {s['p90']}, p99 {s['p99']}, max {s['max']} "
           f"(max_length {cfg.MAX_LENGTH}: {s['shortened']} shortened, {s['dropped']} dropped)")
+    no_think = [is_no_think(data.train_set, i) for i in range(len(data.train_set))]
+    print(f"examples without reasoning (no-think) in epoch 1: {sum(no_think)} of {len(no_think)} "
+          f"(no_think_fraction {cfg.NO_THINK_FRACTION} of them re-drawn each epoch, plus rows with an empty think)")
     # a conversation shows its last reply: the whole conversation as trained, earlier replies without their think
     last = max(i for i, row in enumerate(data.train_rows[:1000]) if row.get("id") == data.train_rows[0].get("id"))
-    first = data.train_set[last]
-    print("==== first training example, exactly as trained (between the rulers) ====")
-    print(tokenizer.decode(first["input_ids"]), end="")
-    print("\n==== its trained part (labels != -100) ====")
-    print(tokenizer.decode([t for t, label in zip(first["input_ids"], first["labels"]) if label != IGNORE_INDEX]),
-          end="")
-    print("\n==== end ====", flush=True)
+    for kind, wanted in (("", False), (" without reasoning (no-think)", True)):
+        if wanted in no_think:
+            example = data.train_set[last if no_think[last] == wanted else no_think.index(wanted)]
+            print(f"==== first training example{kind}, exactly as trained (between the rulers) ====")
+            print(tokenizer.decode(example["input_ids"]), end="")
+            print("\n==== its trained part (labels != -100) ====")
+            print(tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"])
+                                    if label != IGNORE_INDEX]), end="")
+            print("\n==== end ====", flush=True)
+
+
+def is_no_think(dataset, index: int) -> bool:
+    """Whether the dataset's example `index` is a reply without reasoning in the current epoch."""
+    return dataset.is_no_think(index) if hasattr(dataset, "is_no_think") else dataset[index]["no_think"]
 
 
 # ---------------------------------------------------------------------------------------------------------

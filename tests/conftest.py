@@ -24,7 +24,10 @@ SHORT_QUESTIONS = ["高血压患者头痛怎么办？", "糖尿病可以吃水�
                    "心电图异常要紧吗？", "腹泻脱水怎么办？", "湿疹反复怎么办？", "骨质疏松怎么预防？"]
 
 
-gpu = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
+def gpu(test):
+    """A CUDA-only test: marked `gpu` (`pytest -m gpu` selects them all) and skipped on CPU."""
+    needs_cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
+    return pytest.mark.gpu(needs_cuda(test))
 
 
 @pytest.fixture(scope="session")

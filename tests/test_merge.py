@@ -140,7 +140,7 @@ def test_inference_and_evaluate_take_the_merged_folder_with_an_empty_adapter_pat
                                                  ("adapter", tiny_model_dir, adapters["v2"], ["--load_in_4bit=False"])):
         reports[name] = evaluate.main([f"--model_path={model_path}", f"--adapter_path={adapter}",
                                        f"--data_dir={short_data_dir}", f"--report_path={tmp_path / name}.json",
-                                       *precision])
+                                       *precision, "--no_think_check=0"])
     out = capsys.readouterr().out
     assert re.search(r"max_length += 320  \(from the run\)", out)
     assert f"load_in_4bit = False: {folder} is a whole trained model" in out

@@ -230,7 +230,7 @@ def test_a_few_rows_lose_most_of_their_training_loss(tiny_model_dir, tmp_path):
 
 class MaskingSettings:
     LEXICON_PATH, MASK_PROB, MASK_STYLE, SEED, MAX_LENGTH = "data/medical_terms.tsv", 0.15, "mask", 42, 2048
-    LONG_EXAMPLES, MASK_POLICY = "shorten_think", "seed"
+    LONG_EXAMPLES, MASK_POLICY, NO_THINK_FRACTION = "shorten_think", "seed", 0.0
     from medsft.chat_format import SYSTEM_PROMPT
 
 
