@@ -32,7 +32,7 @@ def finished_run(cfg) -> Path | None:
             or not (out / "summary.json").is_file() or not (out / "settings.json").is_file():
         return None
     try:
-        saved = json.loads((out / "settings.json").read_text(encoding="utf-8"))
+        saved = read_saved_settings(out / "settings.json", cfg)
         new = cfg.as_dict() | {"DATA_SHA256": data_fingerprint(cfg.DATA_DIR)}
         summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -67,6 +67,15 @@ RESUME_MAY_CHANGE = {"EVAL_STEPS", "EVAL_BATCH_SIZE", "SAVE_STEPS", "SAVE_TOTAL_
                      "PACKING", "LOSS_CHUNK_SIZE", "GRADIENT_CHECKPOINTING", "ATTN_IMPLEMENTATION", "USE_LIGER_KERNEL",
                      "GPU_MEMORY_GB"}
 RESUME_MAY_EXTEND = ("MAX_STEPS", "EPOCHS")  # a longer run continues the same one
+
+
+def read_saved_settings(path: Path, cfg) -> dict:
+    """A run's settings.json, with the settings added since it was saved filled in as that run behaved."""
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    as_it_behaved = {"MASK_POLICY": "seed", "NO_THINK_FRACTION": 0.0,
+                     # v2/v3 used to train the whole embedding at the LoRA rate
+                     "EMBEDDING_MODE": "full", "EMBEDDING_LEARNING_RATE": saved.get("LEARNING_RATE")}
+    return {name: value for name, value in as_it_behaved.items() if hasattr(cfg, name)} | saved
 
 
 def data_fingerprint(data_dir) -> str:
@@ -114,7 +123,7 @@ def check_resume_settings(cfg, saved_path: Path) -> None:
     """Stop when the new settings would change what the resumed run trains; say so when it is only extended."""
     if not saved_path.is_file():
         return
-    saved, new = json.loads(saved_path.read_text(encoding="utf-8")), cfg.as_dict()
+    saved, new = read_saved_settings(saved_path, cfg), cfg.as_dict()
     changed = [name for name in sorted(set(saved) | set(new))
                if name not in RESUME_MAY_CHANGE and name not in RESUME_MAY_EXTEND and saved.get(name) != new.get(name)]
     if changed:

@@ -471,3 +471,21 @@ def test_a_hand_made_split_with_a_bad_row_names_its_line(tiny_model_dir, sample_
     with pytest.raises(DataError) as e:
         run(train_lora, tiny_model_dir, data_dir, tmp_path / "o", "--dry_run=True")
     assert e.value.line == lines and "missing field 'think'" in str(e.value)
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_as_it_behaved(tmp_path, capsys):
+    """Settings added later (MASK_POLICY, NO_THINK_FRACTION, v2's EMBEDDING_MODE) count as what the old run did."""
+    import json
+
+    from medsft.resume import check_resume_settings
+    from medsft.settings import Settings
+
+    old = {"LEARNING_RATE": 2e-4, "OUTPUT_DIR": str(tmp_path)}  # a v3 run from before the three settings
+    (tmp_path / "settings.json").write_text(json.dumps(old), encoding="utf-8")
+    same = Settings(**old, MASK_POLICY="seed", NO_THINK_FRACTION=0.0, EMBEDDING_MODE="full",
+                    EMBEDDING_LEARNING_RATE=2e-4)
+    check_resume_settings(same, tmp_path / "settings.json")  # the old behaviour, spelled out: resumes
+    expected = r"\(embedding_learning_rate 0.0002 → 5e-05, embedding_mode 'full' → 'tokens'\)"
+    with pytest.raises(UserError, match=expected):
+        check_resume_settings(Settings(**old, MASK_POLICY="seed", NO_THINK_FRACTION=0.0, EMBEDDING_MODE="tokens",
+                                       EMBEDDING_LEARNING_RATE=5e-5), tmp_path / "settings.json")
