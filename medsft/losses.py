@@ -3,7 +3,9 @@
 Training uses the Trainer's loss (the forward with labels and num_items_in_batch); on CUDA with liger-kernel
 that forward is Liger's fused linear cross-entropy and full-vocabulary logits never exist. Evaluation needs
 each token's loss (to split think from answer), so it asks the forward for the logits of the trained
-positions only (`logits_to_keep`): Qwen3's 151,936-wide logits of the prompt tokens are never made.
+positions only (`logits_to_keep`): Qwen3's 151,936-wide logits of the prompt tokens are never made. Their
+fp32 cross-entropy then runs EVAL_LOSS_CHUNK positions at a time, so no fp32 copy of the whole micro-batch's
+logits exists (4 x 1,443 positions would take 3.5 GB each for the copy and its log-softmax).
 """
 import contextlib
 
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from medsft.chat_format import IGNORE_INDEX
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # a collated batch's keys that the forward takes
+EVAL_LOSS_CHUNK = 1024  # positions whose fp32 logits and log-softmax exist at once (0.6 GB each for Qwen3)
 
 
 def mixed_precision(device: torch.device):
@@ -34,6 +37,10 @@ def token_losses(model, batch: dict):
         logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False,
                        logits_to_keep=positions).logits
     targets, keep = labels[:, positions + 1], trained[:, positions]
-    losses = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+    rows, columns = keep.nonzero(as_tuple=True)
+    losses = torch.cat([F.cross_entropy(logits[rows[i:i + EVAL_LOSS_CHUNK], columns[i:i + EVAL_LOSS_CHUNK]].float(),
+                                        targets[rows[i:i + EVAL_LOSS_CHUNK], columns[i:i + EVAL_LOSS_CHUNK]],
+                                        reduction="none")
+                        for i in range(0, len(rows), EVAL_LOSS_CHUNK)] or [logits.new_zeros(0, dtype=torch.float32)])
     segments = batch["segments"][:, positions + 1][keep] if "segments" in batch else None
     return losses, segments

@@ -12,6 +12,7 @@ import functools
 import json
 import math
 from dataclasses import dataclass, field
+from medsft.losses import EVAL_LOSS_CHUNK
 
 GB = 1e9
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -250,9 +251,10 @@ def estimate_memory(config, cfg, device: str = "cuda", train_tokens: int = 0, ev
         notes.append("Liger's fused loss allocates a full [vocab, hidden] gradient for a trained lm_head")
     if device == "cuda":
         parts["cuda context"] = CUDA_CONTEXT_BYTES
-    # evaluation: no gradients, no activations kept; the logits of the trained positions, an fp32 copy and
-    # the loss's log-softmax (and in "tokens" mode one merged weight)
-    eval_transient = eval_tokens * vocab * (layout.compute_bytes + 4 + 4) \
+    # evaluation: no gradients, no activations kept; the logits of the trained positions, then an fp32 copy
+    # and the log-softmax of EVAL_LOSS_CHUNK of them at a time (and in "tokens" mode one merged weight)
+    eval_transient = eval_tokens * vocab * layout.compute_bytes \
+        + min(eval_tokens, EVAL_LOSS_CHUNK) * vocab * (layout.compute_bytes + 4 + 4) \
         + (vocab * hidden * layout.embedding_bytes if trained_rows else 0)
     common = static["weights"] + static["trainable"] + static["optimizer"] + parts.get("cuda context", 0)
     return Estimate(parts, alternatives, notes, train_peak=sum(parts.values()), eval_peak=common + eval_transient,

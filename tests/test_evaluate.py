@@ -113,3 +113,23 @@ def test_bad_settings(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": 1}\n{oops\n')
     with pytest.raises(UserError, match="line 2"):
         evaluate.main([f"--predictions={tmp_path / 'bad.jsonl'}", f"--report_path={tmp_path / 'r.json'}"])
+
+
+def test_the_eval_loss_chunks_give_the_same_per_token_losses(tiny_model_dir, tokenizer, monkeypatch):
+    """token_losses takes the fp32 cross-entropy EVAL_LOSS_CHUNK positions at a time: the same losses as at once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import medsft.losses as losses
+    from medsft.batching import collate
+    from medsft.chat_format import build_training_example
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rows = [{"question": "头痛怎么办？", "think": "先问病史。", "answer": "建议休息，必要时就医。"},
+            {"question": "发热三天要去医院吗？", "think": "持续发热需要排查感染。", "answer": "应尽快就医。"}]
+    batch = collate([build_training_example(tokenizer, row, 256) for row in rows], tokenizer.pad_token_id, False)
+    with torch.no_grad():
+        whole, _ = losses.token_losses(model, batch)
+        monkeypatch.setattr(losses, "EVAL_LOSS_CHUNK", 5)
+        chunked, _ = losses.token_losses(model, batch)
+    assert len(whole) > 2 * 5 and torch.equal(whole, chunked)
