@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsft.chat_format import IGNORE_INDEX, build_training_example
-from medsft.distributed import is_main_process, launch_problems, sharding, use_liger_kernel, world_size
+from medsft.distributed import (check_sharding_is_on, is_main_process, launch_problems, optimizer_for_launcher,
+                                sharding, use_liger_kernel, world_size)
 from medsft.errors import DataError, UserError, exit_on_interrupt
 from medsft.records import read_jsonl, write_files_atomically
 from medsft.resume import last_complete_checkpoint
@@ -296,7 +297,8 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData):
         per_device_train_batch_size=cfg.BATCH_SIZE, per_device_eval_batch_size=cfg.EVAL_BATCH_SIZE,
         gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION, num_train_epochs=cfg.EPOCHS,
         max_steps=cfg.MAX_STEPS, learning_rate=cfg.LEARNING_RATE, lr_scheduler_type=cfg.LR_SCHEDULER,
-        warmup_steps=cfg.WARMUP_RATIO, weight_decay=cfg.WEIGHT_DECAY, optim=cfg.OPTIM,
+        warmup_steps=cfg.WARMUP_RATIO, weight_decay=cfg.WEIGHT_DECAY,
+        optim=optimizer_for_launcher(cfg.OPTIM, full_model=not hasattr(cfg, "LORA_R")),
         max_grad_norm=cfg.MAX_GRAD_NORM, logging_steps=cfg.LOG_STEPS, logging_first_step=True,
         eval_strategy="steps", eval_steps=cfg.EVAL_STEPS, save_strategy="steps", save_steps=cfg.SAVE_STEPS,
         save_total_limit=cfg.SAVE_TOTAL_LIMIT, bf16=cuda and compute_dtype() == torch.bfloat16,
@@ -307,8 +309,9 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData):
         # the loss is normalised by the trained tokens of the whole step, over accumulation and every rank
         average_tokens_across_devices=True, include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
-        # DDP on CPU: transformers goes distributed there only with use_cpu, over gloo
-        **({"use_cpu": True, "ddp_backend": "gloo"} if not cuda and world_size() > 1 else {}),
+        # several processes on CPU talk over gloo; DDP needs use_cpu there, which would switch DeepSpeed and FSDP off
+        **({"ddp_backend": "gloo", **({} if sharding() else {"use_cpu": True})} if not cuda and world_size() > 1
+           else {}),
     )
     callbacks = [LoggingCallback(Path(cfg.OUTPUT_DIR) / "metrics.jsonl"), RunClock(), ShareableCheckpoints(),
                  *tracker_cbs]
@@ -320,6 +323,7 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData):
         callbacks=callbacks, best_dir=Path(cfg.OUTPUT_DIR) / "best",
     )
     use_readable_logging(trainer, cfg.PROGRESS_BAR)
+    check_sharding_is_on(trainer)
     return trainer
 
 
