@@ -14,7 +14,7 @@ from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
 from medsft.resume import plan_output_dir
 from medsft.settings import check_settings, parse_settings
 from medsft.training import (build_trainer, check_training_settings, load_training_data, print_sample_answer,
-                             save_results, show_data_preview, train)
+                             save_results, show_data_preview, train, training_arguments)
 
 # -----------------------------------------------------------------------------
 # version
@@ -82,10 +82,11 @@ def main(argv=None):
 
     # ========== 3. The whole model in bf16, every weight trainable ==========
     warn_if_cpu()
+    args = training_arguments(cfg)  # first: under DeepSpeed ZeRO-3 the model then loads partitioned
     model = load_full_model(model_path, cfg)
 
     # ========== 4. Trainer (with the stochastic-rounding optimizer; best/ holds the whole model) ==========
-    trainer = build_trainer(cfg, model, tokenizer, data)
+    trainer = build_trainer(cfg, model, tokenizer, data, args)
     use_full_model_training(trainer, cfg)
 
     # ========== 5. Train (resumes from the newest checkpoint after a crash) ==========

@@ -68,6 +68,21 @@ def optimizer_for_launcher(optim: str, full_model: bool = False) -> str:
     return optim
 
 
+def check_zero3_partitioned(model) -> None:
+    """Under ZeRO-3 every weight must come out of from_pretrained already partitioned over the processes (each
+    holds 1/N): that needs the Trainer's arguments, which register the DeepSpeed config, built before loading."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from medsft.errors import UserError
+
+    if sharding() != "deepspeed" or not is_deepspeed_zero3_enabled():
+        return
+    whole = [name for name, p in model.named_parameters() if not hasattr(p, "ds_id")]
+    if whole:
+        raise UserError(f"error: ZeRO-3 did not partition {len(whole)} weights at load time (e.g. {whole[0]}); build "
+                        "the TrainingArguments before loading the model, and pass no device_map")
+
+
 def check_sharding_is_on(trainer) -> None:
     """The launcher asked for FSDP or DeepSpeed and several processes: the Trainer must really use them.
 

@@ -215,12 +215,12 @@ def load_lora_model(model_path: str, cfg):
     for param in model.parameters():  # the optimizer's master weights: fp32 (a bf16 base gives bf16 copies)
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: the whole, not 1/N
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
           + (f"; fully trained: {sorted(lora.modules_to_save)}" if lora.modules_to_save else ""), flush=True)
     model.trainable_params = trainable
-    if not cfg.LOAD_IN_4BIT and not torch.cuda.is_available():
+    if not cfg.LOAD_IN_4BIT and not torch.cuda.is_available() and not sharding():
         model.to(torch.float32)  # bf16 matmuls are slow on CPU
     return model
 
@@ -280,18 +280,16 @@ def tracker_callbacks(trackers: list[str], run_name: str) -> tuple[list[str], li
     return [t for t in trackers if t != "swanlab"], [callback]
 
 
-def build_trainer(cfg, model, tokenizer, data: TrainingData):
-    """The Trainer for any model (QLoRA, bf16 LoRA, or a full model), one process or many."""
+def training_arguments(cfg):
+    """The Trainer's arguments. Build them before loading the model: under DeepSpeed they register its config,
+    so that ZeRO-3 loads each weight straight into its partition."""
     import torch
     from transformers import TrainingArguments
 
-    from medsft.batching import Collator
     from medsft.model_loading import compute_dtype
-    from medsft.trainer import (LoggingCallback, QLoRATrainer, RunClock, SetEpochCallback, ShareableCheckpoints,
-                                use_readable_logging)
 
     cuda, run_name = torch.cuda.is_available(), f"{cfg.VERSION}-{Path(cfg.OUTPUT_DIR).name}"
-    report_to, tracker_cbs = tracker_callbacks(resolve_report_to(cfg.REPORT_TO, cfg.OUTPUT_DIR), run_name)
+    report_to, _ = tracker_callbacks(resolve_report_to(cfg.REPORT_TO, cfg.OUTPUT_DIR), run_name)
     args = TrainingArguments(
         output_dir=cfg.OUTPUT_DIR, run_name=run_name,
         per_device_train_batch_size=cfg.BATCH_SIZE, per_device_eval_batch_size=cfg.EVAL_BATCH_SIZE,
@@ -313,6 +311,17 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData):
         **({"ddp_backend": "gloo", **({} if sharding() else {"use_cpu": True})} if not cuda and world_size() > 1
            else {}),
     )
+    return args
+
+
+def build_trainer(cfg, model, tokenizer, data: TrainingData, args=None):
+    """The Trainer for any model (QLoRA, bf16 LoRA, or a full model), one process or many, any launcher."""
+    from medsft.batching import Collator
+    from medsft.trainer import (LoggingCallback, QLoRATrainer, RunClock, SetEpochCallback, ShareableCheckpoints,
+                                use_readable_logging)
+
+    args = args or training_arguments(cfg)
+    _, tracker_cbs = tracker_callbacks(resolve_report_to(cfg.REPORT_TO, cfg.OUTPUT_DIR), args.run_name)
     callbacks = [LoggingCallback(Path(cfg.OUTPUT_DIR) / "metrics.jsonl"), RunClock(), ShareableCheckpoints(),
                  *tracker_cbs]
     if hasattr(data.train_set, "set_epoch"):
@@ -387,6 +396,8 @@ def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
     """final/ (the best adapter, tokenizer, settings), summary.json and loss.png in OUTPUT_DIR (main process)."""
     import torch
 
+    from medsft.trainer import check_saved_weights
+
     out = Path(cfg.OUTPUT_DIR)
     best = trainer.restore_best()
     final = out / "final"
@@ -413,6 +424,7 @@ def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
         (staging / "eval.json").unlink(missing_ok=True)
         tokenizer.save_pretrained(staging)
         cfg.save(staging)
+        check_saved_weights(staging, trainer.saved_weights)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         cfg.save(out)
