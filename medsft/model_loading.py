@@ -87,24 +87,25 @@ def compute_dtype():
 def load_base_model(model_path: str, load_in_4bit: bool, attn_implementation: str = "sdpa", dtype=None):
     """Qwen3 in bf16, or in 4-bit NF4 with double quantisation and bf16 compute (QLoRA); fp16 on old GPUs.
 
-    Under ZeRO-3 (TrainingArguments built first) each process loads only its partition of the weights.
+    Under ZeRO-3 (TrainingArguments built first) each process loads only its partition of the weights; a 4-bit
+    base loads whole and is partitioned when DeepSpeed wraps it (transformers skips zero.Init for quantized models).
     """
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = {"dtype": dtype or compute_dtype(), "attn_implementation": attn_implementation}
-    fsdp = sharding() == "fsdp"
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype(),
-            # FSDP flattens each layer's weights into one tensor of one dtype: store the 4-bit bytes in it too
-            **({"bnb_4bit_quant_storage": compute_dtype()} if fsdp else {}),
+            # FSDP and ZeRO-3 shard each layer's weights as tensors of one dtype: store the 4-bit bytes in it too
+            **({"bnb_4bit_quant_storage": compute_dtype()} if sharding() else {}),
         )
     if torch.cuda.is_available() and not sharding():  # FSDP and DeepSpeed place (and shard) the weights themselves
         kwargs["device_map"] = {"": local_rank()}  # each process its own GPU, with its own copy
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    check_zero3_partitioned(model)
+    if not load_in_4bit:
+        check_zero3_partitioned(model)
     return model
 
 

@@ -33,12 +33,35 @@ if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
 
 import torch  # noqa: E402
 
-result = importlib.import_module(sys.argv[1]).main(sys.argv[2:])
+
+def whole_trainable_weights(trainer) -> dict:
+    """This rank's trainable weights, gathered whole (ZeRO-3 partitions them, FSDP2 holds DTensor shards)."""
+    params = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    if trainer.is_deepspeed_enabled and any(hasattr(p, "ds_id") for _, p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            return {n: p.detach().clone() for n, p in params}
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in params}
+
+
+# argv: script, then its settings; RESUME_AT=N first trains to step N, then the same command continues the run
+script, settings = sys.argv[1], sys.argv[2:]
+main = importlib.import_module(script).main
+if os.environ.get("RESUME_AT"):
+    main(settings + [f"--max_steps={os.environ['RESUME_AT']}"])
+result = main(settings)
 trainer = result["trainer"]
-model = trainer.model_wrapped
-params = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+weights = whole_trainable_weights(trainer)
+rank = trainer.args.process_index
 facts = {"deepspeed": trainer.is_deepspeed_enabled, "fsdp": trainer.is_fsdp_enabled,
-         "world_size": trainer.args.world_size,
-         "zero3_partitioned": sum(hasattr(p, "ds_id") for p in trainer.model.parameters()),
+         "fsdp_version": getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", None)
+         if trainer.is_fsdp_enabled else None,
+         "world_size": trainer.args.world_size, "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage
+         if trainer.is_deepspeed_enabled else None,
+         "partitioned": sum(hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in trainer.model.parameters()),
          "parameters": sum(1 for _ in trainer.model.parameters())}
-print("SHARDING", json.dumps(facts), flush=True)
+out = os.environ["RANK_WEIGHTS_DIR"]
+torch.save(weights, os.path.join(out, f"rank{rank}.pt"))
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump(facts, f)
