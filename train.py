@@ -5,6 +5,7 @@
     python train.py --model_path=Qwen/Qwen3-0.6B --max_length=1024 --output_dir=output/0.6b-full
     python train.py --max_steps=400                             # after a crash, the same command resumes
     torchrun --nproc_per_node 2 train.py                        # DDP: each GPU holds the whole model
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml train.py   # weights partitioned (ZeRO-3)
     python inference_lora.py --model_path=output/qwen3-1.7b-full/final --adapter_path= -q "什么是高血压？"
 """
 from medsft import chat_format

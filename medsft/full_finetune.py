@@ -23,18 +23,20 @@ STOCHASTIC_ROUNDING_OPTIMIZERS = {"adamw_torch_8bit": "AdamW8bit", "adamw_torch_
 def check_full_finetune_settings(cfg) -> list[str]:
     import importlib.util
 
-    problems = []
+    from medsft.distributed import sharding
+
+    problems, zero = [], sharding() == "deepspeed"  # ZeRO keeps fp32 master weights: nothing is rounded away
     if cfg.LOAD_IN_4BIT:
         problems.append("load_in_4bit must be False: full fine-tuning trains every weight, and 4-bit weights cannot "
                         "be trained (use train_lora.py for QLoRA)")
-    if not cfg.FP32_WEIGHTS and cfg.OPTIM not in STOCHASTIC_ROUNDING_OPTIMIZERS:
+    if not cfg.FP32_WEIGHTS and cfg.OPTIM not in STOCHASTIC_ROUNDING_OPTIMIZERS and not zero:
         problems.append(f"optim {cfg.OPTIM!r} rounds bf16 weights to nearest, which loses lr {cfg.LEARNING_RATE:g} "
                         f"updates; use {' or '.join(STOCHASTIC_ROUNDING_OPTIMIZERS)} (stochastic rounding), "
                         "or --fp32_weights=True")
-    if not cfg.FP32_WEIGHTS and not cfg.BF16_STOCHASTIC_ROUND:
+    if not cfg.FP32_WEIGHTS and not cfg.BF16_STOCHASTIC_ROUND and not zero:
         problems.append("bf16_stochastic_round=False with bf16 weights: updates below bf16's resolution would be "
                         "rounded away; keep it True, or pass --fp32_weights=True")
-    if cfg.OPTIM in STOCHASTIC_ROUNDING_OPTIMIZERS and importlib.util.find_spec("torchao") is None:
+    if cfg.OPTIM in STOCHASTIC_ROUNDING_OPTIMIZERS and importlib.util.find_spec("torchao") is None and not zero:
         problems.append(f"optim {cfg.OPTIM!r} needs torchao: pip install 'torchao>=0.11'")
     problems += sharding_problems(cfg)
     return problems
