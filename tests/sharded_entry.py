@@ -52,6 +52,12 @@ if os.environ.get("RESUME_AT"):
     main(settings + [f"--max_steps={os.environ['RESUME_AT']}"])
 result = main(settings)
 trainer = result["trainer"]
+if trainer.is_fsdp_enabled:  # FSDP2 leaves the units it does not reshard after forward (the tail) gathered
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in trainer.model_wrapped.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 weights = whole_trainable_weights(trainer)
 rank = trainer.args.process_index
 facts = {"deepspeed": trainer.is_deepspeed_enabled, "fsdp": trainer.is_fsdp_enabled,

@@ -42,11 +42,11 @@ def sharded_launch(config, script, data_dir, model_dir, tmp, *extra, resume_at=2
     `--mixed_precision no`: the product trains in bf16 only on CUDA (TrainingArguments bf16=False on CPU), and
     transformers (integrations/deepspeed.py, trainer_config_finalize) refuses the config's `bf16.enabled` then.
     """
-    out = tmp / "out"
+    out, settings = tmp / "out", [s for s in SETTINGS if script != "train" or not s.startswith("--lora")]
     return out, launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                         f"accelerate_configs/{config}", "--mixed_precision", "no", "--main_process_port",
                         str(free_port()), "tests/sharded_entry.py", script, f"--model_path={model_dir}",
-                        f"--data_dir={data_dir}", f"--output_dir={out}", *SETTINGS, "--gradient_accumulation=1",
+                        f"--data_dir={data_dir}", f"--output_dir={out}", *settings, "--gradient_accumulation=1",
                         *extra], tmp, RESUME_AT=str(resume_at))
 
 
@@ -95,6 +95,9 @@ def assert_same_adapter(a, b):
 
 
 def assert_evaluate_reproduces(out, model_dir, data_dir, tmp, adapter=True):
+    """evaluate.py on final/ gives the run's best val loss. A full model: evaluate.py loads it in bf16, as it is
+    trained on GPUs, while this CPU run kept fp32 weights (ZeRO-3 without mixed precision); rounding every weight to
+    bf16 (2^-9 relative) moved the loss by 1.8e-5 relative here, so 1e-4."""
     import evaluate
 
     summary = json.loads((out / "summary.json").read_text())
@@ -102,7 +105,7 @@ def assert_evaluate_reproduces(out, model_dir, data_dir, tmp, adapter=True):
         else [f"--model_path={out / 'final'}", "--adapter_path="]
     report = evaluate.main([*paths, f"--data_dir={data_dir}",
                             f"--report_path={tmp / 'report.json'}", "--eval_batch_size=8"])
-    assert report["val_loss"] == pytest.approx(summary["best_val_loss"], rel=1e-5)
+    assert report["val_loss"] == pytest.approx(summary["best_val_loss"], rel=1e-5 if adapter else 1e-4)
 
 
 def check_against_one_process(out, reference):
@@ -151,7 +154,7 @@ def test_fsdp2_qlora_trains_like_one_process(script, tiny_model_dir, sample_data
 @needs_deepspeed
 def test_deepspeed_zero3_trains_the_full_model_with_train_py(tiny_model_dir, sample_data_dir, tmp_path):
     out, done = sharded_launch("deepspeed_zero3.yaml", "train", sample_data_dir, tiny_model_dir, tmp_path,
-                               "--learning_rate=1e-3")
+                               "--learning_rate=1e-3", "--optim=adamw_torch_8bit")
     summary, weights = check_launch(out, done, tmp_path, {"deepspeed": True, "zero_stage": 3}, steps=3)
     facts = json.loads((tmp_path / "rank0.json").read_text())
     assert facts["partitioned"] == facts["parameters"] == len(weights) > 10  # partitioned at load, all trained
