@@ -2,6 +2,9 @@
 
     python compare.py output/qwen3-1.7b-qlora-v1 output/qwen3-1.7b-qlora-v2 output/qwen3-1.7b-qlora-v3
     python compare.py output/qwen3-1.7b-qlora-v1 output/qwen3-1.7b-qlora-v2 --table_path=v1_v2.md --plot_path=v1_v2.png
+
+Losses compare only between runs on the same data, cut the same way: a warning line names each of those
+settings (COMPARED_SETTINGS) on which a run differs from the first one, and that run's row is marked †.
 """
 import json
 from pathlib import Path
@@ -9,7 +12,7 @@ from pathlib import Path
 from medsft.console import markdown_table
 from medsft.errors import DataError
 from medsft.records import read_jsonl
-from medsft.settings import check_settings, parse_settings
+from medsft.settings import check_settings, parse_settings, read_run_settings
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -18,6 +21,9 @@ TABLE_PATH = "comparison.md"   # the Markdown table is printed and written here
 PLOT_PATH = "comparison.png"   # val/train loss curves overlaid, learning-rate schedules below
 # -----------------------------------------------------------------------------
 
+# settings.json entries that change what a loss measures: {name: what the warning calls it}
+COMPARED_SETTINGS = {"DATA_SHA256": "data (sha256 of train.jsonl and val.jsonl)", "MAX_LENGTH": "max_length",
+                     "LONG_EXAMPLES": "long_examples", "SYSTEM_PROMPT": "system_prompt"}
 _DASH = "—"
 _HEADER = ["version", "key change", "train loss", "best val loss (step)", "Δ val", "steps", "wall time", "tokens/s",
            "peak mem (GiB)"]
@@ -80,6 +86,34 @@ def table_row(run: dict, first: dict) -> list[str]:
     return cells
 
 
+def differing_settings(runs: list[dict]) -> dict[str, list[int]]:
+    """{setting: indices of the runs whose settings.json gives it another value than the first run's}; a run
+    that records no value for a setting (no settings.json, an older run) is not counted as differing on it."""
+    first = runs[0]["settings"]
+    differing = {}
+    for name in COMPARED_SETTINGS:
+        others = [i for i, run in enumerate(runs[1:], start=1)
+                  if name in first and name in run["settings"] and run["settings"][name] != first[name]]
+        if others:
+            differing[name] = others
+    return differing
+
+
+def warn_about_differences(runs: list[dict], differing: dict) -> None:
+    for name, others in differing.items():
+        values = ", ".join(f"{runs[i]['name']} {_short(runs[i]['settings'][name], name)}" for i in [0, *others])
+        print(f"warning: the runs differ in {COMPARED_SETTINGS[name]} ({values}); their losses do not compare "
+              "like for like")
+    for run in runs:
+        if not run["settings"]:
+            print(f"note: {run['name']} has no settings.json; its data and settings cannot be checked")
+
+
+def _short(value, name: str) -> str:
+    text = str(value)[:12] if name == "DATA_SHA256" else repr(value)
+    return text if len(text) <= 32 else text[:30] + "…'"
+
+
 def plot_runs(runs: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -125,10 +159,19 @@ def main(argv=None):
     for run_dir in run_dirs:
         summary = read_summary(run_dir)
         runs.append({"name": str(summary.get("version") or run_dir.resolve().name), "summary": summary,
-                     "records": read_metrics(run_dir / "metrics.jsonl")})
+                     "records": read_metrics(run_dir / "metrics.jsonl"), "settings": read_run_settings(run_dir)})
 
-    # ========== 3. Table ==========
-    table = markdown_table(_HEADER, [table_row(run, runs[0]) for run in runs], _ALIGN) + "\n"
+    # ========== 3. Table: a run trained on other data or with another cut is marked † ==========
+    differing = differing_settings(runs)
+    warn_about_differences(runs, differing)
+    marked = {i for others in differing.values() for i in others}
+    rows = [table_row(run, runs[0]) for run in runs]
+    for i in marked:
+        rows[i][0] += " †"
+    table = markdown_table(_HEADER, rows, _ALIGN) + "\n"
+    if marked:
+        table += (f"\n† trained on other data or settings than {runs[0]['name']} ("
+                  + ", ".join(COMPARED_SETTINGS[name].split(" (")[0] for name in differing) + "): not like for like\n")
     print(table)
     table_path = Path(cfg.TABLE_PATH)
     table_path.parent.mkdir(parents=True, exist_ok=True)

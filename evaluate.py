@@ -2,7 +2,7 @@
 
     python evaluate.py                                              # loss of the v3 adapter on data/val.jsonl
     python evaluate.py --adapter_path=                              # the bare base model, for reference
-    python evaluate.py --model_path=output/qwen3-1.7b-full/final --adapter_path=    # a train.py (full) model
+    python evaluate.py --model_path=output/qwen3-1.7b-full/final --adapter_path=    # a train.py (full) model, in bf16
     python evaluate.py --generate=20 --generate_from=gold           # answers to the gold set's questions
     python evaluate.py --generate=50                                # + answers to 50 val rows and the red-team set, scored
     python evaluate.py --predictions=out.jsonl --report_path=r.json # score a file from inference_lora.py -b
@@ -26,7 +26,8 @@ from medsft.settings import check_settings, parse_settings, read_run_settings
 # model
 MODEL_PATH = "Qwen/Qwen3-1.7B"                       # the base the adapter was trained on, or train.py's final/
 ADAPTER_PATH = "output/qwen3-1.7b-qlora-v3/final"    # "" = the model in MODEL_PATH alone
-LOAD_IN_4BIT = True                                  # as in training, so the loss compares with training's eval loss
+LOAD_IN_4BIT = True                                  # as in training, so the loss compares with training's eval loss;
+                                                     # a merged or full model folder (no adapter) is scored in bf16
 # loss metrics
 DATA_DIR = "data"                                    # val.jsonl (and test.jsonl, gold.jsonl if present) from data.py
 MAX_LENGTH = 2048                                    # as in training
@@ -67,7 +68,8 @@ def main(argv=None):
     ])
     if cfg.ADAPTER_PATH and not score_only:
         check_adapter_path(cfg.ADAPTER_PATH)  # before the base model loads
-    report = {} if score_only else {"model_path": cfg.MODEL_PATH, "adapter_path": cfg.ADAPTER_PATH or None}
+    report = {} if score_only else {"model_path": cfg.MODEL_PATH, "adapter_path": cfg.ADAPTER_PATH or None,
+                                    "load_in_4bit": cfg.LOAD_IN_4BIT}
 
     # ========== 2. Loss and perplexity on val (and test, and the gold set) ==========
     if not score_only:
@@ -102,45 +104,35 @@ def main(argv=None):
 
 def use_training_settings(cfg, defaults: dict) -> None:
     """Take MAX_LENGTH, SYSTEM_PROMPT, LONG_EXAMPLES and LOAD_IN_4BIT from the training run's settings.json unless
-    given here: the adapter's, or with no adapter, the model folder's (a merged model or train.py's final/)."""
+    given here: the adapter's, or with no adapter, the model folder's (a merged model or train.py's final/), which
+    is then scored in bf16, the way it ships, whatever its training loaded."""
     path = Path(cfg.ADAPTER_PATH or cfg.MODEL_PATH) / "settings.json"
     trained = read_run_settings(path.parent)
     for name in ("MAX_LENGTH", "SYSTEM_PROMPT", "LONG_EXAMPLES", "LOAD_IN_4BIT"):
         if name in trained and getattr(cfg, name) == defaults[name] and trained[name] != defaults[name]:
             print(f"note: {name.lower()} = {trained[name]!r}, as the model was trained ({path})")
             setattr(cfg, name, trained[name])
+    if trained and not cfg.ADAPTER_PATH and cfg.LOAD_IN_4BIT:  # a merged folder or train.py's final/ ships in bf16
+        print(f"note: load_in_4bit = False: {cfg.MODEL_PATH} is a whole trained model (merged or full), scored in "
+              "bf16 as it ships")
+        cfg.LOAD_IN_4BIT = False
 
 
 def load_model_for_loss(cfg):
     """The base and adapter loaded as training evaluated them: 4-bit with fp32 norms and embedding."""
-    from peft import prepare_model_for_kbit_training
+    from medsft.val_loss import load_model_for_loss as load_as_evaluated
 
-    from medsft.assistant import attach_adapter
-    from medsft.model_loading import load_base_model, load_tokenizer, resolve_model_path
-
-    model_path = resolve_model_path(cfg.MODEL_PATH)
-    tokenizer = load_tokenizer(model_path)
-    model = load_base_model(model_path, cfg.LOAD_IN_4BIT)
-    if cfg.LOAD_IN_4BIT:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if cfg.ADAPTER_PATH:
-        model = attach_adapter(model, cfg.ADAPTER_PATH, cfg.MODEL_PATH)
-    return model.eval(), tokenizer
+    return load_as_evaluated(cfg.MODEL_PATH, cfg.ADAPTER_PATH, cfg.LOAD_IN_4BIT, shown_path=cfg.MODEL_PATH)
 
 
 def split_loss(model, tokenizer, path: Path, cfg) -> dict:
-    from torch.utils.data import DataLoader
+    from medsft.val_loss import rows_loss
 
-    from medsft.batching import Collator
-    from medsft.trainer import evaluate_loss
-    from medsft.training import tokenize_rows
-
-    examples, _, counts = tokenize_rows(tokenizer, [row for _, row in read_jsonl(path)], cfg)
-    loader = DataLoader(examples, batch_size=cfg.EVAL_BATCH_SIZE, collate_fn=Collator(tokenizer.pad_token_id, True))
-    result = evaluate_loss(model, loader, device=model.device)
-    print(f"{path}: {len(examples)} examples ({counts['shortened']} shortened, {counts['dropped']} dropped), "
-          f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}", flush=True)
-    return result | {"examples": len(examples)}
+    result = rows_loss(model, tokenizer, [row for _, row in read_jsonl(path)], cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT,
+                       cfg.LONG_EXAMPLES, cfg.EVAL_BATCH_SIZE)
+    print(f"{path}: {result['examples']} examples ({result.pop('shortened')} shortened, {result.pop('dropped')} "
+          f"dropped), loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}", flush=True)
+    return result
 
 
 def generate_from_problems(cfg) -> list[str]:
@@ -155,13 +147,14 @@ def generate_from_problems(cfg) -> list[str]:
 def generate_predictions(cfg) -> Path:
     """Answers to the first GENERATE val (or gold) rows and the red-team set, through inference_lora.py's batch mode."""
     import inference_lora
+    from medsft.schemas import opening_question
 
     source = cfg.GENERATE_FROM
     held_out = [row for _, row in read_jsonl(Path(cfg.DATA_DIR) / f"{source}.jsonl")][: cfg.GENERATE]
     redteam = [row for _, row in read_jsonl(cfg.REDTEAM_PATH)]
     questions = Path(cfg.REPORT_PATH).with_suffix(".questions.jsonl")
     predictions = Path(cfg.REPORT_PATH).with_suffix(".predictions.jsonl")
-    rows = [{"id": f"{source}-{row.get('id', i)}", "question": row["question"]} for i, row in enumerate(held_out)]
+    rows = [{"id": f"{source}-{row.get('id', i)}", "question": opening_question(row)} for i, row in enumerate(held_out)]
     rows += redteam
     write_files_atomically({questions: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)})
     predictions.unlink(missing_ok=True)  # batch mode resumes by id: answers of another adapter must not count

@@ -97,7 +97,7 @@ def main(argv=None):
     summary = save_results(cfg, trainer, tokenizer, wall_time)
 
     # ========== 7. One sample answer to a val question ==========
-    print_sample_answer(model, tokenizer, data.val_rows[0]["question"], cfg)
+    print_sample_answer(model, tokenizer, data.val_rows[0], cfg)
     return {"data": data, "trainer": trainer, "summary": summary}
 
 

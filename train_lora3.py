@@ -7,10 +7,11 @@
     torchrun --nproc_per_node 2 train_lora3.py                   # 2 GPUs, data parallel (README: More than one GPU)
     python train_lora3.py --mask_style=typed                     # [药物] instead of [MASK]
     python train_lora3.py --mask_style=progressive               # [MASK] in epoch 1, [药物] from epoch 2 on
+    python train_lora3.py --mask_policy=absent_from_reply --dry_run=True   # mask only terms the reply does not restate
 """
 from medsft import chat_format
 from medsft.distributed import quiet_other_ranks
-from medsft.masking import MaskedQuestionDataset, check_masking_settings
+from medsft.masking import MaskedQuestionDataset, check_masking_settings, print_restated_terms
 from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
 from medsft.resume import plan_output_dir
 from medsft.settings import check_settings, parse_settings
@@ -34,6 +35,7 @@ SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT   # the originals' prompt; inference_l
 LEXICON_PATH = "data/medical_terms.tsv"    # term<TAB>category: 疾病, 症状, 药物, 检查, 解剖
 MASK_PROB = 0.15                           # chance that each lexicon term in a question is masked, per draw
 MASK_STYLE = "mask"                        # "mask": [MASK]; "typed": [药物]; "progressive": [MASK] in epoch 1, [药物] after
+MASK_POLICY = "seed"                       # "seed": any term; "absent_from_reply": only terms the reply does not restate
 # LoRA
 LORA_R = 64                                # rank
 LORA_ALPHA = 16                            # scale = alpha / r
@@ -87,6 +89,7 @@ def main(argv=None):
     # v3: the questions' medical terms are masked afresh each time an example is drawn
     data.train_set = MaskedQuestionDataset(data.train_rows, tokenizer, cfg)
     show_data_preview(tokenizer, data, cfg)
+    print_restated_terms(data.train_set)  # masked terms that the reply restates teach naming what was never said
     if cfg.DRY_RUN:
         return {"data": data}
     resume = plan_output_dir(cfg, len(data.train_set))
@@ -106,7 +109,7 @@ def main(argv=None):
     summary = save_results(cfg, trainer, tokenizer, wall_time)
 
     # ========== 7. One sample answer to a val question ==========
-    print_sample_answer(model, tokenizer, data.val_rows[0]["question"], cfg)
+    print_sample_answer(model, tokenizer, data.val_rows[0], cfg)
     return {"data": data, "trainer": trainer, "summary": summary}
 
 

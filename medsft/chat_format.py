@@ -195,3 +195,40 @@ def split_reply(text: str) -> tuple[str, str]:
     """(think, answer) of a generated reply; a reply cut before </think> has all its text as think."""
     match = _REPLY.match(text)
     return match["think"].strip() if match["think"] else "", match["answer"].strip()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# multi-turn conversations: one example per assistant reply
+
+
+def build_conversation_example(tokenizer, messages: list[dict], max_length: int, system_prompt: str = SYSTEM_PROMPT,
+                               mask_user=None) -> dict | None:
+    """The example that trains a conversation's last message, an assistant reply.
+
+    It is the text Qwen3's template renders for the conversation up to that reply: the conversation's own system
+    message (else `system_prompt`), earlier replies without their think (the template drops it), the <think> block
+    on the trained reply only. Only that reply and its <|im_end|> carry labels. Longer than `max_length`, the
+    oldest (question, reply) pairs are dropped first, as a chat does; with none left, the think is shortened as for
+    a single turn. Messages are {"role", "content"} with "think" on assistant turns. `mask_user` (v3) rewrites
+    the user turns' text. The result also has `turns_dropped`.
+    """
+    system = messages[0]["content"] if messages[0]["role"] == "system" else system_prompt
+    body = [m["content"] if m["role"] != "user" or mask_user is None else mask_user(m["content"])
+            for m in messages if m["role"] != "system"]
+    history = list(zip(body[0:-2:2], body[1:-2:2]))
+    reply = messages[-1]
+    for dropped in range(len(history)):  # whole turns only: never half a reply
+        prompt = _render_prompt(tokenizer, body[-2], system, history[dropped:])
+        example = _tokenize(tokenizer, prompt, reply["think"], reply["content"])
+        if len(example["input_ids"]) <= max_length:
+            return example | {"think_cut": 0, "turns_dropped": dropped}
+    row = {"question": body[-2], "think": reply["think"], "answer": reply["content"]}
+    example = build_training_example(tokenizer, row, max_length, system)
+    return None if example is None else example | {"turns_dropped": len(history)}
+
+
+def build_row_example(tokenizer, row: dict, max_length: int, system_prompt: str = SYSTEM_PROMPT) -> dict | None:
+    """The example of a split row: a single-turn row, or a conversation prefix ending with the reply it trains."""
+    if "messages" in row:
+        return build_conversation_example(tokenizer, row["messages"], max_length, system_prompt)
+    return build_training_example(tokenizer, row, max_length, system_prompt)

@@ -3,16 +3,23 @@
 The original v3 rewrote the target text once, in preprocessing. Here the think, the answer and the labels
 never change; each time an example is drawn, every lexicon term in its question is masked with
 probability MASK_PROB, from a random stream fixed by (SEED, epoch, row), so runs are reproducible.
+
+MASK_POLICY "seed" (the originals') may mask a term that the reply then restates word for word: the model learns
+to name, in its think and answer, a disease or drug the user never said. "absent_from_reply" keeps such a term
+in the question and masks only terms the reply does not restate: the model learns to answer a question with a
+gap without filling it in. Both draw the same random number for each term, so "absent_from_reply" masks a subset
+of what "seed" masks.
 """
 import random
 import re
 from pathlib import Path
 
-from medsft.chat_format import build_training_example
+from medsft.chat_format import build_conversation_example, build_training_example
 from medsft.errors import DataError, UserError
 
 CATEGORIES = ("疾病", "症状", "药物", "检查", "解剖")  # disease, symptom, drug, examination, anatomy
 MASK_STYLES = ("mask", "typed", "progressive")  # "[MASK]"; the term's category such as "[药物]"; [MASK] then typed
+MASK_POLICIES = ("seed", "absent_from_reply")  # mask any drawn term; mask only drawn terms the reply does not restate
 
 
 def load_lexicon(path) -> dict[str, str]:
@@ -43,19 +50,25 @@ class TermMasker:
         # longest alternative first: at each position the regex takes the longest term (2型糖尿病 over 糖尿病)
         self.pattern = re.compile("|".join(map(re.escape, sorted(lexicon, key=len, reverse=True))))
 
-    def mask(self, text: str, rng: random.Random, prob: float, style: str = "mask") -> tuple[str, int, int]:
+    def draws(self, text: str, rng: random.Random, prob: float, keep: str = ""):
+        """(match, masked?) for each lexicon term in `text`, in order: one draw per term, masked with probability
+        `prob`, except that a term occurring in `keep` (the reply, under "absent_from_reply") is never masked."""
+        for match in self.pattern.finditer(text):
+            drawn = rng.random() < prob
+            yield match, drawn and match.group(0) not in keep
+
+    def mask(self, text: str, rng: random.Random, prob: float, style: str = "mask",
+             keep: str = "") -> tuple[str, int, int]:
         """(masked text, terms masked, terms found); each found term is masked with probability `prob`."""
-        found = masked = 0
-
-        def replace(match):
-            nonlocal found, masked
+        parts, end, found, masked = [], 0, 0, 0
+        for match, masked_now in self.draws(text, rng, prob, keep):
             found += 1
-            if rng.random() >= prob:
-                return match.group(0)
-            masked += 1
-            return f"[{self.lexicon[match.group(0)]}]" if style == "typed" else "[MASK]"
-
-        return self.pattern.sub(replace, text), masked, found
+            if masked_now:
+                masked += 1
+                placeholder = f"[{self.lexicon[match.group(0)]}]" if style == "typed" else "[MASK]"
+                parts += [text[end:match.start()], placeholder]
+                end = match.end()
+        return "".join(parts) + text[end:], masked, found
 
 
 def check_masking_settings(cfg) -> list[str]:
@@ -64,6 +77,8 @@ def check_masking_settings(cfg) -> list[str]:
         problems.append(f"mask_prob must be in [0, 1], not {cfg.MASK_PROB}")
     if cfg.MASK_STYLE not in MASK_STYLES:
         problems.append(f"mask_style must be one of {', '.join(MASK_STYLES)}, not {cfg.MASK_STYLE!r}")
+    if cfg.MASK_POLICY not in MASK_POLICIES:
+        problems.append(f"mask_policy must be one of {', '.join(MASK_POLICIES)}, not {cfg.MASK_POLICY!r}")
     if not Path(cfg.LEXICON_PATH).is_file():
         problems.append(f"lexicon_path {cfg.LEXICON_PATH}: not found")
     return problems
@@ -75,7 +90,7 @@ class MaskedQuestionDataset:
     def __init__(self, rows: list[dict], tokenizer, cfg):
         self.rows, self.tokenizer = rows, tokenizer
         self.masker = TermMasker(load_lexicon(cfg.LEXICON_PATH))
-        self.prob, self.style, self.seed = cfg.MASK_PROB, cfg.MASK_STYLE, cfg.SEED
+        self.prob, self.style, self.seed, self.policy = cfg.MASK_PROB, cfg.MASK_STYLE, cfg.SEED, cfg.MASK_POLICY
         self.max_length, self.system_prompt = cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT
         self.drop_long = cfg.LONG_EXAMPLES == "drop"
         self.epoch = 0
@@ -97,17 +112,71 @@ class MaskedQuestionDataset:
             return "mask" if self.epoch == 0 else "typed"
         return self.style
 
+    def rng(self, index: int) -> random.Random:
+        return random.Random(f"{self.seed}-{self.epoch}-{index}")  # str seeds hash the same in every process
+
+    def kept_terms_text(self, index: int) -> str:
+        """Text whose terms are never masked: the reply under "absent_from_reply", else nothing."""
+        return reply_text(self.rows[index]) if self.policy == "absent_from_reply" else ""
+
     def masked_question(self, index: int) -> tuple[str, int, int]:
-        rng = random.Random(f"{self.seed}-{self.epoch}-{index}")  # str seeds hash the same in every process
-        return self.masker.mask(self.rows[index]["question"], rng, self.prob, self.style_now())
+        return self.masker.mask(self.rows[index]["question"], self.rng(index), self.prob, self.style_now(),
+                                self.kept_terms_text(index))
+
+    def restated_terms(self) -> dict:
+        """Over every training row, with this epoch's draws: lexicon terms in the questions, those masked, and
+        how many of each the reply (think and answer) restates word for word."""
+        counts = dict.fromkeys(("found", "found_restated", "masked", "masked_restated"), 0)
+        for index, row in enumerate(self.rows):
+            reply = reply_text(row)
+            for match, masked in self.masker.draws(row["question"], self.rng(index), self.prob,
+                                                   self.kept_terms_text(index)):
+                restated = match.group(0) in reply
+                counts["found"] += 1
+                counts["found_restated"] += restated
+                counts["masked"] += masked
+                counts["masked_restated"] += masked and restated
+        return counts
+
+    def masked_user_turn(self, rng: random.Random):
+        """A conversation's masker: each user turn in order, from the row's one random stream."""
+        def mask(text: str) -> str:
+            text, masked, found = self.masker.mask(text, rng, self.prob, self.style_now())
+            self.masked_terms += masked
+            self.found_terms += found
+            return text
+        return mask
 
     def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        if "messages" in row:  # a conversation up to the trained reply: only its user turns are masked
+            rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
+            example = build_conversation_example(self.tokenizer, row["messages"], self.max_length, self.system_prompt,
+                                                 mask_user=self.masked_user_turn(rng))
+            if example is None or (self.drop_long and example["think_cut"]):
+                example = build_conversation_example(self.tokenizer, row["messages"], self.max_length,
+                                                     self.system_prompt)
+            return example
         question, masked, found = self.masked_question(index)
         self.masked_terms += masked
         self.found_terms += found
-        row = self.rows[index]
         example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt, question=question)
         if example is None or (self.drop_long and example["think_cut"]):
             # masking lengthened the question past MAX_LENGTH: this draw trains the row unmasked (it fits as is)
             example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt)
         return example
+
+
+def reply_text(row: dict) -> str:
+    return f"{row['think']}\n{row['answer']}"
+
+
+def print_restated_terms(dataset: MaskedQuestionDataset) -> dict:
+    """One line for the dry run: how many masked question terms the trained reply restates word for word."""
+    c = dataset.restated_terms()
+    share = f" ({100 * c['masked_restated'] / c['masked']:.0f}%)" if c["masked"] else ""
+    print(f"masking (mask_policy {dataset.policy!r}, the first epoch's draw): {c['masked']} of {c['found']} question "
+          f"terms masked; {c['masked_restated']} of the masked{share} appear word for word in the trained reply "
+          f"(each teaches the model to name a term the user never said); {c['found_restated']} of all {c['found']} "
+          "question terms are restated", flush=True)
+    return c

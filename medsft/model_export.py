@@ -21,6 +21,8 @@ from medsft.records import make_shareable, read_jsonl
 # Qwen3's thinking-mode sampling, written to generation_config.json so vLLM, SGLang and transformers use it
 THINKING_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
+MERGE_TARGETS = ("bf16", "dequantized_nf4")  # the bases merge_lora.py merges into
+
 # A correct merge differs from base+adapter only by writing the merged weights in bf16: 8 significant bits,
 # so each weight moves by at most 2^-9 (0.2%) of itself. Those errors are independent and mostly cancel in
 # each layer's sums; on the tiny test model they move the logits by 0.16-0.21% of the largest one. 2% leaves room
@@ -105,18 +107,25 @@ def pick_device(choice: str) -> str:
     return choice
 
 
-def load_base_and_adapter(model_path: str, adapter_path, device: str):
+def load_base_and_adapter(model_path: str, adapter_path, device: str, merge_into: str = "bf16"):
     """(base+adapter as a float32 PeftModel, the embedding the merged model must have, as bf16 on the CPU).
 
     The base loads in bf16 (never 4-bit, even for a QLoRA adapter: merging into a quantised base would round
-    the merged weights to 4 bits) and is widened to float32, exactly.
+    the merged weights to 4 bits) and is widened to float32, exactly. With merge_into="dequantized_nf4" it loads
+    as training loaded it, NF4 with double quantisation, and each 4-bit layer is dequantized to the very weights
+    the adapter was trained against.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     from medsft.assistant import attach_adapter
+    from medsft.model_loading import load_base_model
 
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    if merge_into == "dequantized_nf4":
+        base = load_base_model(model_path, load_in_4bit=True)
+        base.dequantize()  # every Linear4bit becomes an nn.Linear; the config loses its quantization_config
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
     base.to(device=device, dtype=torch.float32)
     embedding = trained_embedding(adapter_path)
     if embedding is None:

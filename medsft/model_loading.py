@@ -6,40 +6,24 @@ from pathlib import Path
 from medsft.chat_format import build_messages, format_reply, render_training_text
 from medsft.distributed import check_zero3_partitioned, local_rank, sharding
 from medsft.errors import UserError
+from medsft.hub_download import download_model
 
 
 TOKENIZER_FILES = ["*.json", "*.txt", "*.jinja"]  # config, tokenizer and chat template: no weights
+MODEL_FILES = [*TOKENIZER_FILES, "*.safetensors"]  # and the weights: no README, LICENSE or other formats
 
 
 def resolve_model_path(model_path: str, tokenizer_only: bool = False) -> str:
-    """A local folder as is; otherwise ModelScope's snapshot download, then the Hugging Face Hub.
+    """A local folder as is; otherwise the files training needs, from ModelScope, then the Hugging Face Hub.
 
     tokenizer_only fetches just the small files (a dry run needs no weights); a later full call adds the rest.
     """
-    patterns = TOKENIZER_FILES if tokenizer_only else None
+    patterns = TOKENIZER_FILES if tokenizer_only else MODEL_FILES
     if Path(model_path).is_dir():
         return check_model_folder(model_path, tokenizer_only)
     if Path(model_path).exists() or model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:
         raise UserError(f"error: model path {model_path!r}: no such folder (a model id looks like Qwen/Qwen3-1.7B)")
-    errors = []
-    try:
-        from modelscope import snapshot_download
-
-        print(f"downloading {model_path} from ModelScope ...", flush=True)
-        return snapshot_download(model_path, allow_patterns=patterns)  # the path it returns, wherever the cache is
-    except Exception as e:  # ImportError, network and missing-model errors
-        errors.append(f"ModelScope: {type(e).__name__}: {e}")
-    try:
-        from huggingface_hub import snapshot_download
-
-        print(f"downloading {model_path} from the Hugging Face Hub ...", flush=True)
-        return snapshot_download(model_path, allow_patterns=patterns)
-    except Exception as e:
-        errors.append(f"Hugging Face Hub: {type(e).__name__}: {e}")
-    raise UserError(f"error: could not get model {model_path!r}: there is no local folder of that name, and the "
-                    "downloads failed:\n  " + "\n  ".join(errors)
-                    + "\nCheck the spelling, or download the model yourself and pass its folder: "
-                    "--model_path=/path/to/Qwen3-1.7B")
+    return download_model(model_path, patterns)
 
 
 def check_model_folder(folder: str, tokenizer_only: bool = False) -> str:

@@ -79,17 +79,24 @@ def _parse_json(path: Path, text: str) -> list[tuple[int, dict]]:
 
 
 def _parse_csv(path: Path, text: str) -> list[tuple[int, dict]]:
-    reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
-    rows = []
+    lines = text.splitlines(keepends=True)
+    reader = csv.DictReader(lines, strict=True)
+    rows, end = [], 1  # end: the last line read so far (the header's)
     try:
         for row in reader:
+            start, end = end + 1, reader.line_num  # a row starts on the line after the last one read,
+            while start < end and not lines[start - 1].strip():  # past blank lines the reader skipped
+                start += 1
             if None in row:
-                raise DataError(path, reader.line_num, "more fields than the header has")
+                raise DataError(path, start, "more fields than the header has")
             metrics = {k.split(".", 1)[1]: _number(v) for k, v in row.items() if k.startswith("metrics.") and v}
-            row = {k: v for k, v in row.items() if not k.startswith("metrics.")}
+            meta = {k.split(".", 1)[1]: v for k, v in row.items() if k.startswith("meta.") and v}
+            row = {k: v for k, v in row.items() if not k.startswith(("metrics.", "meta."))}
             if metrics:
                 row["metrics"] = metrics
-            rows.append((reader.line_num, row))
+            if meta:
+                row["meta"] = meta
+            rows.append((start, row))
     except csv.Error as e:  # the reader stops before counting the broken row's lines: it starts after the last good one
         raise DataError(path, reader.line_num + 1, f"invalid CSV in the row starting on this line ({e})") from None
     return rows
@@ -135,7 +142,7 @@ def make_shareable(folder) -> None:
 
 
 def write_files_atomically(files: dict, remove=()) -> None:
-    """Write {path: text} so that readers see all the old files or all the new ones, never a half-written file.
+    """Write {path: text or bytes} so that readers see all the old files or all the new ones, never a half-written file.
 
     Every file is first written to a temporary file beside it; only when all are written are they renamed
     into place. `remove` lists stale files (e.g. a test split no longer wanted) deleted after the renames.
@@ -148,7 +155,8 @@ def write_files_atomically(files: dict, remove=()) -> None:
             fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             temps[path] = temp
             os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            binary = isinstance(text, bytes)
+            with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsft.chat_format import IGNORE_INDEX, build_training_example
+from medsft.chat_format import IGNORE_INDEX, build_row_example
 from medsft.distributed import (check_sharding_is_on, is_main_process, launch_problems, optimizer_for_launcher,
                                 sharding, use_liger_kernel, world_size)
 from medsft.errors import DataError, UserError, exit_on_interrupt
@@ -121,10 +121,15 @@ class TrainingData:
 
 
 def tokenize_rows(tokenizer, rows, cfg) -> tuple[list, list, dict]:
-    """(examples, the rows they came from, how many were shortened (think cut) or dropped for MAX_LENGTH)."""
+    """(examples, the rows they came from, how many were shortened (think cut) or dropped for MAX_LENGTH).
+
+    A conversation gives one example per assistant reply; its row here is the conversation up to that reply.
+    """
+    from medsft.schemas import expand_conversation
+
     examples, kept, shortened, dropped = [], [], 0, 0
-    for row in rows:
-        example = build_training_example(tokenizer, row, cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT)
+    for row in (part for whole in rows for part in expand_conversation(whole)):
+        example = build_row_example(tokenizer, row, cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT)
         if example is not None and example["think_cut"] and cfg.LONG_EXAMPLES == "drop":
             example = None
         if example is None:
@@ -177,7 +182,9 @@ def show_data_preview(tokenizer, data: TrainingData, cfg) -> None:
           f"{s['train_tokens']:,} train tokens per epoch")
     print(f"example length in tokens: p50 {s['p50']}, p90 {s['p90']}, p99 {s['p99']}, max {s['max']} "
           f"(max_length {cfg.MAX_LENGTH}: {s['shortened']} shortened, {s['dropped']} dropped)")
-    first = data.train_set[0]
+    # a conversation shows its last reply: the whole conversation as trained, earlier replies without their think
+    last = max(i for i, row in enumerate(data.train_rows[:1000]) if row.get("id") == data.train_rows[0].get("id"))
+    first = data.train_set[last]
     print("==== first training example, exactly as trained (between the rulers) ====")
     print(tokenizer.decode(first["input_ids"]), end="")
     print("\n==== its trained part (labels != -100) ====")
@@ -467,13 +474,21 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str) -> None:
 # 7. sample answer
 
 
-def print_sample_answer(model, tokenizer, question: str, cfg) -> str:
-    """One answer to a val question, generated the right way: eval mode, KV cache on, no checkpointing."""
+def print_sample_answer(model, tokenizer, row: dict | str, cfg) -> str:
+    """One answer to a question, or a val row's (a conversation's last one, after its earlier turns), generated the
+    right way: eval mode, KV cache on, no checkpointing, and Qwen3's thinking-mode sampling (its card warns that
+    greedy decoding loops in thinking mode), seeded with the run's SEED so the same run prints the same answer."""
     from medsft.generation import generate_replies, prepare_for_generation
 
     prepare_for_generation(model)
-    reply = generate_replies(model, tokenizer, [question], system_prompt=cfg.SYSTEM_PROMPT,
-                             max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS, temperature=0.0)[0]
+    row = {"question": row} if isinstance(row, str) else row
+    question, history, system_prompt = row.get("question"), (), cfg.SYSTEM_PROMPT
+    if "messages" in row:
+        system_prompt = next((m["content"] for m in row["messages"] if m["role"] == "system"), system_prompt)
+        body = [m["content"] for m in row["messages"] if m["role"] != "system"]
+        question, history = body[-2], list(zip(body[0:-2:2], body[1:-2:2]))
+    reply = generate_replies(model, tokenizer, [question], system_prompt=system_prompt, histories=[history],
+                             max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS, seed=cfg.SEED)[0]
     shown = reply.text if reply.text.strip() else f"(empty reply: {reply.new_tokens} whitespace tokens)"
     print(f"==== sample answer to a val question ====\nQuestion: {question}\n\n{shown}\n"
           f"[finish: {reply.finish_reason}, {reply.new_tokens} new tokens]", flush=True)

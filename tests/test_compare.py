@@ -86,3 +86,44 @@ def test_malformed_metrics_line(tmp_path):
         run_compare(tmp_path, good, bad)
     assert excinfo.value.line == 2
     assert f"{bad / 'metrics.jsonl'}: line 2" in str(excinfo.value)
+
+
+def write_settings(run_dir, **changes):
+    settings = {"DATA_SHA256": "a1" * 32, "MAX_LENGTH": 2048, "LONG_EXAMPLES": "shorten_think",
+                "SYSTEM_PROMPT": "你是一个医学专家。", "LEARNING_RATE": 2e-4} | changes
+    (run_dir / "settings.json").write_text(json.dumps(settings, ensure_ascii=False), encoding="utf-8")
+    return run_dir
+
+
+def test_runs_on_other_data_or_settings_get_a_warning_naming_the_setting_and_a_marked_row(tmp_path, capsys):
+    v1 = write_settings(make_run(tmp_path, "v1", SUMMARY_V1))
+    v2 = write_settings(make_run(tmp_path, "v2", SUMMARY_V2), LEARNING_RATE=1e-4)  # another recipe: comparable
+    v3 = write_settings(make_run(tmp_path, "v3", {"version": "v3"}), DATA_SHA256="b2" * 32, MAX_LENGTH=1024)
+    v4 = write_settings(make_run(tmp_path, "v4", {"version": "v4"}), LONG_EXAMPLES="drop", SYSTEM_PROMPT="你是助手。")
+    table_path, _ = run_compare(tmp_path, v1, v2, v3, v4)
+
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: the runs differ in data (sha256 of train.jsonl and val.jsonl) (v1 a1a1a1a1a1a1, v3 b2b2b2b2b2b2); "
+        "their losses do not compare like for like",
+        "warning: the runs differ in max_length (v1 2048, v3 1024); their losses do not compare like for like",
+        "warning: the runs differ in long_examples (v1 'shorten_think', v4 'drop'); their losses do not compare "
+        "like for like",
+        "warning: the runs differ in system_prompt (v1 '你是一个医学专家。', v4 '你是助手。'); their losses do not "
+        "compare like for like",
+    ]
+    text = table_path.read_text(encoding="utf-8")
+    lines = text.strip().splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:6]] == ["v1", "v2", "v3 †", "v4 †"]
+    assert lines[-1] == ("† trained on other data or settings than v1 (data, max_length, long_examples, "
+                         "system_prompt): not like for like")
+
+
+def test_runs_on_the_same_data_and_settings_get_no_warning_and_no_mark(tmp_path, capsys):
+    v1 = write_settings(make_run(tmp_path, "v1", SUMMARY_V1))
+    v2 = write_settings(make_run(tmp_path, "v2", SUMMARY_V2), LEARNING_RATE=1e-4)
+    old = make_run(tmp_path, "v3", {"version": "v3"})  # a run from before settings.json: cannot be checked
+    table_path, _ = run_compare(tmp_path, v1, v2, old)
+    out = capsys.readouterr().out
+    assert "warning:" not in out and "note: v3 has no settings.json" in out
+    assert [row[0] for row in table_rows(table_path)] == ["v1", "v2", "v3"]

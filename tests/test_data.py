@@ -52,15 +52,16 @@ def test_another_seed_gives_another_split(tmp_path):
     assert (tmp_path / "a" / "val.jsonl").read_bytes() != (tmp_path / "b" / "val.jsonl").read_bytes()
 
 
-def test_duplicates_are_dropped_before_splitting(tmp_path):
+def test_duplicates_are_dropped_from_train_only(tmp_path):
     rows = [row(i) for i in range(20)]
     rows += [row(3, question=" 问题3：头痛怎么办? "), row(5, question="问题５：头痛 怎么办？", answer="另一个回答。")]
     source = write_jsonl(tmp_path / "dup.jsonl", rows)
     manifest = data.main([f"--source={source}", f"--data_dir={tmp_path / 'out'}", "--val_fraction=0.5"])
-    assert manifest["dropped"] == {"duplicate_question": 2}
+    assert sum(manifest["dropped"]["train"].values()) + manifest["held_out_duplicates"] == 2
+    assert set(manifest["dropped"]) == {"train"} and manifest["counts"]["val"] == 11
     train, val = read(tmp_path / "out" / "train.jsonl"), read(tmp_path / "out" / "val.jsonl")
-    assert len(train) + len(val) == 20
     assert not {r["id"] for r in train} & {r["id"] for r in val}
+    assert len({r["id"] for r in train}) == len(train)
 
 
 def test_think_tags_and_whitespace_are_cleaned(tmp_path):
@@ -136,7 +137,10 @@ def test_skip_mode_counts_bad_rows_by_reason(tmp_path):
     rows = [row(i) for i in range(10)] + [row(20, think=""), row(21, answer=5), {"question": "q", "answer": "a"}]
     source = write_jsonl(tmp_path / "s.jsonl", rows)
     manifest = data.main([f"--source={source}", f"--data_dir={tmp_path / 'out'}", "--on_bad_row=skip"])
-    assert manifest["dropped"] == {"bad_type_answer": 1, "empty_think": 1, "missing_think": 1}
+    reasons = {}
+    for split in manifest["dropped"].values():
+        reasons |= split
+    assert reasons == {"bad_type_answer": 1, "empty_think": 1, "missing_think": 1}
     assert sum(manifest["counts"].values()) == 10
 
 
@@ -194,7 +198,7 @@ def test_a_downloaded_dataset_folder_is_read_without_its_metadata(tmp_path, monk
     (snapshot / ".mdl").write_text("x")
     assert dataset_prep.find_data_files(snapshot) == [snapshot / "data" / "train.jsonl"]
 
-    monkeypatch.setattr(data, "download_dataset", lambda dataset_id, revision=None: snapshot)
+    monkeypatch.setattr(data, "download_dataset", lambda dataset_id, revision="": (snapshot, "master"))
     manifest = data.main([f"--data_dir={tmp_path / 'out'}"])  # the default source: a ModelScope dataset id
     assert manifest["source"] == "krisfu/delicate_medical_r1_data" and manifest["rows_read"] == 12
     assert manifest["source_files"] == [str(snapshot / "data" / "train.jsonl")]

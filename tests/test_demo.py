@@ -31,7 +31,7 @@ def test_a_whitespace_sample_answer_is_shown_as_such(monkeypatch, capsys):
     from medsft.training import print_sample_answer
 
     class Settings:
-        SYSTEM_PROMPT, SAMPLE_MAX_NEW_TOKENS = "系统", 16
+        SYSTEM_PROMPT, SAMPLE_MAX_NEW_TOKENS, SEED = "系统", 16, 42
 
     monkeypatch.setattr(medsft.generation, "prepare_for_generation", lambda model: None)
     monkeypatch.setattr(medsft.generation, "generate_replies",

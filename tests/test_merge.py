@@ -141,12 +141,21 @@ def test_inference_and_evaluate_take_the_merged_folder_with_an_empty_adapter_pat
     assert f"loaded {folder} (no adapter)" in out and "[finish:" in out and reply.new_tokens == 8
 
     reports = {}
-    for name, model_path, adapter in (("merged", folder, ""), ("adapter", tiny_model_dir, adapters["v2"])):
+    for name, model_path, adapter, precision in (("merged", folder, "", []),  # a merged folder: bf16 by default
+                                                 ("adapter", tiny_model_dir, adapters["v2"], ["--load_in_4bit=False"])):
         reports[name] = evaluate.main([f"--model_path={model_path}", f"--adapter_path={adapter}",
-                                       f"--data_dir={short_data_dir}", "--load_in_4bit=False",
-                                       f"--report_path={tmp_path / name}.json"])
-    assert f"max_length = 320, as the model was trained ({folder / 'settings.json'})" in capsys.readouterr().out
+                                       f"--data_dir={short_data_dir}", f"--report_path={tmp_path / name}.json",
+                                       *precision])
+    out = capsys.readouterr().out
+    assert f"max_length = 320, as the model was trained ({folder / 'settings.json'})" in out
+    assert f"load_in_4bit = False: {folder} is a whole trained model" in out
+    assert reports["merged"]["load_in_4bit"] is False and reports["adapter"]["load_in_4bit"] is False
     assert reports["merged"]["val_loss"] == pytest.approx(reports["adapter"]["val_loss"], abs=0.02)
+    # merge.json's three losses are evaluate.py's, on the same rows (all of this val split: 2 rows <= 8)
+    val_loss = json.loads((folder / "merge.json").read_text())["val_loss"]
+    assert val_loss["examples"] == reports["merged"]["val_examples"] == 2
+    for name, key in (("merged", "merged"), ("adapter", "bf16_base_plus_adapter")):
+        assert val_loss[key] == pytest.approx(reports[name]["val_loss"], abs=2e-4), key
 
 
 def test_the_web_demo_chats_with_the_merged_folder(merged):
@@ -173,7 +182,7 @@ def test_an_existing_output_is_kept_and_replaced_only_with_overwrite(adapters, s
     assert everything_under(tmp_path) == ["model", "model/old.txt"]
 
     merge_lora.main([f"--adapter_path={adapters['v1']}", f"--output_dir={out}", "--overwrite=True",
-                     f"--data_dir={short_data_dir}"])
+                     f"--data_dir={short_data_dir}", "--measure_examples=0"])
     assert not (out / "old.txt").exists() and (out / "merge.json").is_file() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # neither the old folder nor a temporary one is left
 
@@ -220,7 +229,7 @@ def test_a_merge_that_loses_the_adapter_fails_the_check_and_writes_nothing(adapt
                                                                            monkeypatch, capsys):
     monkeypatch.setattr(merge_lora, "merge_adapter", lambda model: model.unload())  # drops the LoRA weights
     message = refused([f"--adapter_path={adapters['v1']}", f"--output_dir={tmp_path / 'new' / 'folders' / 'm'}",
-                       f"--data_dir={short_data_dir}"])
+                       f"--data_dir={short_data_dir}", "--measure_examples=0"])
     assert "logits differ from base+adapter" in message and "nothing was written" in message
     assert everything_under(tmp_path) == []
 
@@ -239,10 +248,73 @@ def test_a_merge_that_unties_or_ties_to_the_base_embedding_fails_the_check_and_w
 
     monkeypatch.setattr(merge_lora, "merge_adapter", broken_merge)
     message = refused([f"--adapter_path={adapters['v2']}", f"--output_dir={tmp_path / 'm'}",
-                       f"--data_dir={short_data_dir}"])
+                       f"--data_dir={short_data_dir}", "--measure_examples=0"])
     expected = "is not tied" if failure == "untied" else "embedding is not the adapter's trained one"
     assert expected in message and "nothing was written" in message
     assert everything_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_merge_json_holds_the_val_loss_of_nf4_base_plus_adapter_bf16_base_plus_adapter_and_the_merged_folder(
+        version, merged, adapters):
+    folder, record = merged[version]
+    val_loss = record["val_loss"]
+    assert json.loads((folder / "merge.json").read_text())["val_loss"] == val_loss
+    assert val_loss["validated"] == "nf4_base_plus_adapter" and val_loss["merge_into"] == "bf16"
+    assert val_loss["data"].endswith("val.jsonl") and val_loss["rows"] == val_loss["examples"] == 2  # all of val (<= 8)
+    assert val_loss["tokens"] > 50 and val_loss["max_length"] == 320  # the run's max_length, as evaluate.py uses
+    nf4, bf16, merged_loss = (val_loss[k] for k in ("nf4_base_plus_adapter", "bf16_base_plus_adapter", "merged"))
+    assert all(0 < loss < 20 for loss in (nf4, bf16, merged_loss))
+    # as validated: the run's own eval loss of best/ on the same (whole) val split, as evaluate.py reproduces it
+    assert nf4 == pytest.approx(json.loads((adapters[version].parent / "summary.json").read_text())["best_val_loss"],
+                                abs=2e-4)
+    assert merged_loss == pytest.approx(bf16, abs=0.02)  # merged into bf16: it is bf16 base + adapter
+    assert val_loss["gap_to_validated"] == pytest.approx({"bf16_base_plus_adapter": bf16 - nf4,
+                                                          "merged": merged_loss - nf4}, abs=2e-6)
+
+
+def test_merging_into_the_dequantized_nf4_base_adds_the_adapter_to_the_weights_it_trained_against(
+        adapters, merged, tiny_model_dir, short_data_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from medsft.model_loading import load_base_model
+
+    out = tmp_path / "m"
+    record = merge_lora.main([f"--adapter_path={adapters['v1']}", f"--output_dir={out}", f"--data_dir={short_data_dir}",
+                              "--merge_into=dequantized_nf4", "--measure_examples=1"])
+    assert "merged into the dequantized_nf4 base" in capsys.readouterr().out
+    val_loss = record["val_loss"]
+    assert record["merge_into"] == val_loss["merge_into"] == "dequantized_nf4"
+    assert val_loss["rows"] == val_loss["examples"] == 1  # capped by --measure_examples, and recorded
+    assert record["check"]["tied"] and "quantization_config" not in json.loads((out / "config.json").read_text())
+
+    # the two merges differ by the base's NF4 rounding only: merged - base is the same adapter delta in both
+    name = "model.layers.0.mlp.down_proj.weight"
+    nf4_base = load_base_model(str(tiny_model_dir), load_in_4bit=True)
+    nf4_base.dequantize()
+    bf16_base = load_file(tiny_model_dir / "model.safetensors")[name].float()
+    dequantized = nf4_base.state_dict()[name].float()
+    into_nf4 = load_file(out / "model.safetensors")[name].float()
+    into_bf16 = load_file(merged["v1"][0] / "model-00001-of-00002.safetensors") | load_file(
+        merged["v1"][0] / "model-00002-of-00002.safetensors")
+    into_bf16 = into_bf16[name].float()
+    torch.testing.assert_close(into_nf4 - dequantized, into_bf16 - bf16_base, rtol=0, atol=2e-3)
+    assert (into_nf4 - into_bf16).abs().max() > 4 * 2e-3 and (dequantized - bf16_base).abs().max() > 4 * 2e-3
+
+
+def test_merge_into_and_measure_examples_are_checked(adapters, tmp_path):
+    message = refused([f"--adapter_path={adapters['v1']}", f"--output_dir={tmp_path / 'm'}", "--merge_into=fp8"])
+    assert "merge_into must be one of bf16, dequantized_nf4, not 'fp8'" in message
+    message = refused([f"--adapter_path={adapters['v1']}", f"--output_dir={tmp_path / 'm'}", "--measure_examples=-2"])
+    assert "measure_examples must be -1 (auto), 0 (none) or more" in message
+    bf16_adapter = tmp_path / "bf16-adapter"  # an adapter trained with --load_in_4bit=False
+    shutil.copytree(adapters["v1"], bf16_adapter)
+    settings = json.loads((bf16_adapter / "settings.json").read_text()) | {"LOAD_IN_4BIT": False}
+    (bf16_adapter / "settings.json").write_text(json.dumps(settings))
+    message = refused([f"--adapter_path={bf16_adapter}", f"--output_dir={tmp_path / 'm'}",
+                       "--merge_into=dequantized_nf4"])
+    assert "was trained on a bf16 base" in message and "merge it into bf16" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16-adapter"]
 
 
 def test_check_examples_come_from_val_jsonl_or_built_in_prompts(tokenizer, short_data_dir, tmp_path):
@@ -399,7 +471,7 @@ def test_merging_on_the_gpu_matches_the_cpu_merge(adapters, merged, short_data_d
     from safetensors.torch import load_file
 
     record = merge_lora.main([f"--adapter_path={adapters['v2']}", f"--output_dir={tmp_path / 'm'}", "--device=cuda",
-                              f"--data_dir={short_data_dir}", "--max_shard_size=10MB"])
+                              f"--data_dir={short_data_dir}", "--max_shard_size=10MB", "--measure_examples=0"])
     assert record["device"] == "cuda" and record["check"]["tied"]
     cpu_folder = merged["v2"][0]
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):

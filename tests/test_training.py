@@ -92,6 +92,33 @@ def test_dry_run_prints_the_first_row_as_the_chat_template_renders_it(tiny_model
     assert "p50" in out and "p99" in out and result["data"].stats["train_examples"] == 45
 
 
+def test_the_sample_answer_samples_as_qwen3_thinking_mode_asks_with_the_runs_seed(trained_adapter, tiny_model_dir,
+                                                                                 capsys):
+    from medsft.assistant import load_model
+    from medsft.chat_format import SYSTEM_PROMPT
+    from medsft.generation import generate_replies
+    from medsft.training import print_sample_answer
+
+    model, tokenizer = load_model(str(tiny_model_dir), trained_adapter)
+    question = "头痛怎么办？"
+
+    def sample_answer(seed):
+        class Settings:
+            SAMPLE_MAX_NEW_TOKENS, SEED = 12, seed
+        Settings.SYSTEM_PROMPT = SYSTEM_PROMPT
+        return print_sample_answer(model, tokenizer, question, Settings)
+
+    first, again, other_seed = sample_answer(42), sample_answer(42), sample_answer(7)
+    assert capsys.readouterr().out.count("sample answer to a val question") == 3
+
+    def reply(**options):
+        return generate_replies(model, tokenizer, [question], max_new_tokens=12, **options)[0].text
+
+    assert first == again == reply(temperature=0.6, top_p=0.95, top_k=20, seed=42)  # Qwen3's thinking-mode sampling
+    assert first != other_seed  # the seed decides it
+    assert first != reply(temperature=0.0)  # not greedy
+
+
 def test_settings_problems_are_reported_together_before_loading(tmp_path):
     with pytest.raises(UserError) as e:
         train_lora.main([f"--data_dir={tmp_path / 'none'}", "--learning_rate=0", "--lr_scheduler=wavy",
@@ -173,7 +200,7 @@ def test_a_few_rows_lose_most_of_their_training_loss(tiny_model_dir, tmp_path):
 
 class MaskingSettings:
     LEXICON_PATH, MASK_PROB, MASK_STYLE, SEED, MAX_LENGTH = "data/medical_terms.tsv", 0.15, "mask", 42, 2048
-    LONG_EXAMPLES = "shorten_think"
+    LONG_EXAMPLES, MASK_POLICY = "shorten_think", "seed"
     from medsft.chat_format import SYSTEM_PROMPT
 
 
@@ -259,6 +286,53 @@ def test_progressive_masks_with_mask_in_the_first_epoch_and_the_category_from_th
     assert placeholders_at(1) <= set(CATEGORIES) and len(placeholders_at(1)) >= 3
     assert placeholders_at(2) <= set(CATEGORIES)
     assert placeholders_at(0) == {"MASK"}  # set by the epoch, not by how many epochs have passed
+
+
+def test_mask_policy_absent_from_reply_masks_only_the_terms_the_reply_does_not_restate(tokenizer, sample_rows):
+    from medsft.masking import TermMasker, load_lexicon, reply_text
+
+    pattern = TermMasker(load_lexicon("data/medical_terms.tsv")).pattern
+    seed = masked_dataset(tokenizer, sample_rows, MASK_PROB=1.0)
+    absent = masked_dataset(tokenizer, sample_rows, MASK_PROB=1.0, MASK_POLICY="absent_from_reply")
+    restated_somewhere = False
+    for index, row in enumerate(sample_rows):
+        terms, reply = pattern.findall(row["question"]), reply_text(row)
+        question, masked, found = absent.masked_question(index)
+        left = pattern.findall(question.replace("[MASK]", "\0"))
+        assert sorted(left) == sorted(t for t in terms if t in reply)  # kept: exactly the restated terms
+        assert masked == sum(t not in reply for t in terms) and found == len(terms)
+        restated_somewhere |= bool(left)
+        assert seed.masked_question(index)[1] == len(terms)  # "seed" masks them all, restated or not
+    assert restated_somewhere
+
+    # at a real mask_prob the same draws are made: "absent_from_reply" masks "seed"'s masks less the restated ones
+    counts = {policy: masked_dataset(tokenizer, sample_rows, MASK_PROB=0.5, MASK_POLICY=policy).restated_terms()
+              for policy in ("seed", "absent_from_reply")}
+    assert counts["seed"]["masked_restated"] > 10 and counts["absent_from_reply"]["masked_restated"] == 0
+    assert counts["absent_from_reply"]["masked"] == counts["seed"]["masked"] - counts["seed"]["masked_restated"]
+    assert counts["seed"]["found"] == counts["absent_from_reply"]["found"] > counts["seed"]["masked"]
+
+
+def test_the_v3_dry_run_prints_how_many_masked_terms_the_reply_restates(tiny_model_dir, sample_data_dir, tmp_path,
+                                                                          capsys):
+    from medsft.masking import print_restated_terms
+
+    result = run(train_lora3, tiny_model_dir, sample_data_dir, tmp_path, "--dry_run=True",
+                 "--mask_policy=absent_from_reply")
+    dataset = result["data"].train_set
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("masking (")]
+    assert len(lines) == 1 and " 0 of the masked (0%) appear word for word in the trained reply" in lines[0]
+    dataset.policy = "seed"  # the default: the same draws, restated terms masked too
+    counts = print_restated_terms(dataset)
+    assert capsys.readouterr().out.startswith(
+        f"masking (mask_policy 'seed', the first epoch's draw): {counts['masked']} of {counts['found']} question "
+        f"terms masked; {counts['masked_restated']} of the masked (")
+    assert counts["masked_restated"] > 0 and counts["masked"] > counts["masked_restated"]
+
+
+def test_an_unknown_mask_policy_is_refused(tiny_model_dir, sample_data_dir, tmp_path):
+    with pytest.raises(UserError, match="mask_policy must be one of seed, absent_from_reply, not 'never'"):
+        run(train_lora3, tiny_model_dir, sample_data_dir, tmp_path, "--dry_run=True", "--mask_policy=never")
 
 
 def test_v3_redraws_masks_every_epoch_during_training(tiny_model_dir, short_data_dir, tmp_path):

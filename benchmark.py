@@ -1,0 +1,273 @@
+"""Did fine-tuning help? Exam accuracy of the base model against the fine-tuned one, through lm-evaluation-harness.
+
+    python benchmark.py --exam_dir=exams                                  # medical_zh: CMMLU + C-Eval medical subjects
+    python benchmark.py --exam_dir=exams --mode=generate                  # the models think, then answer
+    python benchmark.py --exam_file=data/exam_sample.jsonl                # your own questions (JSONL or CMMLU CSV)
+    python benchmark.py --finetuned_path=output/qwen3-1.7b-medical-v3 --exam_dir=exams   # a merged or full model
+    python benchmark.py --tasks=ceval-valid_physician,cmmlu_anatomy --exam_dir=exams --limit=20
+
+Both models answer the same questions with the same settings in one run: the same precision (bf16, or 4-bit
+with LOAD_IN_4BIT), the same chat template, the training run's SYSTEM_PROMPT. The table has two rows a task
+(base, fine-tuned): n, accuracy ± standard error, the change, and McNemar's exact p-value on the per-question
+outcomes. benchmark.json keeps every per-question outcome; benchmark.md the table; benchmark.png the bars.
+The tasks are lm-eval YAML files in eval_tasks/; the README says where to get the CMMLU and C-Eval files.
+"""
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+
+from medsft import chat_format
+from medsft.errors import UserError
+from medsft.settings import check_settings, parse_settings, read_run_settings
+
+# -----------------------------------------------------------------------------
+# models
+FINETUNED_PATH = "output/qwen3-1.7b-qlora-v3/final"  # a LoRA adapter (final/), or a whole model (merge_lora.py, train.py)
+MODEL_PATH = "Qwen/Qwen3-1.7B"                       # the base; by default the one FINETUNED_PATH was trained from
+LOAD_IN_4BIT = False                                 # both models in 4-bit NF4; False: both in bf16 (fp16 on old GPUs)
+ENGINE = "auto"                                      # "auto": vLLM if installed and a GPU is present, else "hf"
+                                                     # (transformers); "vllm" is unverified on a GPU so far
+# tasks
+TASKS = "medical_zh"                                 # a group or subjects of eval_tasks/, or lm-eval task names, comma-separated
+EXAM_DIR = ""                                        # the folder with the official CMMLU and C-Eval CSV files (README)
+EXAM_FILE = ""                                       # your own exam instead of TASKS: .jsonl (question, options, answer)
+                                                     # or .csv (CMMLU: Question,A,B,C,D,Answer)
+LIMIT = 0                                            # > 0: only the first LIMIT questions of each task, for a quick look
+# how the models answer
+MODE = "loglikelihood"                               # "loglikelihood": the likeliest letter after an empty think block;
+                                                     # "generate": the model writes its answer, the letter is read
+THINKING = True                                      # generate: think first (Qwen3's thinking mode); False: answer at once
+MAX_NEW_TOKENS = 2048                                # generate: reply length limit; a reply cut off counts as wrong
+TEMPERATURE = 0.6                                    # generate: Qwen3's thinking sampling (top_p 0.95, top_k 20); 0 = greedy
+SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT            # by default the training run's
+MAX_LENGTH = 2048                                    # prompt tokens (longer prompts lose their start); by default the run's
+BATCH_SIZE = 16                                      # questions (loglikelihood: choices) per forward pass
+SEED = 42                                            # the same sampling seed for both models
+# output
+REPORT_PATH = "benchmark.json"                       # every number and outcome; benchmark.md and .png are written beside it
+# -----------------------------------------------------------------------------
+
+_RUN_SETTINGS = ("MODEL_PATH", "SYSTEM_PROMPT", "MAX_LENGTH")  # taken from the fine-tuned run unless given here
+_DEMO_ADAPTER = "demo_output/train-v3/final"  # what python demo.py trains: the tiny model's adapter
+
+
+def main(argv=None):
+    from medsft.exam_harness import MODES, plan_tasks
+
+    # ========== 1. Settings (the base, system prompt and max length default to the fine-tuned run's) ==========
+    cfg = parse_settings(globals(), argv)
+    use_demo_adapter(cfg, globals())
+    use_run_settings(cfg, globals())
+    cfg.print("benchmark.py settings")
+    report_path = Path(cfg.REPORT_PATH)
+    finetuned = Path(cfg.FINETUNED_PATH)
+    check_settings([
+        cfg.MODE not in MODES and f"mode must be one of {', '.join(MODES)}, not {cfg.MODE!r}",
+        cfg.ENGINE not in ("auto", "hf", "vllm") and f"engine must be auto, hf or vllm, not {cfg.ENGINE!r}",
+        not cfg.FINETUNED_PATH and "finetuned_path is empty: give the adapter or model folder to compare with the base",
+        cfg.FINETUNED_PATH and not finetuned.is_dir() and f"finetuned_path {finetuned}: no such folder (train one "
+        "first, e.g. python train_lora3.py, or python demo.py for demo_output/train-v3/final)",
+        finetuned.is_dir() and finetuned_kind(finetuned) is None and f"finetuned_path {finetuned}: neither an "
+        "adapter (adapter_config.json) nor a model folder (config.json)",
+        cfg.EXAM_FILE and not Path(cfg.EXAM_FILE).is_file() and f"exam_file {cfg.EXAM_FILE}: no such file",
+        cfg.EXAM_DIR and not Path(cfg.EXAM_DIR).is_dir() and f"exam_dir {cfg.EXAM_DIR}: no such folder",
+        cfg.MAX_NEW_TOKENS < 1 and "max_new_tokens must be at least 1",
+        cfg.BATCH_SIZE < 1 and "batch_size must be at least 1",
+        cfg.LIMIT < 0 and "limit must be >= 0",
+        cfg.TEMPERATURE < 0 and "temperature must be >= 0 (0 = greedy)",
+        (report_path.is_dir() or not report_path.parent.is_dir()) and f"report_path {report_path} must be a file "
+        "in an existing folder",
+    ])
+
+    # ========== 2. Tasks: read and check every exam file, then lm-eval's task folder ==========
+    plan, rows = plan_tasks(cfg)
+
+    # ========== 3.-5. Both models over the same tasks, then the paired comparison (run_benchmark) ==========
+    with tempfile.TemporaryDirectory(prefix="benchmark-tasks-") as folder:
+        report = run_benchmark(cfg, plan, rows, folder)
+
+    # ========== 6. Report: the table, benchmark.json, benchmark.md, benchmark.png ==========
+    from medsft.exam_report import report_table
+
+    table = report_table(report["tasks"])
+    write_report(report, table, report_path)
+    print(f"\n{table}\n\n{note_lines(report)}\nwrote {report_path}, {report_path.with_suffix('.md')} and "
+          f"{report_path.with_suffix('.png')}")
+    return report
+
+
+def use_demo_adapter(cfg, defaults: dict) -> None:
+    """With no trained adapter yet but the demo's, compare that one (a check that the benchmark runs)."""
+    if (cfg.FINETUNED_PATH == defaults["FINETUNED_PATH"] and not Path(cfg.FINETUNED_PATH).exists()
+            and (Path(_DEMO_ADAPTER) / "adapter_config.json").is_file()):
+        print(f"note: {cfg.FINETUNED_PATH} not found; comparing the demo's adapter {_DEMO_ADAPTER} (python demo.py) "
+              "with its tiny random base: a check that the benchmark runs, not a medical result")
+        cfg.FINETUNED_PATH = _DEMO_ADAPTER
+
+
+def use_run_settings(cfg, defaults: dict) -> None:
+    """MODEL_PATH, SYSTEM_PROMPT and MAX_LENGTH from the fine-tuned run's settings.json unless given here."""
+    trained = read_run_settings(cfg.FINETUNED_PATH) if cfg.FINETUNED_PATH else {}
+    for name in _RUN_SETTINGS:
+        if name in trained and getattr(cfg, name) == defaults[name] and trained[name] != defaults[name]:
+            print(f"note: {name.lower()} = {trained[name]!r}, as the model was trained "
+                  f"({Path(cfg.FINETUNED_PATH) / 'settings.json'})")
+            setattr(cfg, name, trained[name])
+
+
+def finetuned_kind(folder: Path) -> str | None:
+    if (folder / "adapter_config.json").is_file():
+        return "adapter"
+    return "model" if (folder / "config.json").is_file() else None
+
+
+def use_vllm(cfg) -> bool:
+    import importlib.util
+
+    import torch
+
+    available = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    if cfg.ENGINE == "vllm" and not available:
+        raise UserError("error: engine=vllm needs the vllm package and a CUDA GPU; use --engine=hf")
+    return cfg.ENGINE == "vllm" or (cfg.ENGINE == "auto" and available)
+
+
+def run_benchmark(cfg, plan, rows, folder) -> dict:
+    from medsft import exam_harness
+    from medsft.model_loading import load_tokenizer, resolve_model_path
+
+    exam_harness.write_task_folder(folder, plan, rows, cfg)
+    manager = exam_harness.task_manager(folder, plan)
+    exam_harness.check_builtin_tasks(manager, plan)
+    kind = finetuned_kind(Path(cfg.FINETUNED_PATH))
+    base_path = resolve_model_path(cfg.MODEL_PATH)
+    tokenizer = load_tokenizer(base_path)
+    vllm = use_vllm(cfg)
+    engine = "vLLM (unverified: not yet run on a GPU by this project)" if vllm else "transformers"
+    how = ("one copy of the base in memory: the base pass, then the adapter attached to it for the fine-tuned pass"
+           if kind == "adapter" else "the base pass, then the base freed and the fine-tuned model loaded")
+    print(f"engine: {engine}\nmodels: {how}", flush=True)
+
+    # ========== 3. The base model ==========
+    results, seconds = {}, {}
+    lm, precision = load_base(cfg, base_path, tokenizer, kind, vllm)
+    results["base"], seconds["base"] = timed_pass(lm, folder, plan, cfg, manager, "base")
+
+    # ========== 4. The fine-tuned model: the adapter on the same base, or the whole fine-tuned model ==========
+    lm = load_finetuned(cfg, lm, tokenizer, kind, vllm)
+    results["finetuned"], seconds["finetuned"] = timed_pass(lm, folder, plan, cfg, manager, "fine-tuned")
+    del lm
+
+    # ========== 5. Compare: per task, the paired outcomes ==========
+    return build_report(cfg, plan, results, tokenizer, engine, how, precision, seconds)
+
+
+def load_base(cfg, base_path, tokenizer, kind, vllm):
+    from medsft import exam_harness
+    from medsft.model_loading import compute_dtype, load_base_model
+
+    if vllm:
+        adapter = cfg.FINETUNED_PATH if kind == "adapter" else None
+        lm = exam_harness.vllm_model(base_path, adapter, cfg)
+        lm.finetuned_request, lm.lora_request = lm.lora_request, None  # the base pass: no LoRA
+        return lm, "4-bit NF4 (bitsandbytes)" if cfg.LOAD_IN_4BIT else "bfloat16"
+    model = load_base_model(base_path, cfg.LOAD_IN_4BIT).eval()
+    precision = (f"4-bit NF4, {str(compute_dtype()).removeprefix('torch.')} compute" if cfg.LOAD_IN_4BIT
+                 else str(compute_dtype()).removeprefix("torch."))
+    return exam_harness.hf_model(model, tokenizer, cfg), precision
+
+
+def load_finetuned(cfg, lm, tokenizer, kind, vllm):
+    from medsft import exam_harness
+    from medsft.assistant import attach_adapter
+    from medsft.model_loading import load_base_model, resolve_model_path
+
+    if vllm and kind == "adapter":
+        lm.lora_request = lm.finetuned_request
+        return lm
+    if vllm:
+        del lm
+        return exam_harness.vllm_model(cfg.FINETUNED_PATH, None, cfg)
+    if kind == "adapter":
+        return exam_harness.hf_model(attach_adapter(lm.model, cfg.FINETUNED_PATH, cfg.MODEL_PATH).eval(), tokenizer, cfg)
+    import gc
+
+    del lm
+    gc.collect()
+    model = load_base_model(resolve_model_path(cfg.FINETUNED_PATH), cfg.LOAD_IN_4BIT).eval()
+    return exam_harness.hf_model(model, tokenizer, cfg)
+
+
+def timed_pass(lm, folder, plan, cfg, manager, label: str):
+    from medsft.exam_harness import evaluate
+
+    print(f"---- {label} model: {', '.join(plan.names)} ({cfg.MODE}) ----", flush=True)
+    start = time.perf_counter()
+    result = evaluate(lm, folder, plan, cfg, manager)
+    return result, round(time.perf_counter() - start, 1)
+
+
+def build_report(cfg, plan, results, tokenizer, engine, how, precision, seconds) -> dict:
+    from medsft.exam_report import compare_task, group_outcomes, task_outcomes
+    from medsft.model_export import library_versions
+
+    def count_tokens(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    base = results["base"]
+    prompts = {key: first_prompt(results[key]) for key in results}
+    if prompts["base"] != prompts["finetuned"]:
+        raise RuntimeError("the two passes rendered different prompts; the comparison would not be fair")
+    tasks = {}
+    for task in base["samples"]:
+        sides = {key: task_outcomes(results[key], task, count_tokens, cfg.MAX_NEW_TOKENS,
+                                    cfg.MODE == "generate" and cfg.THINKING) for key in results}
+        tasks[task] = {"source": plan.ours.get(task, "lm-eval built-in"), **compare_task(sides["base"], sides["finetuned"]),
+                       **sides}
+    for group, members in base.get("group_subtasks", {}).items():
+        if members and all(m in tasks for m in members):
+            sides = {key: group_outcomes(results[key], group, {m: tasks[m][key] for m in members}) for key in results}
+            tasks[group] = {"source": "group", **compare_task(sides["base"], sides["finetuned"]), **sides}
+    template = tokenizer.chat_template or ""
+    return {"base": cfg.MODEL_PATH, "finetuned": cfg.FINETUNED_PATH, "engine": engine, "models_in_memory": how,
+            "mode": cfg.MODE, "precision": precision, "system_prompt": cfg.SYSTEM_PROMPT,
+            "chat_template": {"sha256": hashlib.sha256(template.encode()).hexdigest(), "text": template,
+                              "enable_thinking": cfg.MODE == "generate" and cfg.THINKING,
+                              "first_prompt": prompts["base"]},
+            "libraries": library_versions(("lm_eval", "torch", "transformers", "peft", "vllm")),
+            "seconds": seconds, "settings": cfg.as_dict(), "tasks": tasks}
+
+
+def first_prompt(result: dict) -> str:
+    task = sorted(result["samples"])[0]
+    sample = min(result["samples"][task], key=lambda s: s["doc_id"])
+    return sample["arguments"][0][0]
+
+
+def note_lines(report: dict) -> str:
+    return (f"engine: {report['engine']}; precision: {report['precision']}; mode: {report['mode']}; "
+            f"seconds: base {report['seconds']['base']}, fine-tuned {report['seconds']['finetuned']}\n"
+            "Δ acc = fine-tuned - base. McNemar p: the chance of a split of the questions only one model got right "
+            "at least this uneven if both models were equally good; below 0.05 the difference is unlikely to be luck.")
+
+
+def write_report(report: dict, table: str, report_path: Path) -> None:
+    """benchmark.json, .md and .png, all written before any is renamed into place."""
+    import io
+    import json
+
+    from medsft.exam_report import plot_report
+    from medsft.records import write_files_atomically
+
+    png = io.BytesIO()
+    plot_report(report["tasks"], png, f"Exam accuracy, base vs fine-tuned ({report['mode']})")
+    markdown = (f"# Did it help? Base against fine-tuned\n\nbase: `{report['base']}`  \nfine-tuned: "
+                f"`{report['finetuned']}`  \n{note_lines(report)}\n\n{table}\n")
+    write_files_atomically({report_path: json.dumps(report, ensure_ascii=False, indent=2) + "\n",
+                            report_path.with_suffix(".md"): markdown,
+                            report_path.with_suffix(".png"): png.getvalue()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Base against fine-tuned on the same exam questions: per-question outcomes, the paired test, table and chart.
+
+The two models answer the same questions, so the right test is paired: McNemar's exact test counts only the
+questions where they disagree (b: base right and fine-tuned wrong, c: the reverse) and asks how likely a split
+at least this uneven is if either model were equally likely to win each of them (a fair coin, b + c tosses).
+"""
+import math
+
+from medsft.console import markdown_table
+
+INVALID = "[invalid]"  # what lm-eval's regex filter gives when no letter follows </think>
+
+
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: 2 * P(X <= min(b, c)) for X ~ Binomial(b + c, 1/2), at most 1."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def task_outcomes(result: dict, task: str, count_tokens=None, max_new_tokens: int = 0, thinking: bool = False) -> dict:
+    """One model's result on one task: n, accuracy, its standard error and every question's outcome.
+
+    For generated answers each outcome also has the letter read, whether no letter was found, and whether the
+    reply was cut off (no </think> when thinking, or max_new_tokens reached); both count as wrong.
+    """
+    samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
+    metric, filter_name = samples[0]["metrics"][0], samples[0]["filter"]
+    values = result["results"][task]
+    outcomes = []
+    for sample in samples:
+        outcome = {"doc_id": sample["doc_id"], "correct": int(sample[metric] > 0)}
+        outcome |= {key: sample["doc"][key] for key in ("id", "line") if sample["doc"].get(key) is not None}
+        if isinstance(sample["filtered_resps"][0], str):  # a generated answer
+            reply, letter = sample["resps"][0][0], sample["filtered_resps"][0]
+            cut = (thinking and "</think>" not in reply) or bool(
+                count_tokens and max_new_tokens and count_tokens(reply) >= max_new_tokens)
+            outcome |= {"answer": None if letter == INVALID else letter, "target": sample["target"],
+                        "cut_off": cut, "no_letter": letter == INVALID and not cut}
+        outcomes.append(outcome)
+    stderr = values.get(f"{metric}_stderr,{filter_name}")
+    return {"metric": metric, "filter": filter_name, "n": len(outcomes), "acc": values[f"{metric},{filter_name}"],
+            "stderr": stderr if isinstance(stderr, (int, float)) else None, "outcomes": outcomes}
+
+
+def group_outcomes(result: dict, group: str, members: dict) -> dict:
+    """A group's pooled result: its subtasks' outcomes ({task: result}) together, each naming its task, with
+    lm-eval's size-weighted accuracy and stderr."""
+    first = next(iter(members.values()))
+    metric, filter_name = first["metric"], first["filter"]
+    values = result["results"].get(group, {})
+    outcomes = [{"task": task} | o for task, member in members.items() for o in member["outcomes"]]
+    n = len(outcomes)
+    acc = values.get(f"{metric},{filter_name}", sum(o["correct"] for o in outcomes) / n)
+    stderr = values.get(f"{metric}_stderr,{filter_name}")
+    return {"metric": metric, "filter": filter_name, "n": n, "acc": acc,
+            "stderr": stderr if isinstance(stderr, (int, float)) else None, "outcomes": outcomes}
+
+
+def compare_task(base: dict, tuned: dict) -> dict:
+    """The paired comparison of one task: Δ accuracy and McNemar's exact p on the per-question outcomes."""
+    pairs = list(zip(base["outcomes"], tuned["outcomes"], strict=True))
+    if any((a["doc_id"], a.get("task")) != (b["doc_id"], b.get("task")) for a, b in pairs):
+        raise RuntimeError("the two passes did not answer the same questions")
+    b = sum(1 for x, y in pairs if x["correct"] and not y["correct"])
+    c = sum(1 for x, y in pairs if y["correct"] and not x["correct"])
+    return {"n": base["n"], "delta": tuned["acc"] - base["acc"], "base_only_right": b, "finetuned_only_right": c,
+            "mcnemar_p": mcnemar_exact_p(b, c)}
+
+
+def _fmt(value, spec=".3f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def report_table(tasks: dict) -> str:
+    """Two rows a task (base, fine-tuned): n, accuracy ± stderr, Δ, McNemar p; cut-off and no-letter counts when
+    the answers were generated."""
+    generated = any("cut_off" in o for t in tasks.values() for o in t["base"]["outcomes"])
+    header = ["task", "model", "n", "acc", "± stderr", "Δ acc", "McNemar p"] + (["cut off", "no letter"] if generated else [])
+    rows = []
+    for name, task in tasks.items():
+        for label, key in (("base", "base"), ("fine-tuned", "finetuned")):
+            side = task[key]
+            first = label == "base"
+            row = [name if first else "", label, side["n"], _fmt(side["acc"]), _fmt(side["stderr"]),
+                   "" if first else _fmt(task["delta"], "+.3f"), "" if first else _fmt(task["mcnemar_p"], ".3g")]
+            if generated:
+                row += [sum(o.get("cut_off", False) for o in side["outcomes"]),
+                        sum(o.get("no_letter", False) for o in side["outcomes"])]
+            rows.append(row)
+    return markdown_table(header, rows, ["<", "<"] + [">"] * (len(header) - 2))
+
+
+def plot_report(tasks: dict, path, title: str) -> None:
+    """Bars per task, base against fine-tuned, with ±1 stderr error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(tasks)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.8))
+    width = 0.38
+    for offset, key, label, colour in ((-width / 2, "base", "base", "#1f77b4"),
+                                       (width / 2, "finetuned", "fine-tuned", "#ff7f0e")):
+        accs = [tasks[n][key]["acc"] for n in names]
+        errors = [tasks[n][key]["stderr"] or 0.0 for n in names]
+        lower = [min(e, a) for e, a in zip(errors, accs)]  # an error bar never goes below 0
+        ax.bar([i + offset for i in range(len(names))], accs, width, label=label, color=colour,
+               yerr=[lower, errors], capsize=3, error_kw={"elinewidth": 1})
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center")
+    ax.set(xlim=(-0.8, len(names) - 0.2), ylim=(0, 1.12), ylabel="accuracy", title=title)
+    ax.legend(loc="upper right", ncols=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
