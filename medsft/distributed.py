@@ -97,8 +97,8 @@ def check_sharding_is_on(trainer) -> None:
                         "setup (accelerate turns it on for GPU processes only); launch on GPUs, or use "
                         "accelerate_configs/multi_gpu.yaml")
     if world_size() > 1 and trainer.args.world_size != world_size():
-        raise UserError(f"error: {world_size()} processes were launched but the Trainer sees {trainer.args.world_size}; "
-                        "each would train alone into the same folder")
+        raise UserError(f"error: {world_size()} processes were launched but the Trainer sees "
+                        f"{trainer.args.world_size}; each would train alone into the same folder")
 
 
 def use_liger_kernel(wanted: bool) -> bool:
