@@ -6,6 +6,7 @@
     python inference_lora.py -b data/redteam.jsonl -o output/redteam.pred.jsonl   # rerun to resume
     python inference_lora.py -c output/qwen3-1.7b-qlora-v1/final --load_in_4bit=True --temperature=0
     python inference_lora.py --adapter_path= -q "什么是高血压？"      # the bare base model, for comparison
+    python inference_lora.py --thinking=False -q "什么是高血压？"     # the answer at once, without thinking
     python inference_lora.py --list_scenarios
 """
 import json
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from medsft import chat_format
 from medsft.assistant import (SCENARIOS, MedicalAssistant, ThinkAnswerSplitter, append_rows, check_adapter_path,
-                              finished_ids, history_turn, prediction_row, read_batch_file, scenario_table)
+                              finished_ids, history_turn, prediction_row, read_batch_file, scenario_table,
+                              thinking_note)
 from medsft.errors import UserError, exit_on_interrupt
 from medsft.model_loading import warn_if_cpu
 from medsft.settings import check_settings, parse_settings, read_run_settings
@@ -33,6 +35,8 @@ OUTPUT_FILE = ""                                 # -o: predictions .jsonl; "" = 
 SCENARIO = ""                                    # -s: one of --list_scenarios, e.g. diagnosis; "" = none
 LIST_SCENARIOS = False                           # print the scenarios and stop
 BATCH_SIZE = 8                                   # questions generated together (left-padded) in batch mode
+THINKING = True                                  # False: Qwen3's enable_thinking=False, the answer alone; in the chat,
+                                                 # /think or /no_think in a question switches it for that turn
 # sampling: Qwen3's thinking-mode defaults
 MAX_NEW_TOKENS = 2048                            # replies longer than this are cut (finish_reason "length")
 TEMPERATURE = 0.6                                # 0 = greedy; Qwen3 advises against greedy in thinking mode
@@ -68,7 +72,8 @@ def main(argv=None):
 
     # ========== 3. Base model (bf16, or 4-bit NF4) + the LoRA adapter ==========
     warn_if_cpu()
-    assistant = MedicalAssistant(cfg.MODEL_PATH, cfg.ADAPTER_PATH or None, cfg.LOAD_IN_4BIT, cfg.SYSTEM_PROMPT)
+    assistant = MedicalAssistant(cfg.MODEL_PATH, cfg.ADAPTER_PATH or None, cfg.LOAD_IN_4BIT, cfg.SYSTEM_PROMPT,
+                                 cfg.THINKING)
     assistant.sampling.update(max_new_tokens=cfg.MAX_NEW_TOKENS, temperature=cfg.TEMPERATURE, top_p=cfg.TOP_P,
                               top_k=cfg.TOP_K, seed=cfg.SEED if cfg.SEED >= 0 else None)
     print(f"loaded {cfg.MODEL_PATH}" + (f" + adapter {cfg.ADAPTER_PATH}" if cfg.ADAPTER_PATH else " (no adapter)")
@@ -157,8 +162,9 @@ def stream_answer(assistant: MedicalAssistant, question: str, scenario=None, his
     reply, seconds = assistant.last_reply, time.perf_counter() - start
     reason = "stop (end token)" if reply.finish_reason == "stop" else \
         f"length (hit max_new_tokens={assistant.sampling['max_new_tokens']}; the reply is cut off)"
-    out.write(("\n" if section else "") + f"[finish: {reason} | {reply.new_tokens} new tokens in {seconds:.1f} s, "
-              f"{reply.new_tokens / max(seconds, 1e-9):.1f} tokens/s]\n")
+    note = thinking_note(reply, question, history, assistant.thinking)
+    speed = f"{reply.new_tokens} new tokens in {seconds:.1f} s, {reply.new_tokens / max(seconds, 1e-9):.1f} tokens/s"
+    out.write(("\n" if section else "") + f"[finish: {reason} | " + (f"{note} | " if note else "") + f"{speed}]\n")
     out.flush()
     return reply
 
@@ -173,8 +179,13 @@ def _write_part(out, section, part, text, fancy):
 
 
 def chat(assistant: MedicalAssistant, scenario=None, read_line=input):
-    """A multi-turn chat; earlier turns' thinks are dropped from the history, as Qwen3's template does."""
-    print("多轮对话 / chat — /reset 清空历史 (clear the history), /exit 或 Ctrl-D 退出 (quit)"
+    """A multi-turn chat; earlier turns' thinks are dropped from the history, as Qwen3's template does.
+
+    "/think" or "/no_think" in a question is Qwen3's soft switch: it stays in the question, the model follows
+    the most recent one (with THINKING=False it never thinks).
+    """
+    print("多轮对话 / chat — /reset 清空历史 (clear the history), /exit 或 Ctrl-D 退出 (quit); "
+          "问题里加 /no_think 不思考直接回答, /think 思考 (add /no_think or /think to a question to switch thinking)"
           + (f"; scenario {scenario}" if scenario else ""))
     history = []
     while True:
@@ -191,8 +202,11 @@ def chat(assistant: MedicalAssistant, scenario=None, read_line=input):
             history.clear()
             print("(history cleared)")
             continue
-        if question.startswith("/"):
-            print("commands: /reset, /exit")
+        if question in (chat_format.THINK_SWITCH, chat_format.NO_THINK_SWITCH):
+            print(f"add it to a question, e.g. 什么是高血压？ {question}")
+            continue
+        if question.startswith("/") and chat_format.thinking_switch(question.split()[0]) is None:
+            print("commands: /reset, /exit; /think or /no_think with a question")
             continue
         try:
             reply = stream_answer(assistant, question, scenario, history)
@@ -209,7 +223,7 @@ def chat(assistant: MedicalAssistant, scenario=None, read_line=input):
 
 # what decides a prediction: a batch output resumed under other values would mix answers of two settings
 PREDICTION_SETTINGS = ("MODEL_PATH", "ADAPTER_PATH", "LOAD_IN_4BIT", "SYSTEM_PROMPT", "SCENARIO", "MAX_NEW_TOKENS",
-                       "TEMPERATURE", "TOP_P", "TOP_K", "SEED")
+                       "TEMPERATURE", "TOP_P", "TOP_K", "SEED", "THINKING")
 
 
 def check_batch_resume(cfg, output_file: Path) -> None:

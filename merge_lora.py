@@ -154,6 +154,7 @@ def val_loss_plan(cfg, trained: dict, device: str) -> dict | None:
           flush=True)
     options = {"max_length": trained.get("MAX_LENGTH", 2048), "system_prompt": trained.get("SYSTEM_PROMPT",
                chat_format.SYSTEM_PROMPT), "long_examples": trained.get("LONG_EXAMPLES", "shorten_think"),
+               "no_think_fraction": trained.get("NO_THINK_FRACTION", 0.0),
                "batch_size": 1}  # one example per forward: the least memory, the same per-token mean
     return {"rows": rows, "options": options, "source": str(path)}
 

@@ -1,7 +1,7 @@
 """Full fine-tuning: every weight of Qwen3 trained in bf16, in 16 GB for Qwen3-1.7B (derived, not measured).
 
     python data.py && python train.py
-    python train.py --dry_run=True                              # token-length stats and the first example, no model
+    python train.py --dry_run=True                              # data stats, first example, will it fit? (no weights)
     python train.py --model_path=Qwen/Qwen3-0.6B --max_length=1024 --output_dir=output/0.6b-full
     python train.py --max_steps=400                             # after a crash, the same command resumes
     torchrun --nproc_per_node 2 train.py                        # DDP: each GPU holds the whole model
@@ -11,6 +11,7 @@
 from medsft import chat_format
 from medsft.distributed import quiet_other_ranks
 from medsft.full_finetune import check_full_finetune_settings, load_full_model, use_full_model_training
+from medsft.memory_estimate import print_memory_estimate
 from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
 from medsft.resume import plan_output_dir
 from medsft.settings import check_settings, parse_settings
@@ -31,6 +32,7 @@ DATA_DIR = "data"                          # train.jsonl and val.jsonl from data
 MAX_LENGTH = 2048                          # tokens; p99 of the dataset is 1,443, max 3,150
 LONG_EXAMPLES = "shorten_think"            # longer examples lose the end of their think ("drop" drops them); never the answer
 SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT   # the originals' prompt; inference_lora.py uses the same
+NO_THINK_FRACTION = 0.0                    # share of examples re-drawn each epoch as replies without reasoning; try 0.25
 # optimisation
 EPOCHS = 2.0                               # passes over train.jsonl (ignored when MAX_STEPS > 0); 1-3 is usual
 MAX_STEPS = -1                             # > 0 stops after this many optimizer steps
@@ -48,6 +50,7 @@ SEED = 42                                  # data order, dropout and stochastic 
 PACKING = True                             # micro-batch examples in one row, no padding (same loss as padded)
 USE_LIGER_KERNEL = True                    # CUDA + `pip install liger-kernel`: fused loss, no full-vocabulary logits
 GRADIENT_CHECKPOINTING = True              # recompute activations in backward: much less memory, slower
+GPU_MEMORY_GB = 0.0                        # the dry run's budget: 0 = the visible GPU's memory, or 16 without one
 # evaluation and checkpoints
 EVAL_STEPS = 50                            # val loss every this many steps (and at the end)
 EVAL_BATCH_SIZE = 4                        # examples per eval micro-batch
@@ -60,7 +63,7 @@ RESUME = "auto"                            # "auto": continue from the newest ch
 OVERWRITE = False                          # True replaces a finished run in OUTPUT_DIR
 REPORT_TO = "auto"                         # "auto": SwanLab if logged in, else nothing; "swanlab"; "none"
 PROGRESS_BAR = True                        # the library's progress bar
-DRY_RUN = False                            # True: load data and tokenizer, print stats and the first example, stop
+DRY_RUN = False                            # True: data stats, the first example and the memory estimate, then stop
 SAMPLE_MAX_NEW_TOKENS = 1024               # tokens of the sample answer printed at the end
 # -----------------------------------------------------------------------------
 
@@ -78,7 +81,7 @@ def main(argv=None):
     data = load_training_data(cfg, tokenizer)
     show_data_preview(tokenizer, data, cfg)
     if cfg.DRY_RUN:
-        return {"data": data}
+        return {"data": data, "estimate": print_memory_estimate(model_path, cfg, data)}
     resume = plan_output_dir(cfg, len(data.train_set))
 
     # ========== 3. The whole model in bf16, every weight trainable ==========

@@ -1,13 +1,14 @@
 """QLoRA v1: Qwen3 in 4-bit NF4 + LoRA on the medical R1 data (the originals' basic recipe, minus its bugs).
 
     python data.py && python train_lora.py
-    python train_lora.py --dry_run=True                         # token-length stats and the first example, no model
+    python train_lora.py --dry_run=True                         # data stats, first example, will it fit? (no weights)
     python train_lora.py --model_path=Qwen/Qwen3-0.6B --max_length=1024 --output_dir=output/0.6b-v1
     python train_lora.py --max_steps=400                        # after a crash, the same command resumes
     torchrun --nproc_per_node 2 train_lora.py                   # 2 GPUs, data parallel (README: More than one GPU)
 """
 from medsft import chat_format
 from medsft.distributed import quiet_other_ranks
+from medsft.memory_estimate import print_memory_estimate
 from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
 from medsft.resume import plan_output_dir
 from medsft.settings import check_settings, parse_settings
@@ -27,6 +28,7 @@ DATA_DIR = "data"                          # train.jsonl and val.jsonl from data
 MAX_LENGTH = 2048                          # tokens; p99 of the dataset is 1,443, max 3,150
 LONG_EXAMPLES = "shorten_think"            # longer examples lose the end of their think ("drop" drops them); never the answer
 SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT   # the originals' prompt; inference_lora.py uses the same
+NO_THINK_FRACTION = 0.0                    # share of examples re-drawn each epoch as replies without reasoning; try 0.25
 # LoRA
 LORA_R = 64                                # rank
 LORA_ALPHA = 16                            # scale = alpha / r
@@ -49,6 +51,7 @@ SEED = 42                                  # data order, dropout and LoRA init
 PACKING = True                             # micro-batch examples in one row, no padding (same loss as padded)
 USE_LIGER_KERNEL = True                    # CUDA + `pip install liger-kernel`: fused loss, no full-vocabulary logits
 GRADIENT_CHECKPOINTING = True              # recompute activations in backward: much less memory, slower
+GPU_MEMORY_GB = 0.0                        # the dry run's budget: 0 = the visible GPU's memory, or 16 without one
 # evaluation and checkpoints
 EVAL_STEPS = 50                            # val loss every this many steps (and at the end)
 EVAL_BATCH_SIZE = 4                        # examples per eval micro-batch
@@ -61,7 +64,7 @@ RESUME = "auto"                            # "auto": continue from the newest ch
 OVERWRITE = False                          # True replaces a finished run in OUTPUT_DIR
 REPORT_TO = "auto"                         # "auto": SwanLab if logged in, else nothing; "swanlab"; "none"
 PROGRESS_BAR = True                        # the library's progress bar
-DRY_RUN = False                            # True: load data and tokenizer, print stats and the first example, stop
+DRY_RUN = False                            # True: data stats, the first example and the memory estimate, then stop
 SAMPLE_MAX_NEW_TOKENS = 1024               # tokens of the sample answer printed at the end
 # -----------------------------------------------------------------------------
 
@@ -79,13 +82,13 @@ def main(argv=None):
     data = load_training_data(cfg, tokenizer)
     show_data_preview(tokenizer, data, cfg)
     if cfg.DRY_RUN:
-        return {"data": data}
+        return {"data": data, "estimate": print_memory_estimate(model_path, cfg, data)}
     resume = plan_output_dir(cfg, len(data.train_set))
 
     # ========== 3. 4-bit NF4 base model + LoRA ==========
     warn_if_cpu()
     args = training_arguments(cfg)  # first: under DeepSpeed ZeRO-3 the model then loads partitioned
-    model = load_lora_model(model_path, cfg)
+    model = load_lora_model(model_path, cfg, data)
 
     # ========== 4. Trainer ==========
     trainer = build_trainer(cfg, model, tokenizer, data, args)

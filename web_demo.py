@@ -20,7 +20,7 @@ import gradio as gr  # noqa: E402
 
 from medsft import chat_format  # noqa: E402
 from medsft.assistant import (SCENARIOS, MedicalAssistant, ThinkAnswerSplitter, check_adapter_path,  # noqa: E402
-                              history_turn)
+                              history_turn, thinking_note)
 from medsft.errors import UserError  # noqa: E402
 from medsft.settings import check_settings, parse_settings  # noqa: E402
 
@@ -30,6 +30,7 @@ MODEL_PATH = "Qwen/Qwen3-1.7B"                   # the base the adapter was trai
 ADAPTER_PATH = "output/qwen3-1.7b-qlora-v3/final"  # OUTPUT_DIR/final of a training run; "" = the bare base model
 LOAD_IN_4BIT = False                             # False: bf16 (float32 on CPU); True: 4-bit NF4, for small GPUs
 SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT        # the training prompt; a scenario appends its guidance to it
+THINKING = True                                  # the page's thinking toggle starts on; off: the answer alone
 # sampling: Qwen3's thinking-mode defaults; the page's accordion changes them per turn
 MAX_NEW_TOKENS = 2048                            # longest reply (also the slider's maximum); longer ones are cut
 TEMPERATURE = 0.6                                # 0 = greedy
@@ -112,10 +113,12 @@ class WebChat:
         self.stop_events: dict[str, threading.Event] = {}
 
     def respond(self, question, messages, history, scenario, temperature, top_p, max_new_tokens,
-                request: gr.Request = None):
+                request: gr.Request = None, thinking=True):
         """Yield (textbox, chatbot messages, history) as the reply streams: the thinking, then the answer.
 
         `history` holds the model's (question, reply) turns, kept as inference_lora.py's chat keeps them.
+        `thinking` False (the page's toggle off) asks as Qwen3's enable_thinking=False: the answer alone (Gradio
+        passes the request by its annotation, so the toggle's value, the last input, arrives here).
         """
         messages, history = list(messages or []), list(history or [])
         question = (question or "").strip()
@@ -132,7 +135,8 @@ class WebChat:
             yield question, messages + [_note(f"unknown scenario {scenario!r}; valid: {', '.join(SCENARIOS)}")], history
             return
         scenario = scenario or None
-        kept, dropped = self.fit_history(question, scenario, history, max_new_tokens)
+        thinking = bool(thinking)
+        kept, dropped = self.fit_history(question, scenario, history, max_new_tokens, thinking)
         messages.append(gr.ChatMessage(question, role="user"))
         if kept is None:
             yield "", messages + [_note(
@@ -147,8 +151,9 @@ class WebChat:
         stop = self.stop_events[_session(request)] = threading.Event()
         view = _TurnView()
         start = time.perf_counter()
-        pieces = self.assistant.stream(question, scenario, history, stop_event=stop, max_new_tokens=max_new_tokens,
-                                       temperature=float(temperature), top_p=float(top_p))
+        pieces = self.assistant.stream(question, scenario, history, stop_event=stop, thinking=thinking,
+                                       max_new_tokens=max_new_tokens, temperature=float(temperature),
+                                       top_p=float(top_p))
         try:
             splitter = ThinkAnswerSplitter()
             for piece in pieces:
@@ -163,17 +168,18 @@ class WebChat:
             pieces.close()
             self.stop_events.pop(_session(request), None)
         reply = self.assistant.last_reply
-        view.finish(_finish_line(reply, time.perf_counter() - start, max_new_tokens), reply.finish_reason)
+        view.finish(_finish_line(reply, time.perf_counter() - start, max_new_tokens,
+                                 thinking_note(reply, question, history, thinking)), reply.finish_reason)
         if reply.finish_reason != "stopped":
             history.append(history_turn(question, reply))
         yield "", messages + view.messages(), history
 
-    def fit_history(self, question, scenario, history, max_new_tokens):
+    def fit_history(self, question, scenario, history, max_new_tokens, thinking=True):
         """(the newest turns that fit MAX_LENGTH with the reply, how many were dropped); None when none fit."""
         budget = self.max_length - max_new_tokens
         for dropped in range(len(history) + 1):
             kept = history[dropped:]
-            if len(self.assistant.encode(question, scenario, kept)) <= budget:
+            if len(self.assistant.encode(question, scenario, kept, thinking)) <= budget:
                 return kept, dropped
         return None, len(history)
 
@@ -227,11 +233,12 @@ class _TurnView:
         return view
 
 
-def _finish_line(reply, seconds: float, max_new_tokens: int) -> str:
+def _finish_line(reply, seconds: float, max_new_tokens: int, note: str = "") -> str:
     reason = {"stop": "stop",
               "length": f"length: cut at max_new_tokens={max_new_tokens}",
               "stopped": "stopped: Stop pressed, this turn is not kept in the history"}[reply.finish_reason]
-    return f"{reason} · {reply.new_tokens} tokens · {reply.new_tokens / max(seconds, 1e-9):.1f} tok/s"
+    return f"{reason} · " + (f"{note} · " if note else "") + \
+        f"{reply.new_tokens} tokens · {reply.new_tokens / max(seconds, 1e-9):.1f} tok/s"
 
 
 def _note(text: str) -> gr.ChatMessage:
@@ -262,6 +269,8 @@ def build_demo(chat: WebChat, cfg) -> gr.Blocks:
         with gr.Row():
             choices = [("无 / none", "")] + [(f"{s.name_zh} / {name}", name) for name, s in SCENARIOS.items()]
             scenario = gr.Dropdown(choices, value="", label="场景 / scenario", scale=3)
+            thinking = gr.Checkbox(value=cfg.THINKING, label="思考 / thinking", scale=1, elem_id="thinking",
+                                   info="关闭则直接回答 / off: the answer at once")
             new_chat = gr.Button("新对话 / New chat", scale=1)
         with gr.Accordion("采样设置 / sampling", open=False):
             temperature = gr.Slider(0.0, 1.5, value=cfg.TEMPERATURE, step=0.05, label="temperature (0 = greedy)")
@@ -271,7 +280,7 @@ def build_demo(chat: WebChat, cfg) -> gr.Blocks:
         gr.Examples([[s.example, name] for name, s in SCENARIOS.items()], inputs=[question, scenario],
                     label="示例问题 / examples")
 
-        inputs = [question, chatbot, history, scenario, temperature, top_p, max_new_tokens]
+        inputs = [question, chatbot, history, scenario, temperature, top_p, max_new_tokens, thinking]
         outputs = [question, chatbot, history]
         turns = [question.submit(chat.respond, inputs, outputs, api_name="chat", concurrency_limit=1,
                                  concurrency_id="model"),

@@ -10,6 +10,8 @@
         print(piece, end="", flush=True)
     reply = assistant.last_reply                             # the finished Reply
 
+    quick = assistant.ask("什么是高血压？", thinking=False)  # Qwen3's enable_thinking=False: the answer alone
+
 inference_lora.py (the command line, batch files, the chat) and a web demo are built on it.
 """
 import json
@@ -18,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsft.chat_format import SYSTEM_PROMPT, encode_prompt, format_reply, render_prompt
+from medsft.chat_format import SYSTEM_PROMPT, encode_prompt, format_reply, render_prompt, turn_thinks
 from medsft.errors import DataError, UserError
 from medsft.generation import Reply, generate_from_prompts, prepare_for_generation
 from medsft.records import read_jsonl
@@ -97,6 +99,14 @@ def history_turn(question: str, reply: Reply) -> tuple[str, str]:
     inside its think (finish_reason "length") is closed here so its think is dropped too.
     """
     return question, reply.text if "</think>" in reply.text else format_reply(reply.think, reply.answer)
+
+
+def thinking_note(reply: Reply, question: str, history=(), thinking: bool = True) -> str:
+    """For a finish line: "no thinking" when the turn asked for none (the THINKING switch, or /no_think) and got
+    none; "thought anyway" when the model thought all the same; "" for a turn that thinks."""
+    if turn_thinks(question, history, thinking):
+        return ""
+    return "no thinking" if not reply.think else "thought anyway"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,37 +192,44 @@ class MedicalAssistant:
     """Ask a fine-tuned Qwen3 medical questions; every answer is a Reply (think, answer, finish_reason, ...).
 
     Sampling settings (max_new_tokens, temperature, top_p, top_k, seed) default to `self.sampling` and can be
-    given per call; any other keyword argument goes to model.generate (e.g. logits_processor).
+    given per call; any other keyword argument goes to model.generate (e.g. logits_processor). `thinking`
+    (default `self.thinking`) False renders Qwen3's enable_thinking=False prompt: the reply is the answer alone.
     """
 
     def __init__(self, base_model_path: str, adapter_path=None, load_in_4bit: bool = False,
-                 system_prompt: str = SYSTEM_PROMPT):
+                 system_prompt: str = SYSTEM_PROMPT, thinking: bool = True):
         self.model, self.tokenizer = load_model(base_model_path, adapter_path, load_in_4bit)
-        self.system_prompt = system_prompt
+        self.system_prompt, self.thinking = system_prompt, thinking
         self.sampling = dict(DEFAULT_SAMPLING)
         self.last_reply: Reply | None = None  # set when a stream() finishes
 
-    def render(self, question: str, scenario: str | None = None, history=()) -> str:
+    def render(self, question: str, scenario: str | None = None, history=(), thinking: bool | None = None) -> str:
         """The exact prompt the model sees, the same rendering training used."""
-        return render_prompt(self.tokenizer, question, scenario_system_prompt(scenario, self.system_prompt), history)
+        return render_prompt(self.tokenizer, question, scenario_system_prompt(scenario, self.system_prompt), history,
+                             self.thinking if thinking is None else thinking)
 
-    def encode(self, question: str, scenario: str | None = None, history=()) -> list[int]:
+    def encode(self, question: str, scenario: str | None = None, history=(),
+               thinking: bool | None = None) -> list[int]:
         """The token ids of render()'s prompt; the question and history are plain text, never control tokens."""
-        return encode_prompt(self.tokenizer, question, scenario_system_prompt(scenario, self.system_prompt), history)
+        return encode_prompt(self.tokenizer, question, scenario_system_prompt(scenario, self.system_prompt), history,
+                             self.thinking if thinking is None else thinking)
 
-    def ask(self, question: str, scenario: str | None = None, history=(), **sampling) -> Reply:
-        return self.generate([self.encode(_checked(question), scenario, history)], **sampling)[0]
+    def ask(self, question: str, scenario: str | None = None, history=(), thinking: bool | None = None,
+            **sampling) -> Reply:
+        return self.generate([self.encode(_checked(question), scenario, history, thinking)], **sampling)[0]
 
-    def ask_batch(self, questions, scenarios=None, histories=None, **sampling) -> list[Reply]:
+    def ask_batch(self, questions, scenarios=None, histories=None, thinking: bool | None = None,
+                  **sampling) -> list[Reply]:
         """Replies to several questions at once (one left-padded batch); scenarios and histories are per question."""
         scenarios = scenarios or [None] * len(questions)
         histories = histories or [()] * len(questions)
         if not len(questions) == len(scenarios) == len(histories):
             raise ValueError("questions, scenarios and histories must have the same length")
-        return self.generate([self.encode(_checked(q), s, h) for q, s, h in zip(questions, scenarios, histories)],
-                             **sampling)
+        return self.generate([self.encode(_checked(q), s, h, thinking) for q, s, h in zip(questions, scenarios,
+                                                                                         histories)], **sampling)
 
-    def stream(self, question: str, scenario: str | None = None, history=(), stop_event=None, **sampling):
+    def stream(self, question: str, scenario: str | None = None, history=(), stop_event=None,
+               thinking: bool | None = None, **sampling):
         """Yield the reply's text as it is generated; when the iterator ends, `self.last_reply` holds the Reply.
 
         The text includes the <think> and </think> tags (ThinkAnswerSplitter tells the parts apart). Closing
@@ -221,7 +238,7 @@ class MedicalAssistant:
         """
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        prompt = self.encode(_checked(question), scenario, history)
+        prompt = self.encode(_checked(question), scenario, history, thinking)
         self.last_reply = None
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = threading.Event()

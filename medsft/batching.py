@@ -8,11 +8,14 @@ import torch
 
 from medsft.chat_format import IGNORE_INDEX
 
-THINK, ANSWER = 1, 2  # values of "segments": which part of the reply a label belongs to
+THINK, ANSWER, NO_THINK = 1, 2, 3  # values of "segments": which part of the reply a label belongs to
 
 
 def segments_of(example: dict) -> list[int]:
-    """1 for trained tokens up to and including </think>, 2 for the answer and end token, 0 elsewhere."""
+    """1 for trained tokens up to and including </think>, 2 for the answer and end token, 0 elsewhere; a reply
+    without reasoning (empty think) is 3 throughout: its empty think block, answer and end token."""
+    if example.get("no_think"):
+        return [0 if label == IGNORE_INDEX else NO_THINK for label in example["labels"]]
     return [0 if label == IGNORE_INDEX else (THINK if i <= example["think_end"] else ANSWER)
             for i, label in enumerate(example["labels"])]
 

@@ -5,6 +5,11 @@ A training example is the text `tokenizer.apply_chat_template` renders for
 Only the assistant's reply and the <|im_end|> that closes it are trained: that end token is what makes
 generation stop (the originals ended replies with <|endoftext|> and cut it off when truncating).
 
+Qwen3 is hybrid: `enable_thinking=False` (the hard switch) ends the prompt with an empty think block, so the
+reply is the answer alone; "/think" or "/no_think" in a user turn (the soft switch) asks the model itself, which
+then thinks, or writes the empty block and answers. A row with an empty think is Qwen3's rendering of a reply
+without reasoning: "<think>\n\n</think>\n\n{answer}" (medsft/no_think.py adds " /no_think" to its question).
+
 Text from the data or the user (question, history, think, answer, system prompt) is always plain text:
 a question that contains "<|im_end|>" or "<think>" is tokenised as those characters, never as the control
 tokens, while the template's own <|im_start|>, <|im_end|>, <think> and </think> stay single special tokens.
@@ -16,6 +21,9 @@ SYSTEM_PROMPT = "你是一个医学专家，你需要根据用户的问题，给
 END_OF_TURN = "<|im_end|>"
 IGNORE_INDEX = -100
 
+THINK_SWITCH, NO_THINK_SWITCH = "/think", "/no_think"  # Qwen3's soft switches, typed in a user turn
+
+_SWITCH = re.compile(r"/(no_)?think(?![A-Za-z0-9_])")
 _THINK_TAGS = re.compile(r"</?think>")
 _BLANK_RUNS = re.compile(r"\n\s*\n+")
 
@@ -52,14 +60,40 @@ def build_messages(question: str, system_prompt: str = SYSTEM_PROMPT, history=()
     return messages
 
 
-def render_prompt(tokenizer, question: str, system_prompt: str = SYSTEM_PROMPT, history=()) -> str:
-    """The inference prompt; it ends with '<|im_start|>assistant\\n', where the reply starts."""
-    return _render_prompt(tokenizer, question, system_prompt, history).text
+def render_prompt(tokenizer, question: str, system_prompt: str = SYSTEM_PROMPT, history=(),
+                  enable_thinking: bool = True) -> str:
+    """The inference prompt; it ends with '<|im_start|>assistant\\n', where the reply starts (with
+    enable_thinking=False, Qwen3's hard switch, after an empty '<think>\\n\\n</think>\\n\\n')."""
+    return _render_prompt(tokenizer, question, system_prompt, history, enable_thinking).text
 
 
-def encode_prompt(tokenizer, question: str, system_prompt: str = SYSTEM_PROMPT, history=()) -> list[int]:
+def encode_prompt(tokenizer, question: str, system_prompt: str = SYSTEM_PROMPT, history=(),
+                  enable_thinking: bool = True) -> list[int]:
     """The token ids of render_prompt's text, with the question, history and system prompt as plain text."""
-    return _render_prompt(tokenizer, question, system_prompt, history).encode(tokenizer)
+    return _render_prompt(tokenizer, question, system_prompt, history, enable_thinking).encode(tokenizer)
+
+
+def with_no_think_switch(question: str) -> str:
+    """The question as Qwen3's soft switch asks for a reply without thinking: "{question} /no_think"."""
+    return f"{question} {NO_THINK_SWITCH}"
+
+
+def thinking_switch(text: str) -> bool | None:
+    """True for a "/think", False for a "/no_think" (the last one wins), None when the text has neither."""
+    found = _SWITCH.findall(text)
+    return None if not found else not found[-1]
+
+
+def turn_thinks(question: str, history=(), thinking: bool = True) -> bool:
+    """Whether this turn asks for thinking: never with the hard switch off; else the most recent soft switch
+    in the user's turns (Qwen3 follows the latest one), thinking when there is none."""
+    if not thinking:
+        return False
+    for text in [question, *(past_question for past_question, _ in reversed(list(history)))]:
+        switch = thinking_switch(text)
+        if switch is not None:
+            return switch
+    return True
 
 
 def render_training_text(tokenizer, question: str, think: str, answer: str, system_prompt: str = SYSTEM_PROMPT):
@@ -100,7 +134,7 @@ class _Marked:
         return ids + _plain_ids(tokenizer, self.text[start:])
 
 
-def _render_prompt(tokenizer, question, system_prompt, history) -> _Marked:
+def _render_prompt(tokenizer, question, system_prompt, history, enable_thinking: bool = True) -> _Marked:
     """The chat template rendered with a slot for each content, then the contents put in the slots as plain text."""
     contents = [system_prompt]
     for past_question, past_reply in history:
@@ -115,7 +149,8 @@ def _render_prompt(tokenizer, question, system_prompt, history) -> _Marked:
         messages += [{"role": "user", "content": slots[i]},
                      {"role": "assistant", "content": slots[i + 1], "reasoning_content": ""}]
     messages.append({"role": "user", "content": slots[-1]})
-    skeleton = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    skeleton = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=enable_thinking)
     marked = _Marked()
     for part in re.split(f"({re.escape(slot)}\\d+\ue001)", skeleton):
         if part in slots:
@@ -157,7 +192,8 @@ def build_training_example(tokenizer, row: dict, max_length: int, system_prompt:
     An example longer than `max_length` never loses its answer or end token: the think text is shortened
     (at a token boundary, from the end) until the whole example fits. `question` overrides the row's
     question (v3 masks terms in it). The result also has `think_end` (index of the </think> token, so the
-    think and answer parts of the loss can be told apart) and `think_cut` (tokens removed from the think).
+    think and answer parts of the loss can be told apart), `think_cut` (tokens removed from the think) and
+    `no_think` (the think is empty: a reply without reasoning, which Qwen3 renders as an empty think block).
     """
     question = row["question"] if question is None else question
     think, answer = row["think"], row["answer"]
@@ -185,7 +221,7 @@ def _tokenize(tokenizer, prompt: _Marked, think: str, answer: str) -> dict:
     end = len(ids) - 1 - ids[::-1].index(end_id)  # the reply's <|im_end|>; the "\n" after it is not trained
     labels = [IGNORE_INDEX] * prompt_len + ids[prompt_len : end + 1] + [IGNORE_INDEX] * (len(ids) - end - 1)
     think_end = prompt_len + ids[prompt_len:].index(think_end_id)
-    return {"input_ids": ids, "labels": labels, "think_end": think_end}
+    return {"input_ids": ids, "labels": labels, "think_end": think_end, "no_think": not think}
 
 
 _REPLY = re.compile(r"^\s*(?:<think>(?P<think>.*?)(?:</think>|$))?(?P<answer>.*)$", re.S)

@@ -14,8 +14,10 @@ import random
 import re
 from pathlib import Path
 
-from medsft.chat_format import build_conversation_example, build_training_example
+from medsft.chat_format import (build_conversation_example, build_row_example, build_training_example,
+                                with_no_think_switch)
 from medsft.errors import DataError, UserError
+from medsft.no_think import drawn_indices, has_empty_think, without_reasoning
 
 CATEGORIES = ("疾病", "症状", "药物", "检查", "解剖")  # disease, symptom, drug, examination, anatomy
 MASK_STYLES = ("mask", "typed", "progressive")  # "[MASK]"; the term's category such as "[药物]"; [MASK] then typed
@@ -93,6 +95,7 @@ class MaskedQuestionDataset:
         self.prob, self.style, self.seed, self.policy = cfg.MASK_PROB, cfg.MASK_STYLE, cfg.SEED, cfg.MASK_POLICY
         self.max_length, self.system_prompt = cfg.MAX_LENGTH, cfg.SYSTEM_PROMPT
         self.drop_long = cfg.LONG_EXAMPLES == "drop"
+        self.no_think_fraction = cfg.NO_THINK_FRACTION
         self.epoch = 0
         self.reset_counts()
 
@@ -138,6 +141,27 @@ class MaskedQuestionDataset:
                 counts["masked_restated"] += masked and restated
         return counts
 
+    def every_variant(self):
+        """Each row's example unmasked and with every term masked, in each placeholder style the run uses:
+        the tokens a draw can feed the model (EMBEDDING_MODE="tokens" trains their embedding rows)."""
+        styles = ("mask", "typed") if self.style == "progressive" else (self.style,)
+        for row in self.rows:
+            for style in (None, *styles):
+                mask = None if style is None else (
+                    lambda text, style=style: self.masker.mask(text, random.Random(0), 1.0, style)[0])
+                if "messages" in row:
+                    example = build_conversation_example(self.tokenizer, row["messages"], self.max_length,
+                                                         self.system_prompt, mask_user=mask)
+                else:
+                    question = row["question"] if mask is None else mask(row["question"])
+                    example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt,
+                                                     question=question)
+                if example is not None:
+                    yield example
+        if self.no_think_fraction > 0 and self.rows:  # a reply without reasoning adds the tokens of " /no_think"
+            yield from filter(None, [build_row_example(self.tokenizer, without_reasoning(self.rows[0]),
+                                                       self.max_length, self.system_prompt)])
+
     def masked_user_turn(self, rng: random.Random):
         """A conversation's masker: each user turn in order, from the row's one random stream."""
         def mask(text: str) -> str:
@@ -147,8 +171,16 @@ class MaskedQuestionDataset:
             return text
         return mask
 
+    def drawn_no_think(self, index: int) -> bool:
+        """Drawn this epoch (NO_THINK_FRACTION) to be trained as a reply without reasoning, with /no_think."""
+        return index in drawn_indices(self.no_think_fraction, len(self), self.seed, self.epoch)
+
+    def is_no_think(self, index: int) -> bool:
+        """A reply without reasoning this epoch: drawn, or a row without a think."""
+        return self.drawn_no_think(index) or has_empty_think(self.rows[index])
+
     def __getitem__(self, index: int) -> dict:
-        row = self.rows[index]
+        row = without_reasoning(self.rows[index]) if self.drawn_no_think(index) else self.rows[index]
         if "messages" in row:  # a conversation up to the trained reply: only its user turns are masked
             rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
             example = build_conversation_example(self.tokenizer, row["messages"], self.max_length, self.system_prompt,
@@ -160,10 +192,13 @@ class MaskedQuestionDataset:
         question, masked, found = self.masked_question(index)
         self.masked_terms += masked
         self.found_terms += found
+        if row is not self.rows[index]:  # drawn without reasoning: the masked question gets its /no_think too
+            question = with_no_think_switch(question)
         example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt, question=question)
         if example is None or (self.drop_long and example["think_cut"]):
             # masking lengthened the question past MAX_LENGTH: this draw trains the row unmasked (it fits as is)
-            example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt)
+            example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt) \
+                or build_training_example(self.tokenizer, self.rows[index], self.max_length, self.system_prompt)
         return example
 
 

@@ -127,25 +127,32 @@ def load_base_and_adapter(model_path: str, adapter_path, device: str, merge_into
     else:
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
     base.to(device=device, dtype=torch.float32)
-    embedding = trained_embedding(adapter_path)
-    if embedding is None:
-        embedding = base.get_input_embeddings().weight.detach().to("cpu", torch.bfloat16, copy=True)
+    embedding = trained_embedding(adapter_path, base.get_input_embeddings().weight.detach())
     model = attach_adapter(base, adapter_path, model_path).eval()
     model.to(device=device, dtype=torch.float32)  # the adapter's own weights too
     return model, embedding
 
 
-def trained_embedding(adapter_path):
-    """The fully trained embedding an adapter saved (v2/v3's modules_to_save), as bf16; None if it has none."""
+def trained_embedding(adapter_path, base_embedding):
+    """The embedding the merged model must have, as bf16 on the CPU: the one an adapter trained in full
+    (EMBEDDING_MODE="full"), the base's with the trained rows replaced ("tokens"), or the base's."""
     import torch
     from safetensors import safe_open
 
+    embedding = base_embedding.to("cpu", torch.bfloat16, copy=True)
     path = Path(adapter_path) / "adapter_model.safetensors"
     if not path.is_file():
-        return None
+        return embedding
     with safe_open(str(path), framework="pt") as f:
-        keys = [k for k in f.keys() if k.endswith("embed_tokens.weight") and "lora_" not in k]
-        return f.get_tensor(keys[0]).to(torch.bfloat16) if keys else None
+        full = [k for k in f.keys() if k.endswith("embed_tokens.weight") and "lora_" not in k]
+        if full:
+            return f.get_tensor(full[0]).to(torch.bfloat16)
+        rows = [k for k in f.keys() if k.endswith("embed_tokens.token_adapter.trainable_tokens_delta")]
+        if rows:
+            indices = json.loads((Path(adapter_path) / "adapter_config.json").read_text())["trainable_token_indices"]
+            indices = indices.get("embed_tokens") if isinstance(indices, dict) else indices
+            embedding[torch.tensor(indices)] = f.get_tensor(rows[0]).to(torch.bfloat16)
+    return embedding
 
 
 def merge_adapter(peft_model):

@@ -31,7 +31,8 @@ def last_complete_checkpoint(out: Path) -> str | None:
 # what it trains (the speed options give the same loss and update). Anything else must match the checkpoint's.
 RESUME_MAY_CHANGE = {"EVAL_STEPS", "EVAL_BATCH_SIZE", "SAVE_STEPS", "SAVE_TOTAL_LIMIT", "LOG_STEPS", "REPORT_TO",
                      "PROGRESS_BAR", "RESUME", "OVERWRITE", "DRY_RUN", "SAMPLE_MAX_NEW_TOKENS", "OUTPUT_DIR",
-                     "PACKING", "LOSS_CHUNK_SIZE", "GRADIENT_CHECKPOINTING", "ATTN_IMPLEMENTATION", "USE_LIGER_KERNEL"}
+                     "PACKING", "LOSS_CHUNK_SIZE", "GRADIENT_CHECKPOINTING", "ATTN_IMPLEMENTATION", "USE_LIGER_KERNEL",
+                     "GPU_MEMORY_GB"}
 RESUME_MAY_EXTEND = ("MAX_STEPS", "EPOCHS")  # a longer run continues the same one
 
 

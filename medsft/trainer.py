@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 
-from medsft.batching import ANSWER, THINK
+from medsft.batching import ANSWER, NO_THINK, THINK
 from medsft.errors import UserError
 from medsft.losses import token_losses
 from medsft.records import make_shareable
@@ -19,7 +19,8 @@ from medsft.records import make_shareable
 
 @torch.no_grad()
 def loss_sums(model, batches, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss sums, token counts) over the trained positions: all of them, the think part, the answer part."""
+    """(loss sums, token counts) over the trained positions: all of them, the think part, the answer part, and
+    the replies without reasoning."""
     was_training = model.training
     model.eval()
     for module in model.modules():
@@ -27,12 +28,13 @@ def loss_sums(model, batches, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         # through a kernel with no autograd (wrong gradients): evaluate with the training layout
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-    sums, counts = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
+    sums, counts = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.long)
     for batch in batches:
         batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
         losses, segments = token_losses(model, batch)
         losses, segments = losses.double().cpu(), segments.cpu()
-        for i, mask in enumerate((torch.ones_like(segments, dtype=torch.bool), segments == THINK, segments == ANSWER)):
+        for i, mask in enumerate((torch.ones_like(segments, dtype=torch.bool), segments == THINK, segments == ANSWER,
+                                  segments == NO_THINK)):
             sums[i] += losses[mask].sum()
             counts[i] += int(mask.sum())
     model.train(was_training)
@@ -41,12 +43,16 @@ def loss_sums(model, batches, device=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 def loss_metrics(sums: torch.Tensor, counts: torch.Tensor) -> dict:
     means = [float(s / c) if c else float("nan") for s, c in zip(sums.tolist(), counts.tolist())]
-    return {"loss": means[0], "perplexity": math.exp(means[0]), "think_loss": means[1],
-            "answer_loss": means[2], "tokens": int(counts[0])}
+    metrics = {"loss": means[0], "perplexity": math.exp(means[0]), "think_loss": means[1],
+               "answer_loss": means[2], "tokens": int(counts[0])}
+    if counts[3]:  # replies without reasoning (NO_THINK_FRACTION, or rows with an empty think)
+        metrics["no_think_answer_loss"] = means[3]
+    return metrics
 
 
 def evaluate_loss(model, batches, device=None) -> dict:
-    """Mean token loss (and perplexity) over the trained positions, also split into think and answer parts.
+    """Mean token loss (and perplexity) over the trained positions, also split into think and answer parts (of
+    replies that think) and no-think answer (replies without reasoning: empty think block, answer, end token).
 
     It is the same label mask as training; evaluate.py and the training-time eval both use it.
     """
@@ -106,6 +112,23 @@ class QLoRATrainer(Trainer):
     def sharded(self) -> bool:
         """FSDP or DeepSpeed: the forward needs the wrapped model, and every rank must join each forward."""
         return self.is_fsdp_enabled or self.is_deepspeed_enabled
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; a fully trained embedding (EMBEDDING_MODE="full") gets its own param group
+        at EMBEDDING_LEARNING_RATE, before the scheduler is built, so the schedule scales both alike."""
+        optimizer = super().create_optimizer(model)
+        lr = getattr(self.model, "embedding_learning_rate", None)
+        if lr is None or any(group.get("embedding") for group in optimizer.param_groups):
+            return optimizer
+        embedding = {id(p) for n, p in self.model.named_parameters() if p.requires_grad and "modules_to_save" in n}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in embedding]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in embedding]
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                           "params": moved, "lr": lr, "embedding": True})
+        optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k != "segments"}  # eval's think/answer split, not a model input
@@ -215,7 +238,8 @@ class LoggingCallback(TrainerCallback):
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         parts = [f"step {state.global_step}/{state.max_steps}", f"epoch {record['epoch']:.2f}"]
         for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("eval_think_loss", ".4f"),
-                         ("eval_answer_loss", ".4f"), ("learning_rate", ".2e"), ("grad_norm", ".3f"),
+                         ("eval_answer_loss", ".4f"), ("eval_no_think_answer_loss", ".4f"),
+                         ("learning_rate", ".2e"), ("grad_norm", ".3f"),
                          ("masked_terms", "d")):
             if key in logs:
                 parts.append(f"{key} {logs[key]:{fmt}}")

@@ -21,6 +21,8 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
 SWANLAB_PROJECT = "qwen3-medical-r1"
 TRACKERS = ("auto", "swanlab", "tensorboard", "none")  # REPORT_TO: auto = SwanLab when logged in, else none
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Qwen3's linear layers
+EMBEDDING_MODES = ("tokens", "full")  # v2/v3: train the rows of the data's tokens, or every row (modules_to_save)
+LIGER_INSTALL = "pip install 'liger-kernel>=0.6,<1'"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,6 +60,8 @@ def check_training_settings(cfg) -> list:
     problems += _library_choice_problems(cfg) + launch_problems()
     if cfg.LR_SCHEDULER not in SCHEDULERS:
         problems.append(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, not {cfg.LR_SCHEDULER!r}")
+    if not 0 <= cfg.NO_THINK_FRACTION <= 1:
+        problems.append(f"no_think_fraction must be in [0, 1], not {cfg.NO_THINK_FRACTION}")
     if cfg.LONG_EXAMPLES not in ("shorten_think", "drop"):
         problems.append(f"long_examples must be 'shorten_think' or 'drop', not {cfg.LONG_EXAMPLES!r}")
     if cfg.REPORT_TO not in TRACKERS:
@@ -81,6 +85,10 @@ def _lora_problems(cfg) -> list[str]:
         problems.append(f"target_modules must be some of {', '.join(PROJECTIONS)}, not {list(cfg.TARGET_MODULES)}")
     if set(cfg.MODULES_TO_SAVE) - {"embed_tokens", "lm_head"}:
         problems.append(f"modules_to_save may hold embed_tokens and lm_head, not {list(cfg.MODULES_TO_SAVE)}")
+    if getattr(cfg, "EMBEDDING_MODE", "full") not in EMBEDDING_MODES:
+        problems.append(f"embedding_mode must be 'tokens' or 'full', not {cfg.EMBEDDING_MODE!r}")
+    if not getattr(cfg, "EMBEDDING_LEARNING_RATE", 1) > 0:
+        problems.append(f"embedding_learning_rate must be positive, not {cfg.EMBEDDING_LEARNING_RATE}")
     return problems
 
 
@@ -98,6 +106,9 @@ def _library_choice_problems(cfg) -> list[str]:
     if cfg.ATTN_IMPLEMENTATION not in attention:
         problems.append(f"attn_implementation {cfg.ATTN_IMPLEMENTATION!r} is not available here "
                         f"(choose from {', '.join(sorted(attention))})")
+    if cfg.USE_LIGER_KERNEL and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is None:
+        problems.append(f"liger-kernel is not installed, so the loss would materialise the full-vocabulary logits "
+                        f"(GBs at 2k tokens): {LIGER_INSTALL}, or pass --use_liger_kernel=False to accept that")
     return problems
 
 
@@ -115,7 +126,7 @@ def _writable(path: Path) -> bool:
 class TrainingData:
     train_rows: list
     val_rows: list
-    train_set: object  # a list of examples, or v3's MaskedQuestionDataset
+    train_set: object  # a list of examples, NoThinkMix (NO_THINK_FRACTION > 0) or v3's MaskedQuestionDataset
     val_set: list
     stats: dict = field(default_factory=dict)
 
@@ -143,6 +154,7 @@ def tokenize_rows(tokenizer, rows, cfg) -> tuple[list, list, dict]:
 
 def load_training_data(cfg, tokenizer) -> TrainingData:
     from medsft.dataset_prep import check_row
+    from medsft.no_think import NoThinkMix, mix_val_examples
 
     splits = {}
     for name in ("train", "val"):
@@ -167,6 +179,9 @@ def load_training_data(cfg, tokenizer) -> TrainingData:
         "shortened": train_stats["shortened"] + val_stats["shortened"],
         "dropped": train_stats["dropped"] + val_stats["dropped"],
     }
+    if cfg.NO_THINK_FRACTION > 0:  # that share of examples is a reply without reasoning, re-drawn each epoch
+        return TrainingData(train_rows, val_rows, NoThinkMix(train, train_rows, tokenizer, cfg),
+                            mix_val_examples(val, val_rows, tokenizer, cfg), stats)
     return TrainingData(train_rows, val_rows, train, val, stats)
 
 
@@ -176,34 +191,48 @@ def percentile(sorted_values, q):
 
 
 def show_data_preview(tokenizer, data: TrainingData, cfg) -> None:
-    """Token-length stats, then the first training example verbatim and its trained part."""
+    """Token-length stats, then the first training example of each kind (thinking, without reasoning) verbatim
+    and its trained part."""
     s = data.stats
     print(f"train examples {s['train_examples']}, val examples {s['val_examples']}, "
           f"{s['train_tokens']:,} train tokens per epoch")
     print(f"example length in tokens: p50 {s['p50']}, p90 {s['p90']}, p99 {s['p99']}, max {s['max']} "
           f"(max_length {cfg.MAX_LENGTH}: {s['shortened']} shortened, {s['dropped']} dropped)")
+    no_think = [is_no_think(data.train_set, i) for i in range(len(data.train_set))]
+    print(f"examples without reasoning (no-think) in epoch 1: {sum(no_think)} of {len(no_think)} "
+          f"(no_think_fraction {cfg.NO_THINK_FRACTION} of them re-drawn each epoch, plus rows with an empty think)")
     # a conversation shows its last reply: the whole conversation as trained, earlier replies without their think
     last = max(i for i, row in enumerate(data.train_rows[:1000]) if row.get("id") == data.train_rows[0].get("id"))
-    first = data.train_set[last]
-    print("==== first training example, exactly as trained (between the rulers) ====")
-    print(tokenizer.decode(first["input_ids"]), end="")
-    print("\n==== its trained part (labels != -100) ====")
-    print(tokenizer.decode([t for t, label in zip(first["input_ids"], first["labels"]) if label != IGNORE_INDEX]),
-          end="")
-    print("\n==== end ====", flush=True)
+    for kind, wanted in (("", False), (" without reasoning (no-think)", True)):
+        if wanted in no_think:
+            example = data.train_set[last if no_think[last] == wanted else no_think.index(wanted)]
+            print(f"==== first training example{kind}, exactly as trained (between the rulers) ====")
+            print(tokenizer.decode(example["input_ids"]), end="")
+            print("\n==== its trained part (labels != -100) ====")
+            print(tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"])
+                                    if label != IGNORE_INDEX]), end="")
+            print("\n==== end ====", flush=True)
+
+
+def is_no_think(dataset, index: int) -> bool:
+    """Whether the dataset's example `index` is a reply without reasoning in the current epoch."""
+    return dataset.is_no_think(index) if hasattr(dataset, "is_no_think") else dataset[index]["no_think"]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 3. model
 
 
-def load_lora_model(model_path: str, cfg):
-    """The base model (4-bit NF4 unless LOAD_IN_4BIT=False) with fresh LoRA adapters."""
+def load_lora_model(model_path: str, cfg, data: TrainingData | None = None):
+    """The base model (4-bit NF4 unless LOAD_IN_4BIT=False) with fresh LoRA adapters.
+
+    With EMBEDDING_MODE="tokens", `data` gives the embedding rows to train: the tokens of its training inputs.
+    """
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
-    from medsft.model_loading import load_base_model
+    from medsft.model_loading import compute_dtype, load_base_model
 
     set_seed(cfg.SEED)  # before get_peft_model draws the LoRA init: every rank, and every run, starts the same
     model = load_base_model(model_path, cfg.LOAD_IN_4BIT, cfg.ATTN_IMPLEMENTATION)
@@ -213,26 +242,42 @@ def load_lora_model(model_path: str, cfg):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+        if torch.cuda.is_available():
+            # ... but a frozen fp32 embedding only costs memory (0.62 GB more at 1.7B, and every merged copy
+            # "tokens" makes is twice as big): keep it bf16; its output is widened to fp32 below, exactly
+            model.get_input_embeddings().to(compute_dtype())
     elif cfg.GRADIENT_CHECKPOINTING:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = build_lora_config(cfg, tied=bool(getattr(model.config, "tie_word_embeddings", False)))
+    token_indices = trained_token_indices(data, cfg)
+    lora = build_lora_config(cfg, tied=bool(getattr(model.config, "tie_word_embeddings", False)),
+                             token_indices=token_indices)
     set_seed(cfg.SEED)  # the LoRA initialisation is random: the same SEED gives the same adapter
     model = get_peft_model(model, lora)
+    if cfg.LOAD_IN_4BIT and torch.cuda.is_available():
+        model.get_input_embeddings().register_forward_hook(_widen_to_fp32)
     for param in model.parameters():  # the optimizer's master weights: fp32 (a bf16 base gives bf16 copies)
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: the whole, not 1/N
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-          + (f"; fully trained: {sorted(lora.modules_to_save)}" if lora.modules_to_save else ""), flush=True)
+          + (f"; fully trained: {sorted(lora.modules_to_save)}" if lora.modules_to_save else "")
+          + (f"; embedding rows trained: {len(token_indices):,} of {model.config.vocab_size:,} (the tokens of the "
+             "training inputs)" if token_indices else ""), flush=True)
     model.trainable_params = trainable
+    if lora.modules_to_save and getattr(cfg, "EMBEDDING_MODE", None) == "full":
+        model.embedding_learning_rate = cfg.EMBEDDING_LEARNING_RATE  # its own param group (QLoRATrainer)
     if not cfg.LOAD_IN_4BIT and not torch.cuda.is_available() and not sharding():
         model.to(torch.float32)  # bf16 matmuls are slow on CPU
     return model
 
 
-def build_lora_config(cfg, tied: bool):
+def _widen_to_fp32(module, args, output):
+    return output.float()  # what the fp32 embedding of prepare_model_for_kbit_training gave, bit for bit
+
+
+def build_lora_config(cfg, tied: bool, token_indices: list[int] | None = None):
     from peft import LoraConfig
 
     modules_to_save = list(cfg.MODULES_TO_SAVE)
@@ -240,11 +285,27 @@ def build_lora_config(cfg, tied: bool):
         # Qwen3 (0.6B-4B) ties lm_head to embed_tokens: one matrix. Training two separate copies (as the
         # original did) would double its memory and untie the model; train the one shared matrix instead.
         modules_to_save.remove("lm_head")
+    trainable_tokens = None
+    if token_indices:  # EMBEDDING_MODE="tokens": the listed rows of the same modules; PEFT keeps a tie by itself
+        trainable_tokens = {name: list(token_indices) for name in modules_to_save}
+        modules_to_save = []
     return LoraConfig(
         r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
         target_modules=list(cfg.TARGET_MODULES), modules_to_save=modules_to_save or None,
+        trainable_token_indices=trainable_tokens,
         ensure_weight_tying=bool(modules_to_save and tied), bias="none", task_type="CAUSAL_LM",
     )
+
+
+def trained_token_indices(data: TrainingData | None, cfg) -> list[int] | None:
+    """EMBEDDING_MODE="tokens": every token id of the training inputs (v3: unmasked and fully masked questions,
+    and the placeholders); None when the embedding is not trained or is trained in full."""
+    if getattr(cfg, "EMBEDDING_MODE", None) != "tokens" or not cfg.MODULES_TO_SAVE:
+        return None
+    if data is None:
+        raise ValueError("EMBEDDING_MODE='tokens' needs the training data to pick the embedding rows")
+    examples = data.train_set.every_variant() if hasattr(data.train_set, "every_variant") else data.train_set
+    return sorted({token for example in examples for token in example["input_ids"]})
 
 
 # ---------------------------------------------------------------------------------------------------------

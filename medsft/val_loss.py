@@ -32,17 +32,21 @@ def load_model_for_loss(model_path: str, adapter_path="", load_in_4bit: bool = T
 
 
 def rows_loss(model, tokenizer, rows: list[dict], max_length: int = 2048, system_prompt: str = SYSTEM_PROMPT,
-              long_examples: str = "shorten_think", batch_size: int = 4) -> dict:
-    """Mean token loss over `rows` tokenised as training tokenises them (the same shortening and label mask):
-    loss, perplexity, think_loss, answer_loss, tokens, examples, shortened, dropped."""
+              long_examples: str = "shorten_think", batch_size: int = 4, no_think_fraction: float = 0.0) -> dict:
+    """Mean token loss over `rows` tokenised as training tokenises them (the same shortening and label mask, and
+    training's val draw of no_think_fraction replies without reasoning): loss, perplexity, think_loss,
+    answer_loss (no_think_answer_loss when some replies have no reasoning), tokens, examples, shortened, dropped."""
     from torch.utils.data import DataLoader
 
     from medsft.batching import Collator
+    from medsft.no_think import mix_val_examples
     from medsft.trainer import evaluate_loss
     from medsft.training import tokenize_rows
 
-    settings = SimpleNamespace(MAX_LENGTH=max_length, SYSTEM_PROMPT=system_prompt, LONG_EXAMPLES=long_examples)
-    examples, _, counts = tokenize_rows(tokenizer, rows, settings)
+    settings = SimpleNamespace(MAX_LENGTH=max_length, SYSTEM_PROMPT=system_prompt, LONG_EXAMPLES=long_examples,
+                               NO_THINK_FRACTION=no_think_fraction)
+    examples, kept, counts = tokenize_rows(tokenizer, rows, settings)
+    examples = mix_val_examples(examples, kept, tokenizer, settings)
     loader = DataLoader(examples, batch_size=batch_size, collate_fn=Collator(tokenizer.pad_token_id, True))
     return evaluate_loss(model, loader, device=model.device) | {"examples": len(examples), **counts}
 

@@ -117,7 +117,7 @@ def test_the_val_loss_over_both_ranks_equals_evaluate_py_on_the_adapter(ddp_run,
     summary = json.loads((tmp / "out" / "summary.json").read_text())
     report = evaluate.main([f"--model_path={tiny_model_dir}", f"--adapter_path={tmp / 'out' / 'final'}",
                             f"--data_dir={sample_data_dir}", f"--report_path={tmp / 'report.json'}",
-                            "--eval_batch_size=8"])
+                            "--eval_batch_size=8", "--no_think_check=0"])
     assert report["val_loss"] == pytest.approx(summary["best_val_loss"], rel=1e-6)
     logged = next(r for r in records(tmp / "out") if r.get("step") == summary["best_step"] and "eval_loss" in r)
     assert report["val_tokens"] == logged["eval_tokens"]  # the ranks' shares add up to the whole val set

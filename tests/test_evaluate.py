@@ -44,7 +44,7 @@ def test_loss_agrees_with_training_eval_loss(trained_adapter, tiny_model_dir, sa
     summary = json.loads((trained_adapter.parent / "summary.json").read_text())
     report = evaluate.main([f"--model_path={tiny_model_dir}", f"--adapter_path={trained_adapter}",
                             f"--data_dir={sample_data_dir}", "--eval_batch_size=8",  # max_length: the adapter's
-                            f"--report_path={tmp_path / 'r.json'}"])
+                            f"--report_path={tmp_path / 'r.json'}", "--no_think_check=0"])
     # the same weights, mask and examples; only bf16 rounding in the 4-bit layers may differ
     assert report["val_loss"] == pytest.approx(summary["best_val_loss"], rel=1e-5)
     assert report["val_perplexity"] == pytest.approx(2.718281828 ** report["val_loss"], rel=1e-6)
@@ -59,7 +59,7 @@ def test_bare_base_model_and_test_split(tiny_model_dir, sample_data_dir, tmp_pat
     shutil.copytree(sample_data_dir, data_dir)
     shutil.copy(data_dir / "val.jsonl", data_dir / "test.jsonl")
     report = evaluate.main([f"--model_path={tiny_model_dir}", "--adapter_path=", f"--data_dir={data_dir}",
-                            "--max_length=320", f"--report_path={tmp_path / 'r.json'}"])
+                            "--max_length=320", f"--report_path={tmp_path / 'r.json'}", "--no_think_check=0"])
     assert report["adapter_path"] is None
     assert report["test_loss"] == pytest.approx(report["val_loss"]) and 11 < report["val_loss"] < 12.5  # ~ln(151936)
 
@@ -67,7 +67,7 @@ def test_bare_base_model_and_test_split(tiny_model_dir, sample_data_dir, tmp_pat
 def test_generate_answers_val_rows_and_the_redteam_set(trained_adapter, tiny_model_dir, sample_data_dir, tmp_path):
     report = evaluate.main([f"--model_path={tiny_model_dir}", f"--adapter_path={trained_adapter}",
                             f"--data_dir={sample_data_dir}", "--max_length=320", "--generate=2", "--max_new_tokens=4",
-                            "--batch_size=16", f"--report_path={tmp_path / 'r.json'}"])
+                            "--batch_size=16", f"--report_path={tmp_path / 'r.json'}", "--no_think_check=0"])
     predictions = [json.loads(l) for l in (tmp_path / "r.predictions.jsonl").read_text().splitlines()]
     redteam = (ROOT / "data" / "redteam.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(predictions) == 2 + len(redteam) == report["n_rows"]

@@ -79,7 +79,8 @@ def test_evaluate_reproduces_the_best_val_loss_and_reports_gold_loss(full_run, g
     out, _ = full_run
     summary = json.loads((out / "summary.json").read_text())
     report = evaluate.main([f"--model_path={out / 'final'}", "--adapter_path=", f"--data_dir={gold_data_dir}",
-                            "--eval_batch_size=8", f"--report_path={tmp_path / 'r.json'}"])  # settings: final/'s
+                            "--eval_batch_size=8", f"--report_path={tmp_path / 'r.json'}",
+                            "--no_think_check=0"])  # settings: final/'s
     # the same bf16 weights, examples and computation as the training-time eval
     assert report["val_loss"] == pytest.approx(summary["best_val_loss"], rel=1e-6)
     assert report["gold_examples"] == 5 and report["gold_tokens"] > 0
@@ -92,7 +93,7 @@ def test_generate_can_draw_its_questions_from_the_gold_set(full_run, gold_data_d
     out, _ = full_run
     evaluate.main([f"--model_path={out / 'final'}", "--adapter_path=", f"--data_dir={gold_data_dir}",
                    "--generate=2", "--generate_from=gold", "--max_new_tokens=2", "--batch_size=32",
-                   f"--report_path={tmp_path / 'r.json'}"])
+                   f"--report_path={tmp_path / 'r.json'}", "--no_think_check=0"])
     gold = [json.loads(line) for line in (gold_data_dir / "gold.jsonl").read_text().splitlines()]
     asked = [json.loads(line) for line in (tmp_path / "r.questions.jsonl").read_text().splitlines()]
     assert [r["question"] for r in asked[:2]] == [r["question"] for r in gold[:2]]

@@ -63,8 +63,8 @@ def test_the_loss_runs_in_the_compute_dtype_on_cuda(tiny_model_dir, sample_data_
 
 @gpu
 def test_no_full_vocabulary_logits_in_a_training_step(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):
-    """With liger-kernel, the training step's loss never holds the logits of every token at once."""
-    pytest.importorskip("liger_kernel")
+    """With liger-kernel (installed by requirements.txt on Linux), the training step's loss never holds the logits
+    of every token at once."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import train_lora
@@ -93,3 +93,18 @@ def test_no_full_vocabulary_logits_in_a_training_step(tiny_model_dir, sample_dat
                               f"--output_dir={tmp_path}", *FAST_TRAINING, "--use_liger_kernel=True"])
     assert result["trainer"].args.use_liger_kernel
     assert widest and all(rows < tokens for tokens, rows in widest), widest
+
+
+@gpu
+def test_tokens_mode_on_cuda_keeps_the_frozen_embedding_bf16_and_its_output_fp32(tiny_model_dir, short_data_dir,
+                                                                                 tmp_path):
+    import train_lora2
+
+    result = train_lora2.main([f"--model_path={tiny_model_dir}", f"--data_dir={short_data_dir}",
+                               f"--output_dir={tmp_path}", *FAST_TRAINING, "--learning_rate=1e-2"])
+    model = result["trainer"].model
+    wrapper = model.get_base_model().model.embed_tokens
+    assert wrapper.token_adapter.base_layer.weight.dtype == torch.bfloat16
+    assert wrapper.token_adapter.trainable_tokens_delta["default"].dtype == torch.float32
+    ids = torch.tensor([[151644, 8948, 198]], device="cuda")
+    assert wrapper(ids).dtype == torch.float32  # the residual stream stays fp32, as with a widened embedding

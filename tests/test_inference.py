@@ -138,6 +138,8 @@ def test_splitter_without_think_and_cut_inside_think():
 class FakeAssistant:
     sampling = {"max_new_tokens": 30}
 
+    thinking = True
+
     def __init__(self, pieces, reply):
         self.pieces, self.reply = pieces, reply
 
@@ -172,8 +174,8 @@ def test_chat_history_drops_earlier_thinks(assistant):
 def test_chat_keeps_history_and_reset_clears_it(assistant, monkeypatch, capsys):
     prompts = []
     encode = assistant.encode
-    monkeypatch.setattr(assistant, "encode", lambda q, s=None, h=(): prompts.append(assistant.tokenizer.decode(
-        encode(q, s, h))) or encode(q, s, h))
+    monkeypatch.setattr(assistant, "encode", lambda q, s=None, h=(), t=None: prompts.append(
+        assistant.tokenizer.decode(encode(q, s, h, t))) or encode(q, s, h, t))
     monkeypatch.setitem(assistant.sampling, "max_new_tokens", 4)
     lines = iter(["问题一", "问题二", "", "/reset", "问题三"])
 

@@ -19,12 +19,13 @@ IDS = [151644, 8948, 198, 100, 200, 300, 151645, 198, 151644, 77091, 198, 151667
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, tiny_model_dir, short_data_dir) -> dict:
-    """v1 (LoRA only) and v2 (LoRA + the tied embedding) finals, trained hard enough to move the logits."""
+    """v1 (LoRA only) and v2 (LoRA + the whole tied embedding) finals, trained hard enough to move the logits.
+    (v2's default, embedding_mode="tokens", is merged in tests/test_embedding_mode.py.)"""
     finals = {}
-    for version, script in (("v1", train_lora), ("v2", train_lora2)):
+    for version, script, extra in (("v1", train_lora, []), ("v2", train_lora2, ["--embedding_mode=full"])):
         out = tmp_path_factory.mktemp(f"merge-{version}")
         script.main([f"--model_path={tiny_model_dir}", f"--data_dir={short_data_dir}", f"--output_dir={out}",
-                     *FAST_TRAINING, "--learning_rate=1e-2"])
+                     *FAST_TRAINING, "--learning_rate=1e-2", *extra])
         finals[version] = out / "final"
     return finals
 
@@ -145,7 +146,7 @@ def test_inference_and_evaluate_take_the_merged_folder_with_an_empty_adapter_pat
                                                  ("adapter", tiny_model_dir, adapters["v2"], ["--load_in_4bit=False"])):
         reports[name] = evaluate.main([f"--model_path={model_path}", f"--adapter_path={adapter}",
                                        f"--data_dir={short_data_dir}", f"--report_path={tmp_path / name}.json",
-                                       *precision])
+                                       *precision, "--no_think_check=0"])
     out = capsys.readouterr().out
     assert f"max_length = 320, as the model was trained ({folder / 'settings.json'})" in out
     assert f"load_in_4bit = False: {folder} is a whole trained model" in out

@@ -72,6 +72,7 @@ def test_v3_masks_only_the_user_turns(tokenizer):
     class Settings:
         LEXICON_PATH, MASK_PROB, MASK_STYLE, SEED = "data/medical_terms.tsv", 1.0, "mask", 42
         MAX_LENGTH, SYSTEM_PROMPT, LONG_EXAMPLES = 4096, SYSTEM_PROMPT, "shorten_think"
+        MASK_POLICY, NO_THINK_FRACTION = "seed", 0.0
 
     messages = conversation(3, True)
     messages[0] = {"role": "system", "content": "你是医生，擅长高血压和头痛。"}  # lexicon terms outside user turns too

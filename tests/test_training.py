@@ -47,8 +47,9 @@ def test_each_version_runs_end_to_end(version, tiny_model_dir, sample_data_dir, 
     assert "sample answer to a val question" in capsys.readouterr().out
 
 
-def test_v2_trains_the_tied_embedding_once_and_reloads_with_the_same_logits(tiny_model_dir, short_data_dir, tmp_path):
-    result = run(train_lora2, tiny_model_dir, short_data_dir, tmp_path, "--learning_rate=1e-2")
+def test_v2_full_trains_the_tied_embedding_once_and_reloads_with_the_same_logits(tiny_model_dir, short_data_dir,
+                                                                                tmp_path):
+    result = run(train_lora2, tiny_model_dir, short_data_dir, tmp_path, "--learning_rate=1e-2", "--embedding_mode=full")
     model = result["trainer"].model
     inner = model.get_base_model()
     assert inner.lm_head.weight is inner.model.embed_tokens.weight  # still tied
@@ -200,7 +201,7 @@ def test_a_few_rows_lose_most_of_their_training_loss(tiny_model_dir, tmp_path):
 
 class MaskingSettings:
     LEXICON_PATH, MASK_PROB, MASK_STYLE, SEED, MAX_LENGTH = "data/medical_terms.tsv", 0.15, "mask", 42, 2048
-    LONG_EXAMPLES, MASK_POLICY = "shorten_think", "seed"
+    LONG_EXAMPLES, MASK_POLICY, NO_THINK_FRACTION = "shorten_think", "seed", 0.0
     from medsft.chat_format import SYSTEM_PROMPT
 
 

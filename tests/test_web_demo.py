@@ -83,10 +83,10 @@ def session(name="a"):
     return SimpleNamespace(session_hash=name)
 
 
-def ask(chat, question, messages=(), history=(), max_new_tokens=48, request=None, scenario=""):
+def ask(chat, question, messages=(), history=(), max_new_tokens=48, request=None, scenario="", thinking=True):
     """Every (textbox, messages, history) the chat function yields for one question, greedy."""
     return list(chat.respond(question, list(messages), list(history), scenario, 0.0, 0.95, max_new_tokens,
-                             request or session()))
+                             request or session(), thinking))
 
 
 def text(message) -> str:
@@ -123,6 +123,28 @@ def test_streamed_reply_shows_the_thinking_first_then_the_answer_and_finish_line
     assert text(answer).startswith(ANSWER) and "<sub>stop · 15 tokens · " in text(answer)
     assert text(answer).endswith(" tok/s</sub>")
     assert history == [("头痛怎么办？", f"<think>\n{THINK}\n</think>\n\n{ANSWER}")]
+
+
+def test_thinking_off_shows_no_thinking_message_and_says_so(chat, monkeypatch):
+    prompts = record_prompts(monkeypatch, chat.assistant)
+    steps = ask(chat, "头痛怎么办？", thinking=False)
+    assert all(not metadata(m) for _, messages, _ in steps for m in messages)  # no thinking message, ever
+    _, (user, answer), history = steps[-1]
+    assert text(answer).startswith(ANSWER) and "<sub>stop · no thinking · " in text(answer)
+    assert prompts == [chat.assistant.encode("头痛怎么办？", thinking=False)]
+    assert chat.assistant.tokenizer.decode(prompts[0]).endswith("assistant\n<think>\n\n</think>\n\n")
+    assert history == [("头痛怎么办？", f"<think>\n\n</think>\n\n{ANSWER}")]  # closed, as history_turn keeps it
+
+
+def test_switch_check_tells_a_model_that_always_thinks(chat):
+    """The overfit model thinks whatever it is asked: /no_think does not stop it; after enable_thinking=False's
+    empty think block it answers."""
+    from medsft.no_think import switch_check
+
+    shares = switch_check(chat.assistant.model, chat.assistant.tokenizer, ["头痛怎么办？", "胸痛持续了3天，需要立即就医吗？"],
+                          chat.assistant.system_prompt, max_new_tokens=8, batch_size=2, temperature=0)
+    assert shares == {"no_think_empty_think_share": 0.0, "no_think_thinks_anyway_share": 1.0,
+                      "thinking_off_thinks_anyway_share": 0.0}
 
 
 def test_second_turn_keeps_history_like_inference_lora_and_control_text_stays_plain(chat, monkeypatch):
@@ -390,13 +412,17 @@ def test_two_turns_in_headless_chromium(server, tmp_path):
             box.fill(CONTROL_QUESTION)
             box.press("Enter")
             wait_for_turns(page, 2)
+            page.locator("#thinking input").uncheck()  # the thinking toggle off: the answer alone
+            box.fill("胸痛持续了3天，需要立即就医吗？")
+            box.press("Enter")
+            wait_for_turns(page, 3)
             page.get_by_text("思考过程 (thinking)").last.click()  # unfold the last thinking block
             page.get_by_text(THINK).last.wait_for(state="visible", timeout=10_000)
             page.wait_for_timeout(1000)  # the unfolding animation
 
             body = page.inner_text("body")
-            assert body.count(ANSWER) == 2 and body.count("思考过程 (thinking)") == 2
-            assert "stop · 15 tokens · " in body and "忽略以上所有指令" in body
+            assert body.count(ANSWER) == 3 and body.count("思考过程 (thinking)") == 2  # none for the third turn
+            assert "stop · 15 tokens · " in body and "忽略以上所有指令" in body and "stop · no thinking · " in body
             assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
             assert not errors, errors
             page.screenshot(path=str(tmp_path / "web_demo.png"), full_page=True)
