@@ -87,6 +87,10 @@ def _lora_problems(cfg) -> list[str]:
         problems.append(f"modules_to_save may hold embed_tokens and lm_head, not {list(cfg.MODULES_TO_SAVE)}")
     if getattr(cfg, "EMBEDDING_MODE", "full") not in EMBEDDING_MODES:
         problems.append(f"embedding_mode must be 'tokens' or 'full', not {cfg.EMBEDDING_MODE!r}")
+    if sharding() == "fsdp" and getattr(cfg, "EMBEDDING_MODE", None) == "tokens" and cfg.MODULES_TO_SAVE:
+        # PEFT's trainable-token rows fail inside FSDP2's sharded embedding (torch device_mesh, seen on CPU)
+        problems.append("embedding_mode 'tokens' does not run under FSDP; pass --embedding_mode=full (or launch "
+                        "with DDP or DeepSpeed)")
     if not getattr(cfg, "EMBEDDING_LEARNING_RATE", 1) > 0:
         problems.append(f"embedding_learning_rate must be positive, not {cfg.EMBEDDING_LEARNING_RATE}")
     return problems
