@@ -19,7 +19,7 @@ from pathlib import Path
 
 from medsft import chat_format
 from medsft.errors import UserError
-from medsft.settings import check_settings, parse_settings, read_run_settings
+from medsft.settings import check_settings, parse_settings, use_run_settings
 
 # -----------------------------------------------------------------------------
 # models
@@ -48,7 +48,6 @@ SEED = 42                                            # the same sampling seed fo
 REPORT_PATH = "benchmark.json"                       # every number and outcome; benchmark.md and .png are written beside it
 # -----------------------------------------------------------------------------
 
-_RUN_SETTINGS = ("MODEL_PATH", "SYSTEM_PROMPT", "MAX_LENGTH")  # taken from the fine-tuned run unless given here
 _DEMO_ADAPTER = "demo_output/train-v3/final"  # what python demo.py trains: the tiny model's adapter
 
 
@@ -58,7 +57,7 @@ def main(argv=None):
     # ========== 1. Settings (the base, system prompt and max length default to the fine-tuned run's) ==========
     cfg = parse_settings(globals(), argv)
     use_demo_adapter(cfg, globals())
-    use_run_settings(cfg, globals())
+    use_run_settings(cfg, training_length=True, folder=cfg.FINETUNED_PATH)  # the base, prompt and length trained
     cfg.print("benchmark.py settings")
     report_path = Path(cfg.REPORT_PATH)
     finetuned = Path(cfg.FINETUNED_PATH)
@@ -104,16 +103,6 @@ def use_demo_adapter(cfg, defaults: dict) -> None:
         print(f"note: {cfg.FINETUNED_PATH} not found; comparing the demo's adapter {_DEMO_ADAPTER} (python demo.py) "
               "with its tiny random base: a check that the benchmark runs, not a medical result")
         cfg.FINETUNED_PATH = _DEMO_ADAPTER
-
-
-def use_run_settings(cfg, defaults: dict) -> None:
-    """MODEL_PATH, SYSTEM_PROMPT and MAX_LENGTH from the fine-tuned run's settings.json unless given here."""
-    trained = read_run_settings(cfg.FINETUNED_PATH) if cfg.FINETUNED_PATH else {}
-    for name in _RUN_SETTINGS:
-        if name in trained and getattr(cfg, name) == defaults[name] and trained[name] != defaults[name]:
-            print(f"note: {name.lower()} = {trained[name]!r}, as the model was trained "
-                  f"({Path(cfg.FINETUNED_PATH) / 'settings.json'})")
-            setattr(cfg, name, trained[name])
 
 
 def finetuned_kind(folder: Path) -> str | None:

@@ -54,7 +54,8 @@ def main(argv=None):
 
     # ========== 4. Inference: the trained adapter on the tiny base ==========
     adapter_dir = train_dir / "final"
-    reply = inference_lora.main([f"--model_path={model_dir}", f"--adapter_path={adapter_dir}", "-q", cfg.QUESTION,
+    # the base and system prompt come from the run's settings.json, as they do for evaluate.py and the web demo
+    reply = inference_lora.main([f"--adapter_path={adapter_dir}", "-q", cfg.QUESTION,
                                  f"--max_new_tokens={cfg.MAX_NEW_TOKENS}"])
 
     # ========== 5. Where everything went ==========
@@ -64,6 +65,9 @@ def main(argv=None):
           f"training run:     {train_dir}/ (summary.json, metrics.jsonl, loss.png)\n"
           f"trained adapter:  {adapter_dir}/\n"
           f"answer above:     {reply.finish_reason}, {reply.new_tokens} new tokens\n\n"
+          f"next, on the demo's adapter (its base, data and prompt come from the run):\n"
+          f"  python evaluate.py --adapter_path={adapter_dir}\n"
+          f"  python inference_lora.py --adapter_path={adapter_dir} -q \"{cfg.QUESTION}\"\n\n"
           f"{_NOTICE}\nFor the real model: python data.py && python train_lora3.py && python inference_lora.py",
           flush=True)
     return {"data_dir": data_dir, "model_dir": model_dir, "train_dir": train_dir, "adapter_dir": adapter_dir,

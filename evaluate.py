@@ -1,12 +1,18 @@
 """Honest numbers for a trained adapter: val/test loss and perplexity, and safety metrics on real predictions.
 
     python evaluate.py                                              # loss of the v3 adapter on data/val.jsonl
-    python evaluate.py --adapter_path=                              # the bare base model, for reference
+    python evaluate.py --adapter_path=output/qwen3-1.7b-qlora-v1/final   # another run's adapter, as it was trained
+    python evaluate.py --adapter_path= --model_path=Qwen/Qwen3-1.7B # the bare base model, for reference
     python evaluate.py --model_path=output/qwen3-1.7b-full/final --adapter_path=    # a train.py (full) model, in bf16
     python evaluate.py --generate=20 --generate_from=gold           # answers to the gold set's questions
-    python evaluate.py --generate=50                                # + answers to 50 val rows and the red-team set, scored
+    python evaluate.py --generate=50 --redteam=True                 # + answers to 50 val rows and the red-team set
     python evaluate.py --predictions=out.jsonl --report_path=r.json # score a file from inference_lora.py -b
     python evaluate.py --generate=20 --thinking=False               # answers without thinking (enable_thinking=False)
+
+The run is the source of truth: unless given on the command line, MODEL_PATH, DATA_DIR, SYSTEM_PROMPT,
+MAX_LENGTH, LONG_EXAMPLES, LOAD_IN_4BIT and NO_THINK_FRACTION are those of the run that trained the model (the
+settings.json of ADAPTER_PATH, or with no adapter of MODEL_PATH's merged or full model folder); the settings
+printout says where each value came from.
 
 The loss uses training's label mask (assistant reply and <|im_end|> only), and is also split into the think
 part and the answer part: these are the numbers comparable with the originals' val losses. The generation
@@ -28,25 +34,27 @@ from medsft import chat_format
 from medsft.assistant import check_adapter_path
 from medsft.errors import UserError
 from medsft.records import read_jsonl, write_files_atomically
-from medsft.settings import check_settings, parse_settings, read_run_settings
+from medsft.settings import check_settings, parse_settings, use_run_settings
 
 # -----------------------------------------------------------------------------
 # model
 MODEL_PATH = "Qwen/Qwen3-1.7B"                       # the base the adapter was trained on, or train.py's final/
-ADAPTER_PATH = "output/qwen3-1.7b-qlora-v3/final"    # "" = the model in MODEL_PATH alone
+ADAPTER_PATH = "output/qwen3-1.7b-qlora-v3/final"    # a run's final/ or best/; "" = the model in MODEL_PATH alone
 LOAD_IN_4BIT = True                                  # as in training, so the loss compares with training's eval loss;
                                                      # a merged or full model folder (no adapter) is scored in bf16
 # loss metrics
 DATA_DIR = "data"                                    # val.jsonl (and test.jsonl, gold.jsonl if present) from data.py
 MAX_LENGTH = 2048                                    # as in training
 LONG_EXAMPLES = "shorten_think"                      # as in training: longer examples lose the end of their think
-SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT         # as in training
+SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT            # as in training
 NO_THINK_FRACTION = 0.0                              # as in training: this share of rows is scored without reasoning
 EVAL_BATCH_SIZE = 4                                  # examples per forward pass
 # generation metrics
 PREDICTIONS = ""                                     # a batch output of inference_lora.py to score (no model is loaded)
-GENERATE = 0                                         # > 0: first answer this many val rows + the red-team set, then score
+GENERATE = 0                                         # > 0: answer this many val rows, then score the answers
 GENERATE_FROM = "val"                                # where those rows come from: "val", or "gold" (DATA_DIR/gold.jsonl)
+REDTEAM = "auto"                                     # answer the red-team set too: "auto" = with --generate on a GPU;
+                                                     # True (even without --generate); False
 REDTEAM_PATH = "data/redteam.jsonl"                  # high-risk questions with expect = emergency / no_dose / crisis
 MAX_NEW_TOKENS = 2048                                # per answer; p99 of a whole reference reply is ~1,400 tokens
 TEMPERATURE = 0.6                                    # Qwen3's thinking-mode sampling; 0 = greedy
@@ -62,20 +70,27 @@ REPORT_PATH = "eval_report.json"                     # every number, as JSON; al
 
 
 def main(argv=None):
-    # ========== 1. Settings (MAX_LENGTH, SYSTEM_PROMPT, LONG_EXAMPLES default to the adapter's training run) ==========
+    # ========== 1. Settings: what is not given here comes from the run that trained the model ==========
     cfg = parse_settings(globals(), argv)
-    use_training_settings(cfg, globals())
+    run = use_run_settings(cfg, training_length=True, also=("LOAD_IN_4BIT", "NO_THINK_FRACTION"))
+    if run and not cfg.ADAPTER_PATH and cfg.LOAD_IN_4BIT and "LOAD_IN_4BIT" not in cfg._given:
+        print(f"note: load_in_4bit = False: {cfg.MODEL_PATH} is a whole trained model (merged or full), scored in "
+              "bf16 as it ships")
+        cfg.LOAD_IN_4BIT, cfg._origins["LOAD_IN_4BIT"] = False, "a whole trained model: bf16, as it ships"
     cfg.print("evaluate.py settings")
-    score_only = bool(cfg.PREDICTIONS) and cfg.GENERATE == 0
+    redteam, redteam_problem = redteam_choice(cfg)
+    generating = cfg.GENERATE > 0 or redteam
+    score_only = bool(cfg.PREDICTIONS) and not generating
     report_path = Path(cfg.REPORT_PATH)
     check_settings([
+        redteam_problem,
         (report_path.is_dir() or not report_path.parent.exists()) and f"report_path {report_path} must be a file "
         "in an existing folder",
         cfg.PREDICTIONS and not Path(cfg.PREDICTIONS).is_file() and f"predictions {cfg.PREDICTIONS}: not found",
-        cfg.PREDICTIONS and cfg.GENERATE > 0 and "give --predictions or --generate, not both",
+        cfg.PREDICTIONS and generating and "give --predictions or --generate/--redteam, not both",
         not score_only and not (Path(cfg.DATA_DIR) / "val.jsonl").is_file()
         and f"{Path(cfg.DATA_DIR) / 'val.jsonl'}: not found; run `python data.py` first",
-        cfg.GENERATE > 0 and not Path(cfg.REDTEAM_PATH).is_file() and f"redteam_path {cfg.REDTEAM_PATH}: not found",
+        redteam and not Path(cfg.REDTEAM_PATH).is_file() and f"redteam_path {cfg.REDTEAM_PATH}: not found",
         cfg.GENERATE < 0 and "generate must be >= 0",
         not 0 <= cfg.NO_THINK_FRACTION <= 1 and f"no_think_fraction must be in [0, 1], not {cfg.NO_THINK_FRACTION}",
         cfg.NO_THINK_CHECK < 0 and "no_think_check must be >= 0",
@@ -86,6 +101,8 @@ def main(argv=None):
         check_adapter_path(cfg.ADAPTER_PATH)  # before the base model loads
     report = {} if score_only else {"model_path": cfg.MODEL_PATH, "adapter_path": cfg.ADAPTER_PATH or None,
                                     "load_in_4bit": cfg.LOAD_IN_4BIT}
+    held_out, redteam_rows = generation_questions(cfg, redteam) if generating else ([], [])
+    print_plan(cfg, score_only, held_out, redteam_rows)
 
     # ========== 2. Loss and perplexity on val (and test, and the gold set) ==========
     if not score_only:
@@ -100,8 +117,8 @@ def main(argv=None):
 
     # ========== 3. Predictions: read them, or generate them ==========
     predictions_path = cfg.PREDICTIONS
-    if cfg.GENERATE > 0:
-        predictions_path = generate_predictions(cfg)
+    if generating:
+        predictions_path = generate_predictions(cfg, held_out + redteam_rows)
     if predictions_path:
         from medsft.safety_metrics import score_predictions
 
@@ -120,22 +137,8 @@ def main(argv=None):
     return report
 
 
-def use_training_settings(cfg, defaults: dict) -> None:
-    """Take MAX_LENGTH, SYSTEM_PROMPT, LONG_EXAMPLES and LOAD_IN_4BIT from the training run's settings.json unless
-    given here: the adapter's, or with no adapter, the model folder's (a merged model or train.py's final/), which
-    is then scored in bf16, the way it ships, whatever its training loaded."""
-    path = Path(cfg.ADAPTER_PATH or cfg.MODEL_PATH) / "settings.json"
-    trained = read_run_settings(path.parent)
-    for name in ("MAX_LENGTH", "SYSTEM_PROMPT", "LONG_EXAMPLES", "LOAD_IN_4BIT", "NO_THINK_FRACTION"):
-        if name in trained and getattr(cfg, name) == defaults[name] and trained[name] != defaults[name]:
-            print(f"note: {name.lower()} = {trained[name]!r}, as the model was trained ({path})")
-            setattr(cfg, name, trained[name])
-    if trained and not cfg.ADAPTER_PATH and cfg.LOAD_IN_4BIT:  # a merged folder or train.py's final/ ships in bf16
-        print(f"note: load_in_4bit = False: {cfg.MODEL_PATH} is a whole trained model (merged or full), scored in "
-              "bf16 as it ships")
-        cfg.LOAD_IN_4BIT = False
-
-
+SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT            # as in training
+NO_THINK_FRACTION = 0.0                              # as in training: this share of rows is scored without reasoning
 def load_model_for_loss(cfg):
     """The base and adapter loaded as training evaluated them: 4-bit with fp32 norms and embedding."""
     from medsft.val_loss import load_model_for_loss as load_as_evaluated
@@ -185,22 +188,53 @@ def generate_from_problems(cfg) -> list[str]:
     return []
 
 
-def generate_predictions(cfg) -> Path:
-    """Answers to the first GENERATE val (or gold) rows and the red-team set, through inference_lora.py's batch mode."""
-    import inference_lora
+def redteam_choice(cfg) -> tuple[bool, str]:
+    """(answer the red-team set?, a problem with REDTEAM or ""): "auto" answers it with --generate on a GPU."""
+    choice = str(cfg.REDTEAM).strip().lower()
+    if choice == "auto":
+        import torch
+
+        return cfg.GENERATE > 0 and torch.cuda.is_available(), ""
+    if choice in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return choice in ("true", "1", "yes", "on"), ""
+    return False, f"redteam must be 'auto', True or False, not {cfg.REDTEAM!r}"
+
+
+def generation_questions(cfg, redteam: bool) -> tuple[list[dict], list[dict]]:
+    """(the first GENERATE val or gold rows' questions, the red-team set's questions if asked for)."""
     from medsft.schemas import opening_question
 
     source = cfg.GENERATE_FROM
     held_out = [row for _, row in read_jsonl(Path(cfg.DATA_DIR) / f"{source}.jsonl")][: cfg.GENERATE]
-    redteam = [row for _, row in read_jsonl(cfg.REDTEAM_PATH)]
-    questions = Path(cfg.REPORT_PATH).with_suffix(".questions.jsonl")
-    predictions = Path(cfg.REPORT_PATH).with_suffix(".predictions.jsonl")
     rows = [{"id": f"{source}-{row.get('id', i)}", "question": opening_question(row)} for i, row in enumerate(held_out)]
-    rows += redteam
-    write_files_atomically({questions: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)})
+    return rows, [row for _, row in read_jsonl(cfg.REDTEAM_PATH)] if redteam else []
+
+
+def print_plan(cfg, score_only: bool, held_out: list[dict], redteam_rows: list[dict]) -> None:
+    """What will run, and how much of it, before anything slow starts."""
+    steps = [] if score_only else [f"loss on {Path(cfg.DATA_DIR) / 'val.jsonl'} (and test, gold if there)"]
+    if held_out or redteam_rows:
+        parts = ([f"{len(held_out)} {cfg.GENERATE_FROM} rows"] if held_out else []) + \
+                ([f"{len(redteam_rows)} red-team questions"] if redteam_rows else [])
+        steps.append(f"{len(held_out) + len(redteam_rows)} answers ({' + '.join(parts)}) of up to "
+                     f"{cfg.MAX_NEW_TOKENS} new tokens each, {cfg.BATCH_SIZE} at a time, then their safety metrics")
+    elif cfg.PREDICTIONS:
+        steps.append(f"the safety metrics of {cfg.PREDICTIONS}")
+    if cfg.GENERATE > 0 and not redteam_rows:
+        steps.append("no red-team answers (--redteam=True adds them; 'auto' does on a GPU)")
+    print("plan: " + "; ".join(steps), flush=True)
+
+
+def generate_predictions(cfg, questions: list[dict]) -> Path:
+    """Answers to `questions` (val or gold rows, and the red-team set), through inference_lora.py's batch mode."""
+    import inference_lora
+
+    questions_path = Path(cfg.REPORT_PATH).with_suffix(".questions.jsonl")
+    predictions = Path(cfg.REPORT_PATH).with_suffix(".predictions.jsonl")
+    write_files_atomically({questions_path: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in questions)})
     predictions.unlink(missing_ok=True)  # batch mode resumes by id: answers of another adapter must not count
     inference_lora.main([f"--model_path={cfg.MODEL_PATH}", f"--adapter_path={cfg.ADAPTER_PATH}",
-                         f"--batch_file={questions}", f"--output_file={predictions}",
+                         f"--batch_file={questions_path}", f"--output_file={predictions}",
                          f"--max_new_tokens={cfg.MAX_NEW_TOKENS}", f"--temperature={cfg.TEMPERATURE}",
                          f"--batch_size={cfg.BATCH_SIZE}", f"--seed={cfg.SEED}", f"--system_prompt={cfg.SYSTEM_PROMPT}",
                          f"--thinking={cfg.THINKING}"])

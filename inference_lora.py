@@ -8,6 +8,10 @@
     python inference_lora.py --adapter_path= -q "什么是高血压？"      # the bare base model, for comparison
     python inference_lora.py --thinking=False -q "什么是高血压？"     # the answer at once, without thinking
     python inference_lora.py --list_scenarios
+
+Unless given on the command line, MODEL_PATH and SYSTEM_PROMPT are those the adapter was trained with (its
+run's settings.json; a merged or full model folder's SYSTEM_PROMPT with --adapter_path=); the settings
+printout says where each value came from.
 """
 import json
 import sys
@@ -20,11 +24,11 @@ from medsft.assistant import (SCENARIOS, MedicalAssistant, ThinkAnswerSplitter, 
                               thinking_note)
 from medsft.errors import UserError, exit_on_interrupt
 from medsft.model_loading import warn_if_cpu
-from medsft.settings import check_settings, parse_settings, read_run_settings
+from medsft.settings import check_settings, parse_settings, use_run_settings
 
 # -----------------------------------------------------------------------------
 # model
-MODEL_PATH = "Qwen/Qwen3-1.7B"                   # the base the adapter was trained on: a local folder or a model id
+MODEL_PATH = "Qwen/Qwen3-1.7B"                   # the base: a local folder or a model id; default: the adapter's run's
 ADAPTER_PATH = "output/qwen3-1.7b-qlora-v3/final"  # OUTPUT_DIR/final of a training run; "" = the bare base model
 LOAD_IN_4BIT = False                             # False: bf16 (float32 on CPU); True: 4-bit NF4, for small GPUs
 SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT        # the training prompt; a scenario appends its guidance to it
@@ -60,7 +64,7 @@ def main(argv=None):
     stop_on(check_inference_settings(cfg, mode))
     if cfg.ADAPTER_PATH:
         check_adapter_path(cfg.ADAPTER_PATH)
-        note_training_prompt(cfg.ADAPTER_PATH, cfg.SYSTEM_PROMPT)
+    use_run_settings(cfg)  # the base and prompt the adapter was trained with, unless given here
 
     # ========== 2. Batch mode: read and check every row first ==========
     items, output_file = None, None
@@ -71,7 +75,7 @@ def main(argv=None):
     cfg.print("inference settings")
 
     # ========== 3. Base model (bf16, or 4-bit NF4) + the LoRA adapter ==========
-    warn_if_cpu()
+    warn_if_cpu(cfg.LOAD_IN_4BIT)
     assistant = MedicalAssistant(cfg.MODEL_PATH, cfg.ADAPTER_PATH or None, cfg.LOAD_IN_4BIT, cfg.SYSTEM_PROMPT,
                                  cfg.THINKING)
     assistant.sampling.update(max_new_tokens=cfg.MAX_NEW_TOKENS, temperature=cfg.TEMPERATURE, top_p=cfg.TOP_P,
@@ -124,13 +128,6 @@ def check_inference_settings(cfg, mode: str) -> list[str]:
     if mode == "batch" and cfg.OUTPUT_FILE and Path(cfg.OUTPUT_FILE).resolve() == Path(cfg.BATCH_FILE).resolve():
         problems.append("the output file is the batch file itself; pick another -o")
     return [p for p in problems if p]
-
-
-def note_training_prompt(adapter_path, system_prompt: str) -> None:
-    """Warn when the adapter was trained with another system prompt (its settings.json says which)."""
-    trained = read_run_settings(adapter_path).get("SYSTEM_PROMPT")
-    if trained and trained != system_prompt:
-        print(f"note: the adapter was trained with the system prompt {trained!r}; pass --system_prompt=... to use it")
 
 
 def stop_on(problems: list[str]) -> None:
@@ -222,8 +219,8 @@ def chat(assistant: MedicalAssistant, scenario=None, read_line=input):
 
 
 # what decides a prediction: a batch output resumed under other values would mix answers of two settings
-PREDICTION_SETTINGS = ("MODEL_PATH", "ADAPTER_PATH", "LOAD_IN_4BIT", "SYSTEM_PROMPT", "SCENARIO", "MAX_NEW_TOKENS",
-                       "TEMPERATURE", "TOP_P", "TOP_K", "SEED", "THINKING")
+_PREDICTION_SETTINGS = ("MODEL_PATH", "ADAPTER_PATH", "LOAD_IN_4BIT", "SYSTEM_PROMPT", "SCENARIO", "MAX_NEW_TOKENS",
+                        "TEMPERATURE", "TOP_P", "TOP_K", "SEED", "THINKING")
 
 
 def check_batch_resume(cfg, output_file: Path) -> None:
@@ -232,7 +229,7 @@ def check_batch_resume(cfg, output_file: Path) -> None:
     if not output_file.is_file() or not output_file.stat().st_size or not saved_path.is_file():
         return
     saved, new = json.loads(saved_path.read_text(encoding="utf-8")), cfg.as_dict()
-    changed = [f"{name.lower()} {saved.get(name)!r} → {new[name]!r}" for name in PREDICTION_SETTINGS
+    changed = [f"{name.lower()} {saved.get(name)!r} → {new[name]!r}" for name in _PREDICTION_SETTINGS
                if name in saved and saved[name] != new[name]]
     if changed:
         raise UserError(f"error: {output_file} holds answers made with other settings ({', '.join(changed)}); "

@@ -25,13 +25,13 @@ from medsft.model_export import (MERGE_TARGETS, adapter_problems, check_examples
                                  pick_device, quantisation_of, recorded_base, save_model_files, staged_folder,
                                  write_json)
 from medsft.records import read_jsonl
-from medsft.settings import check_settings, parse_settings, read_run_settings
+from medsft.settings import check_settings, parse_settings, use_run_settings
 from medsft.val_loss import measure_loss
 
 # -----------------------------------------------------------------------------
 # input
 ADAPTER_PATH = "output/qwen3-1.7b-qlora-v3/final"  # OUTPUT_DIR/final of a training run
-MODEL_PATH = ""                                    # the base; "" = the one in the adapter's settings.json
+MODEL_PATH = ""                                    # the base; "" = the one the adapter's run recorded
 DEVICE = "auto"                                    # "auto": the GPU if there is one, else "cpu"; float32 1.7B needs ~7 GB
 MERGE_INTO = "bf16"                                # "bf16": the original weights; "dequantized_nf4": the NF4 ones QLoRA
                                                    # trained against, dequantized (README: Which base to merge into)
@@ -40,7 +40,8 @@ OUTPUT_DIR = "output/qwen3-1.7b-medical-v3"        # the merged model folder (wr
 OVERWRITE = False                                  # True replaces an existing OUTPUT_DIR once the new one is checked
 MAX_SHARD_SIZE = "2GB"                             # size of each model-0000N-of-0000M.safetensors shard
 # check
-DATA_DIR = "data"                                  # the first rows of val.jsonl are the check's examples; else built-in
+DATA_DIR = "data"                                  # val.jsonl's first rows are the check's examples (else built-in
+                                                   # ones); unless given, the adapter's run's DATA_DIR
 CHECK_EXAMPLES = 4                                 # examples whose logits are compared (merged vs base+adapter)
 CHECK_MAX_TOKENS = 256                             # tokens per example
 MEASURE_EXAMPLES = -1                              # val rows for the three val losses in merge.json; -1 = 64 on a GPU,
@@ -52,9 +53,10 @@ def main(argv=None):
     # ========== 1. Settings: every problem reported before the model loads ==========
     cfg = parse_settings(globals(), argv)
     bad_adapter = adapter_problems(cfg.ADAPTER_PATH)
-    trained = {} if bad_adapter else read_run_settings(cfg.ADAPTER_PATH)
+    trained = {} if bad_adapter else use_run_settings(cfg, training_length=True)
     if not cfg.MODEL_PATH and not bad_adapter:
-        cfg.MODEL_PATH = recorded_base(cfg.ADAPTER_PATH) or ""
+        cfg.MODEL_PATH = recorded_base(cfg.ADAPTER_PATH) or ""  # an adapter without settings.json: PEFT's record
+        cfg._origins["MODEL_PATH"] = "from adapter_config.json"
     cfg.print("merge settings")
     problems = [p for p in [
         *bad_adapter,

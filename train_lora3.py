@@ -14,7 +14,7 @@ from medsft.distributed import quiet_other_ranks
 from medsft.masking import MaskedQuestionDataset, check_masking_settings, print_restated_terms
 from medsft.memory_estimate import print_memory_estimate
 from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
-from medsft.resume import plan_output_dir
+from medsft.resume import finished_run, plan_output_dir
 from medsft.settings import check_settings, parse_settings
 from medsft.training import (build_trainer, check_training_settings, load_lora_model, load_training_data,
                              print_sample_answer, save_results, show_data_preview, train, training_arguments)
@@ -73,7 +73,7 @@ LOG_STEPS = 10                             # one progress line every this many s
 OUTPUT_DIR = "output/qwen3-1.7b-qlora-v3"  # final/ (best adapter), summary.json, metrics.jsonl, loss.png
 RESUME = "auto"                            # "auto": continue from the newest checkpoint; "never"; or a checkpoint folder
 OVERWRITE = False                          # True replaces a finished run in OUTPUT_DIR
-REPORT_TO = "auto"                         # "auto": SwanLab if logged in, else nothing; "swanlab"; "none"
+REPORT_TO = "auto"                         # "auto": SwanLab if logged in, else nothing; "swanlab"; "tensorboard"; "none"
 PROGRESS_BAR = True                        # the library's progress bar
 DRY_RUN = False                            # True: data stats, the first example and the memory estimate, then stop
 SAMPLE_MAX_NEW_TOKENS = 1024               # tokens of the sample answer printed at the end
@@ -84,6 +84,8 @@ def main(argv=None):
     # ========== 1. Settings: every problem reported before the model loads ==========
     quiet_other_ranks()  # several processes (torchrun, accelerate launch): only the main one prints
     cfg = parse_settings(globals(), argv)
+    if finished_run(cfg):  # the same command again: say where the result is, before any long printout
+        return None
     cfg.print(f"QLoRA {cfg.VERSION} settings")
     check_settings(check_training_settings(cfg) + check_masking_settings(cfg))
 
@@ -100,7 +102,7 @@ def main(argv=None):
     resume = plan_output_dir(cfg, len(data.train_set))
 
     # ========== 3. 4-bit NF4 base model + LoRA ==========
-    warn_if_cpu()
+    warn_if_cpu(cfg.LOAD_IN_4BIT)
     args = training_arguments(cfg)  # first: under DeepSpeed ZeRO-3 the model then loads partitioned
     model = load_lora_model(model_path, cfg, data)
 

@@ -6,7 +6,8 @@
     ssh -L 7860:127.0.0.1:7860 user@gpu-host               # on your laptop, to reach a demo on a remote GPU host
 
 The page is a thin layer over medsft.assistant.MedicalAssistant: the same prompt, history and sampling as
-inference_lora.py's chat. It listens on 127.0.0.1 only unless SERVER_NAME says otherwise.
+inference_lora.py's chat. It listens on 127.0.0.1 only unless SERVER_NAME says otherwise. Unless given on the
+command line, MODEL_PATH and SYSTEM_PROMPT are those the adapter was trained with (its run's settings.json).
 """
 import os
 import sys
@@ -22,11 +23,11 @@ from medsft import chat_format  # noqa: E402
 from medsft.assistant import (SCENARIOS, MedicalAssistant, ThinkAnswerSplitter, check_adapter_path,  # noqa: E402
                               history_turn, thinking_note)
 from medsft.errors import UserError  # noqa: E402
-from medsft.settings import check_settings, parse_settings  # noqa: E402
+from medsft.settings import check_settings, parse_settings, use_run_settings  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # model
-MODEL_PATH = "Qwen/Qwen3-1.7B"                   # the base the adapter was trained on: a local folder or a model id
+MODEL_PATH = "Qwen/Qwen3-1.7B"                   # the base: a local folder or a model id; default: the adapter's run's
 ADAPTER_PATH = "output/qwen3-1.7b-qlora-v3/final"  # OUTPUT_DIR/final of a training run; "" = the bare base model
 LOAD_IN_4BIT = False                             # False: bf16 (float32 on CPU); True: 4-bit NF4, for small GPUs
 SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT        # the training prompt; a scenario appends its guidance to it
@@ -37,7 +38,7 @@ TEMPERATURE = 0.6                                # 0 = greedy
 TOP_P = 0.95                                     # nucleus sampling
 TOP_K = 20                                       # sample among the k likeliest tokens
 # limits
-MAX_LENGTH = 4096                                # prompt + reply tokens; older turns are dropped beyond it
+CONTEXT_LENGTH = 4096                            # the chat window: prompt + reply tokens; older turns are dropped beyond it
 MAX_QUESTION_CHARS = 2000                        # longer questions are refused with a message
 QUEUE_SIZE = 16                                  # requests waiting behind the one being answered; more are refused
 # server
@@ -56,6 +57,7 @@ def main(argv=None):
     # ========== 1. Settings: every problem reported before the model loads ==========
     cfg = parse_settings(globals(), argv)
     check_settings(check_web_settings(cfg))
+    use_run_settings(cfg)  # the base and prompt the adapter was trained with, unless given here
     if cfg.SERVER_NAME not in _LOOPBACK:
         print(f"warning: SERVER_NAME={cfg.SERVER_NAME} lets anyone who can reach this machine use the model (and "
               "see nothing stopping them); to reach it from your own computer use SSH port forwarding instead: "
@@ -73,10 +75,14 @@ def main(argv=None):
           + f" on {assistant.model.device}", flush=True)
 
     # ========== 3. The page, served one generation at a time ==========
-    demo = build_demo(WebChat(assistant, cfg.MAX_LENGTH, cfg.MAX_QUESTION_CHARS), cfg)
+    demo = build_demo(WebChat(assistant, cfg.CONTEXT_LENGTH, cfg.MAX_QUESTION_CHARS), cfg)
     demo.queue(max_size=cfg.QUEUE_SIZE, default_concurrency_limit=1)
+    # quiet: Gradio's own hint says "set share=True in launch()"; here it is --share=True, said below
     demo.launch(server_name=cfg.SERVER_NAME, server_port=cfg.SERVER_PORT, share=cfg.SHARE, ssr_mode=False,
-                footer_links=["api"])
+                footer_links=["api"], quiet=True, prevent_thread_lock=True)
+    print(f"* Running on local URL:  {demo.local_url}" + ("" if cfg.SHARE else "  (a public link: --share=True; "
+          "anyone who has it can use the model)"), flush=True)
+    demo.block_thread()
 
 
 def check_web_settings(cfg) -> list[str]:
@@ -85,8 +91,8 @@ def check_web_settings(cfg) -> list[str]:
         not 0 < cfg.SERVER_PORT < 65536 and f"server_port must be 1-65535, not {cfg.SERVER_PORT}",
         not cfg.SERVER_NAME and "server_name is empty (use 127.0.0.1)",
         cfg.MAX_NEW_TOKENS < 1 and f"max_new_tokens must be at least 1, not {cfg.MAX_NEW_TOKENS}",
-        cfg.MAX_LENGTH <= cfg.MAX_NEW_TOKENS
-        and f"max_length ({cfg.MAX_LENGTH}) must be more than max_new_tokens ({cfg.MAX_NEW_TOKENS})",
+        cfg.CONTEXT_LENGTH <= cfg.MAX_NEW_TOKENS
+        and f"context_length ({cfg.CONTEXT_LENGTH}) must be more than max_new_tokens ({cfg.MAX_NEW_TOKENS})",
         cfg.TEMPERATURE < 0 and f"temperature must be 0 (greedy) or more, not {cfg.TEMPERATURE}",
         not 0 < cfg.TOP_P <= 1 and f"top_p must be in (0, 1], not {cfg.TOP_P}",
         cfg.TOP_K < 0 and f"top_k must be 0 (off) or more, not {cfg.TOP_K}",
@@ -108,8 +114,8 @@ def check_web_settings(cfg) -> list[str]:
 class WebChat:
     """The page's callbacks. Each browser session has its own history (a gr.State) and its own Stop."""
 
-    def __init__(self, assistant: MedicalAssistant, max_length: int, max_question_chars: int):
-        self.assistant, self.max_length, self.max_question_chars = assistant, max_length, max_question_chars
+    def __init__(self, assistant: MedicalAssistant, context_length: int, max_question_chars: int):
+        self.assistant, self.context_length, self.max_question_chars = assistant, context_length, max_question_chars
         self.stop_events: dict[str, threading.Event] = {}
 
     def respond(self, question, messages, history, scenario, temperature, top_p, max_new_tokens,
@@ -139,14 +145,16 @@ class WebChat:
         kept, dropped = self.fit_history(question, scenario, history, max_new_tokens, thinking)
         messages.append(gr.ChatMessage(question, role="user"))
         if kept is None:
-            yield "", messages + [_note(
-                f"这个问题加上回答会超过 {self.max_length} 个 token，请缩短问题或减少最大生成长度。 / The question and "
-                f"a reply of {max_new_tokens} tokens do not fit MAX_LENGTH={self.max_length} tokens.")], history
+            too_long = _note(f"这个问题加上回答会超过 {self.context_length} 个 token，请缩短问题或减少最大生成长度。 / "
+                             f"The question and a reply of {max_new_tokens} tokens do not fit "
+                             f"CONTEXT_LENGTH={self.context_length} tokens.")
+            yield "", messages + [too_long], history
             return
         history = kept
         if dropped:
-            messages.append(_note(f"对话太长，最早的 {dropped} 轮已被遗忘（上限 {self.max_length} 个 token）。 / "
-                                  f"The oldest {dropped} turn(s) were dropped to fit MAX_LENGTH={self.max_length}."))
+            messages.append(_note(f"对话太长，最早的 {dropped} 轮已被遗忘（上限 {self.context_length} 个 token）。 / "
+                                  f"The oldest {dropped} turn(s) were dropped to fit "
+                                  f"CONTEXT_LENGTH={self.context_length}."))
 
         stop = self.stop_events[_session(request)] = threading.Event()
         view = _TurnView()
@@ -175,8 +183,8 @@ class WebChat:
         yield "", messages + view.messages(), history
 
     def fit_history(self, question, scenario, history, max_new_tokens, thinking=True):
-        """(the newest turns that fit MAX_LENGTH with the reply, how many were dropped); None when none fit."""
-        budget = self.max_length - max_new_tokens
+        """(the newest turns that fit CONTEXT_LENGTH with the reply, how many were dropped); None when none fit."""
+        budget = self.context_length - max_new_tokens
         for dropped in range(len(history) + 1):
             kept = history[dropped:]
             if len(self.assistant.encode(question, scenario, kept, thinking)) <= budget:

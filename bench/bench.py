@@ -2,7 +2,8 @@
 
     python bench/bench.py                                       # = --mode=tiny: a CPU harness check, NOT a benchmark
     python bench/bench.py --mode=tiny --results_dir=/tmp/bench  # keep the tiny results (default: a temp dir)
-    python bench/bench.py --mode=full                           # the benchmark on a CUDA GPU (15-25 min on an H100, derived)
+    bench/gpu_check.sh --out=/tmp/gpu-check                     # all of it on a CUDA GPU, GPU tests first (<= 7.5 min)
+    python bench/bench.py --mode=full                           # the benchmark alone (15-25 min on an H100, derived)
     python bench/bench.py --mode=full --configs=original,v1,trl_liger --shipped_scripts=False  # a part of it
     python bench/bench.py --mode=full --configs= --inference=False --append_to=bench/results/2026-01-01-nvidia-h100.json
     python bench/bench.py --render_only=True                    # rebuild bench/RESULTS.md from bench/results/*.json
@@ -17,11 +18,13 @@ shipped. Every number in the results is measured by this run; nothing is looked 
 The pieces: bench/synthetic.py (the random model and the data), bench/recipes.py (the RECIPES table),
 bench/measure.py (one function per measurement), bench/report.py (results JSON -> bench/RESULTS.md).
 """
+import contextlib
 import datetime
 import json
 import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,18 +65,28 @@ INFERENCE = True                    # measure generation speed with the v3 adapt
 INFERENCE_BATCH = 16                # questions per ask_batch call
 INFERENCE_NEW_TOKENS = 256          # new tokens per reply
 # the shipped scripts at real size (tiny mode: off unless asked)
-SHIPPED_SCRIPTS = True              # train_lora3.py, then on its adapter inference_lora.py -b, merge_lora.py, web demo
+SHIPPED_SCRIPTS = True              # train_lora3.py, then on its adapter inference_lora.py -b, merge_lora.py, a streamed answer
 SCRIPT_STEPS = 20                   # --max_steps of the train_lora3.py run
 SCRIPT_QUESTIONS = 32               # questions answered by inference_lora.py -b
-# processes
+# the GPU-marked tests (tests/ files with @gpu), run first by bench/gpu_check.sh
+GPU_TESTS = False                   # run `pytest -m gpu` as a stage of its own
+GPU_TESTS_TIMEOUT_S = 150           # the whole pytest run
+GPU_TEST_TIMEOUT_S = 60             # each test (pytest-timeout, where it is installed)
+# processes and time
 ISOLATE = "auto"                    # each config in a fresh subprocess: "auto" = in full mode only; "true"; "false"
 TIMEOUT_S = 420                     # per subprocess; one that runs over is recorded as failed
+TIME_BUDGET_S = 0                   # the whole run's wall time, 0 = none; a stage that does not fit is recorded skipped
+MIN_STAGE_S = 20                    # with a budget: a stage or config starts only with this much of it left
+# the environment, as bench/gpu_check.sh installed it (recorded with the results)
+WHEELS_DIR = ""                     # the local wheel folder installed before the run
+SITE_DIR = ""                       # where those wheels were installed (first on PYTHONPATH)
+WHEELS_INSTALL = ""                 # how that install went, e.g. "ok in 12 s"
 # output
 RESULTS_DIR = "bench/results"       # <date>-<device>.json goes here (tiny: a temp dir unless given)
 RESULTS_MD = "auto"                 # "auto": bench/RESULTS.md for bench/results, else RESULTS.md inside RESULTS_DIR
 APPEND_TO = ""                      # a results JSON of the same device: this run is merged into it (a split run)
 # internal: full mode runs each config as `bench.py ... --child=train:v1 --child_output=FILE`
-CHILD = ""                          # "train:<config>", "inference" or "web_demo"; "" = the whole benchmark
+CHILD = ""                          # "train:<config>", "inference" or "streamed_answer"; "" = the whole benchmark
 CHILD_OUTPUT = ""                   # the child's result JSON
 # -----------------------------------------------------------------------------
 
@@ -84,6 +97,7 @@ TINY_MODE = {
     "INFERENCE_BATCH": 4, "INFERENCE_NEW_TOKENS": 8, "SHIPPED_SCRIPTS": False, "SCRIPT_STEPS": 2, "SCRIPT_QUESTIONS": 4,
     "WORK_DIR": "", "RESULTS_DIR": "",  # temp dirs: a harness check never dirties the repo
 }
+STAGES = ("environment", "gpu_tests", "model_and_data", "training", "inference", "shipped_scripts")  # run order
 _TINY_NOTE = ("TINY MODE: a harness check on a 2-layer random Qwen3 on CPU. It is NOT a benchmark: "
               "its numbers say nothing about GPU speed or memory.")
 
@@ -103,54 +117,85 @@ def main(argv=None):
         print(_TINY_NOTE, flush=True)
     isolate = cfg.ISOLATE.lower() == "true" or (cfg.ISOLATE.lower() == "auto" and cfg.MODE == "full")
     started = datetime.datetime.now().astimezone()
-
-    # ========== 2. Random-weight model and synthetic data in the dataset's shape ==========
-    model_dir = synthetic.prepare_model(cfg, paths)
-    tokenizer = synthetic.load_bench_tokenizer(model_dir)
-    data_stats = synthetic.write_synthetic_data(cfg, tokenizer, paths.data)
-    print(f"synthetic data: {cfg.TRAIN_ROWS} train + {cfg.VAL_ROWS} val rows; whole-example tokens p50 "
-          f"{data_stats['p50']} (target {cfg.LENGTH_P50}), p90 {data_stats['p90']} (target {cfg.LENGTH_P90}), "
-          f"p99 {data_stats['p99']}, max {data_stats['max']}; think share {data_stats['think_share']:.2f} "
-          f"(target {cfg.THINK_SHARE})", flush=True)
-
-    # ========== 3. The device's matmul rate, the denominator of MFU ==========
-    peak = measure.measure_matmul_rate(cfg.MATMUL_SIZE)
-    print(f"measured matmul rate: {report.format_rate(peak['tflops'])} ({peak['dtype']}, {cfg.MATMUL_SIZE}^3)",
-          flush=True)
-
-    # ========== 4. Train each recipe for WARMUP_STEPS + STEPS steps ==========
-    configs = {}
-    for name in cfg.CONFIGS:
-        print(f"==== training config {name} ====", flush=True)
-        configs[name] = (run_in_subprocess(cfg, argv, f"train:{name}", paths) if isolate
-                         else measure.measure_training(cfg, name, model_dir, paths, tokenizer))
-
-    # ========== 5. Generation through MedicalAssistant ==========
-    inference = None
-    if cfg.INFERENCE:
-        print("==== inference ====", flush=True)
-        inference = (run_in_subprocess(cfg, argv, "inference", paths) if isolate
-                     else measure.measure_inference(cfg, model_dir, paths))
-
-    # ========== 6. The shipped scripts at real size (full mode; tiny mode only if asked) ==========
-    scripts = None
-    if cfg.SHIPPED_SCRIPTS:
-        scripts = measure.run_shipped_scripts(cfg, model_dir, paths)
-        print("==== shipped: web_demo.py ====", flush=True)
-        scripts["web_demo"] = (run_in_subprocess(cfg, argv, "web_demo", paths) if isolate
-                               else measure.measure_web_demo(cfg, model_dir, paths))
-
-    # ========== 7. Results: JSON, RESULTS.md, the targets ==========
     results = {
         "mode": cfg.MODE, "note": _TINY_NOTE if cfg.MODE == "tiny" else None,
         "timestamp": started.isoformat(timespec="seconds"), "date": started.date().isoformat(),
-        "device": report.device_name(), "versions": report.library_versions(),
-        "command": shlex.join(["python", "bench/bench.py", *argv]), "settings": cfg.as_dict(),
-        "model": measure.model_summary(model_dir), "data": data_stats, "matmul_rate": peak,
-        "configs": configs, "inference": inference, "shipped_scripts": scripts,
+        "device": report.device_name(), "command": shlex.join(["python", "bench/bench.py", *argv]),
+        "settings": cfg.as_dict(), "stages": {name: {"status": "pending"} for name in STAGES},
+        "environment": None, "versions": None, "matmul_rate": None, "gpu_tests": None, "model": None,
+        "data": None, "configs": {}, "inference": None, "shipped_scripts": None,
     }
-    report.add_derived_figures(results)
-    results_file = report.write_results(cfg, results)
+    run = RunRecord(cfg, results)  # the results file is rewritten after every result: a cut run leaves valid JSON
+
+    # ========== 2. Environment: versions, the carried wheels, the matmul rate (the denominator of MFU) ==========
+    with run.stage("environment"):
+        results["versions"] = report.library_versions()
+        results["environment"] = report.environment(cfg.WHEELS_DIR, cfg.SITE_DIR, cfg.WHEELS_INSTALL)
+        print("versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), flush=True)
+        results["matmul_rate"] = measure.measure_matmul_rate(cfg.MATMUL_SIZE)
+        print(f"measured matmul rate: {report.format_rate(results['matmul_rate']['tflops'])} "
+              f"({results['matmul_rate']['dtype']}, {cfg.MATMUL_SIZE}^3)", flush=True)
+
+    # ========== 3. The GPU-marked tests (pytest -m gpu), each with a timeout ==========
+    if not cfg.GPU_TESTS:
+        run.skip("gpu_tests", "not asked (--gpu_tests=False)")
+    elif run.enough_time("gpu_tests"):
+        with run.stage("gpu_tests"):
+            results["gpu_tests"] = measure.run_gpu_tests(cfg, run.timeout(cfg.GPU_TESTS_TIMEOUT_S))
+
+    # ========== 4. Random-weight model and synthetic data in the dataset's shape ==========
+    if run.enough_time("model_and_data"):  # when it does not fit, no later stage does
+        with run.stage("model_and_data"):
+            model_dir = synthetic.prepare_model(cfg, paths)
+            tokenizer = synthetic.load_bench_tokenizer(model_dir)
+            results["model"] = measure.model_summary(model_dir)
+            results["data"] = data_stats = synthetic.write_synthetic_data(cfg, tokenizer, paths.data)
+            print(f"synthetic data: {cfg.TRAIN_ROWS} train + {cfg.VAL_ROWS} val rows; whole-example tokens p50 "
+                  f"{data_stats['p50']} (target {cfg.LENGTH_P50}), p90 {data_stats['p90']} (target {cfg.LENGTH_P90}), "
+                  f"p99 {data_stats['p99']}, max {data_stats['max']}; think share {data_stats['think_share']:.2f} "
+                  f"(target {cfg.THINK_SHARE})", flush=True)
+
+    # ========== 5. Train each recipe for WARMUP_STEPS + STEPS steps, in the order asked ==========
+    if run.enough_time("training"):
+        with run.stage("training"):
+            for name in cfg.CONFIGS:
+                if not run.enough_time():
+                    results["configs"][name] = {"ok": None, "skipped": "the time budget ran out", "error": None,
+                                                "peak_reserved_gib": None, "peak_allocated_gib": None}
+                    continue
+                print(f"==== training config {name} ====", flush=True)
+                results["configs"][name] = (run_in_subprocess(cfg, argv, f"train:{name}", paths, run.timeout())
+                                            if isolate else measure.measure_training(cfg, name, model_dir, paths,
+                                                                                     tokenizer))
+                run.save()
+
+    # ========== 6. Generation through MedicalAssistant: single-stream against batched ==========
+    if not cfg.INFERENCE:
+        run.skip("inference", "not asked (--inference=False)")
+    elif run.enough_time("inference"):
+        with run.stage("inference"):
+            print("==== inference ====", flush=True)
+            results["inference"] = (run_in_subprocess(cfg, argv, "inference", paths, run.timeout()) if isolate
+                                    else measure.measure_inference(cfg, model_dir, paths))
+
+    # ========== 7. The shipped scripts at real size (full mode; tiny mode only if asked) ==========
+    if not cfg.SHIPPED_SCRIPTS:
+        run.skip("shipped_scripts", "not asked (--shipped_scripts=False)")
+    elif run.enough_time("shipped_scripts"):
+        with run.stage("shipped_scripts"):
+            scripts = results["shipped_scripts"] = {}
+            for name, measure_script in measure.SHIPPED_SCRIPTS.items():
+                if not run.enough_time():
+                    scripts[name] = {"ok": None, "skipped": "the time budget ran out"}
+                elif name == "streamed_answer" and isolate:
+                    print("==== shipped: one answer streamed through MedicalAssistant ====", flush=True)
+                    scripts[name] = run_in_subprocess(cfg, argv, "streamed_answer", paths, run.timeout())
+                else:
+                    scripts[name] = measure_script(cfg, model_dir, paths, run.timeout())
+                run.save()
+
+    # ========== 8. Results: JSON, RESULTS.md, the targets ==========
+    results_file = run.save()
     results_md = report.write_results_md(cfg)
     print(report.render_results(json.loads(results_file.read_text(encoding="utf-8"))))
     if cfg.MODE == "tiny":
@@ -163,6 +208,68 @@ def main(argv=None):
     if paths.temporary:
         paths.temporary.cleanup()
     return {"results": results, "results_file": results_file, "results_md": results_md}
+
+
+class RunRecord:
+    """The results of this run, rewritten to one file after every result; the stages' status and the time budget.
+
+    Every stage is in results["stages"] from the start ("pending"), so a run stopped at any point leaves a
+    valid JSON that says what was done, what failed and what never ran.
+    """
+
+    def __init__(self, cfg, results: dict):
+        self.cfg, self.results = cfg, results
+        self.start = time.monotonic()
+        self.earlier = (json.loads(report.from_root(cfg.APPEND_TO).read_text(encoding="utf-8"))
+                        if cfg.APPEND_TO else None)
+        self.path = report.from_root(cfg.APPEND_TO) if cfg.APPEND_TO else report.new_results_path(cfg, results)
+        self.save()
+
+    def save(self) -> Path:
+        self.results["wall_s"] = round(time.monotonic() - self.start, 1)
+        report.add_derived_figures(self.results)
+        report.write_results(self.path, self.results, self.earlier)
+        return self.path
+
+    def time_left(self) -> float | None:
+        return None if not self.cfg.TIME_BUDGET_S else self.cfg.TIME_BUDGET_S - (time.monotonic() - self.start)
+
+    def timeout(self, cap: float | None = None) -> int:
+        """A subprocess's time limit: TIMEOUT_S (or cap), never past the run's time budget."""
+        left = self.time_left()
+        return max(1, int(min(cap or self.cfg.TIMEOUT_S, self.cfg.TIMEOUT_S, left if left is not None else 1e9)))
+
+    def enough_time(self, stage: str | None = None) -> bool:
+        """Whether MIN_STAGE_S is left of the time budget; if not, the stage is recorded as skipped."""
+        left = self.time_left()
+        if left is None or left >= self.cfg.MIN_STAGE_S:
+            return True
+        if stage:
+            self.skip(stage, f"the time budget ({self.cfg.TIME_BUDGET_S} s) ran out")
+        return False
+
+    def skip(self, stage: str, reason: str) -> None:
+        self.results["stages"][stage] = {"status": "skipped", "reason": reason}
+        print(f"stage {stage}: skipped ({reason})", flush=True)
+        self.save()
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        record = self.results["stages"][name] = {"status": "running"}
+        self.save()
+        start = time.monotonic()
+        try:
+            yield
+        except BaseException as e:
+            record |= {"status": "failed", "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+            raise
+        else:
+            record["status"] = "done"
+        finally:
+            record["seconds"] = round(time.monotonic() - start, 1)
+            self.save()
+            print(f"stage {name}: {record['status']} in {record['seconds']:.1f} s "
+                  f"(run so far {self.results['wall_s']:.0f} s)", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,6 +300,8 @@ def bench_settings(argv: list[str]):
         and f"append_to {cfg.APPEND_TO}: no such results file",
         cfg.ISOLATE.lower() not in ("auto", "true", "false")
         and f"isolate must be auto, true or false, not {cfg.ISOLATE!r}",
+        cfg.TIME_BUDGET_S < 0 and f"time_budget_s must be 0 (none) or more, not {cfg.TIME_BUDGET_S}",
+        cfg.WHEELS_DIR and not Path(cfg.WHEELS_DIR).is_dir() and f"wheels_dir {cfg.WHEELS_DIR}: not a folder",
     ]
     if cfg.MODE == "full" and not cfg.RENDER_ONLY:
         import torch
@@ -229,7 +338,7 @@ def work_paths(cfg) -> SimpleNamespace:
 # 2. full mode: every measurement in a fresh process
 
 
-def run_in_subprocess(cfg, argv: list[str], child: str, paths) -> dict:
+def run_in_subprocess(cfg, argv: list[str], child: str, paths, timeout_s: int) -> dict:
     """Run `bench.py --child=...` in a fresh process: clean memory figures, and a crash is recorded, not fatal."""
     output = paths.children / f"{child.replace(':', '-')}.json"
     output.unlink(missing_ok=True)
@@ -237,11 +346,11 @@ def run_in_subprocess(cfg, argv: list[str], child: str, paths) -> dict:
            f"--child={child}", f"--child_output={output}"]
     if cfg.MODEL_DIR:
         cmd.append(f"--model_dir={cfg.MODEL_DIR}")
-    run = measure.run_logged(cmd, cfg.TIMEOUT_S)
+    run = measure.run_logged(cmd, timeout_s)
     if output.is_file():
         return json.loads(output.read_text(encoding="utf-8"))
     oom = any("OutOfMemoryError" in line or "out of memory" in line for line in run["tail"])
-    reason = (f"timed out after {cfg.TIMEOUT_S} s" if run["timed_out"] else "out of GPU memory" if oom
+    reason = (f"timed out after {timeout_s} s" if run["timed_out"] else "out of GPU memory" if oom
               else f"exit code {run['rc']}")
     print(f"{child} FAILED: {reason}", flush=True)
     return {"ok": False, "error": f"the subprocess died: {reason}", "output_tail": run["tail"][-12:],
@@ -256,8 +365,8 @@ def run_child(cfg, paths) -> dict:
         result = measure.measure_training(cfg, name, model_dir, paths)
     elif kind == "inference":
         result = measure.measure_inference(cfg, model_dir, paths)
-    elif kind == "web_demo":
-        result = measure.measure_web_demo(cfg, model_dir, paths)
+    elif kind == "streamed_answer":
+        result = measure.measure_streamed_answer(cfg, model_dir, paths)
     else:
         raise UserError(f"error: unknown --child={cfg.CHILD!r}")
     Path(cfg.CHILD_OUTPUT).parent.mkdir(parents=True, exist_ok=True)

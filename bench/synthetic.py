@@ -7,6 +7,7 @@ import json
 import math
 import random
 import re
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +31,18 @@ def prepare_model(cfg, paths) -> Path:
         return model_dir
     print(f"building a random-weight Qwen3 ({shape}) in {model_dir} ...", flush=True)
     staging = paths.work / f".{name}.tmp"  # renamed when complete, so a killed build is never reused
-    build_tiny_qwen3(staging, seed=cfg.SEED, **shape)
+    shutil.rmtree(staging, ignore_errors=True)
+    import torch
+
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 1.7B random weights: seconds on a GPU
+            build_tiny_qwen3(staging, seed=cfg.SEED, **shape)
+    except RuntimeError as e:  # e.g. a GPU without room for it: the CPU takes a minute, but the run goes on
+        print(f"building on the GPU failed ({str(e).splitlines()[0][:200]}); building on the CPU", flush=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        build_tiny_qwen3(staging, seed=cfg.SEED, **shape)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     staging.rename(model_dir)
     return model_dir
 

@@ -16,6 +16,7 @@ inference_lora.py (the command line, batch files, the chat) and a web demo are b
 """
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,54 @@ def _adapter_base(adapter_path) -> str:
         return f"it was made for {base['base_model_name_or_path']}: " if base.get("base_model_name_or_path") else ""
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+
+
+# which size of the base each LoRA matrix's outer side has (Qwen3's attention and MLP projections)
+_LORA_SIZES = {**{("A", m): "hidden_size" for m in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")},
+               ("B", "o_proj"): "hidden_size", ("B", "down_proj"): "hidden_size", ("A", "down_proj"): "intermediate_size",
+               ("B", "gate_proj"): "intermediate_size", ("B", "up_proj"): "intermediate_size"}
+_SHAPE_NAMES = {"hidden_size": "hidden size", "intermediate_size": "intermediate size", "num_hidden_layers": "layers"}
+
+
+def check_base_shape(model_path, adapter_path, trained_base: str) -> None:
+    """Refuse, before anything loads, a base whose layers are not the shape the adapter was trained on.
+
+    The adapter's LoRA matrices give the shape of its base (read from the safetensors header, no weights);
+    the base's config.json gives its own. A model id (not yet downloaded) is left to PEFT's check at load.
+    """
+    config_path, weights = Path(model_path) / "config.json", Path(adapter_path) / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights.is_file():
+        return
+    try:
+        from safetensors import safe_open
+
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        with safe_open(str(weights), framework="pt") as f:
+            trained = lora_base_shape({key: f.get_slice(key).get_shape() for key in f.keys()})
+    except (OSError, ValueError, RuntimeError):
+        return
+    if any(name in config and config[name] != value for name, value in trained.items()):  # else: the folder check
+        def shape(values):
+            return ", ".join(f"{label} {values.get(name)}" for name, label in _SHAPE_NAMES.items() if name in trained)
+
+        raise UserError(f"error: --model_path {model_path} ({shape(config)}) is not the shape of {trained_base} "
+                        f"({shape(trained)}), the base the adapter in {adapter_path} was trained on; drop "
+                        "--model_path to use the run's base, or pass a copy of it")
+
+
+def lora_base_shape(shapes: dict) -> dict:
+    """{hidden_size, intermediate_size, num_hidden_layers} of the base, from an adapter's LoRA matrix shapes."""
+    found = {}
+    for key, dims in shapes.items():
+        match = re.search(r"layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.weight$", key)
+        if not match or len(dims) != 2:
+            continue
+        layer, module, side = int(match[1]), match[2], match[3]
+        found["num_hidden_layers"] = max(found.get("num_hidden_layers", 0), layer + 1)
+        size = dims[1] if side == "A" else dims[0]  # lora_A is [r, in], lora_B is [out, r]
+        if (side, module) in _LORA_SIZES:
+            found[_LORA_SIZES[side, module]] = size
+    return found
 
 
 def _first_line(error: Exception) -> str:

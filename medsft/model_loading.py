@@ -93,9 +93,10 @@ def load_base_model(model_path: str, load_in_4bit: bool, attn_implementation: st
     return model
 
 
-def warn_if_cpu() -> None:
+def warn_if_cpu(load_in_4bit: bool) -> None:
     import torch
 
     if not torch.cuda.is_available() and not os.environ.get("MEDSFT_QUIET_CPU"):
-        print("warning: no CUDA GPU found; running on CPU (bitsandbytes NF4 works there, but slowly). "
+        how = "bitsandbytes NF4 works there, but slowly" if load_in_4bit else "in float32, slowly"
+        print(f"warning: no CUDA GPU found; running on CPU ({how}). "
               "This is fine for the tiny test model, not for Qwen3-1.7B.", flush=True)

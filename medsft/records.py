@@ -56,18 +56,23 @@ def _parse_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(path, number, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(path, number, _json_problem(e)) from None
         if not isinstance(row, dict):
             raise DataError(path, number, f"expected a JSON object, got {type(row).__name__}")
         rows.append((number, row))
     return rows
 
 
+def _json_problem(error: json.JSONDecodeError) -> str:
+    # some messages end in "at" already ("Unterminated string starting at")
+    return f"invalid JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
+
+
 def _parse_json(path: Path, text: str) -> list[tuple[int, dict]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(path, e.lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(path, e.lineno, _json_problem(e)) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):

@@ -9,15 +9,41 @@ import math
 import shutil
 from pathlib import Path
 
-from medsft.distributed import is_main_process
+from medsft.distributed import is_main_process, world_size
 from medsft.errors import UserError
 
 
 def planned_steps(cfg, n_train: int) -> int:
+    """The optimizer steps of the whole run, under any number of processes (each takes every n-th batch)."""
     if cfg.MAX_STEPS > 0:
         return cfg.MAX_STEPS
-    batches = math.ceil(n_train / cfg.BATCH_SIZE)
+    batches = math.ceil(math.ceil(n_train / cfg.BATCH_SIZE) / world_size())
     return math.ceil(cfg.EPOCHS * max(1, math.ceil(batches / cfg.GRADIENT_ACCUMULATION)))
+
+
+def finished_run(cfg) -> Path | None:
+    """OUTPUT_DIR/final when the same command has already finished this run; else None (train, or resume).
+
+    Checked before anything is printed or loaded: the settings that decide what is trained, and the data,
+    must be the saved ones (a longer MAX_STEPS or EPOCHS extends the run instead). Every process decides alike.
+    """
+    out = Path(cfg.OUTPUT_DIR)
+    if cfg.OVERWRITE or cfg.DRY_RUN or cfg.RESUME != "auto" or not (out / "final").is_dir() \
+            or not (out / "summary.json").is_file() or not (out / "settings.json").is_file():
+        return None
+    try:
+        saved = json.loads((out / "settings.json").read_text(encoding="utf-8"))
+        new = cfg.as_dict() | {"DATA_SHA256": data_fingerprint(cfg.DATA_DIR)}
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # unreadable or missing data: the usual checks name the problem
+    if any(saved.get(name) != new.get(name) for name in set(saved) | set(new) if name not in RESUME_MAY_CHANGE):
+        return None
+    best = summary.get("best_val_loss")
+    print(f"{out} holds this run, finished ({summary.get('steps')} steps"
+          + (f", best val loss {best:.4f} at step {summary.get('best_step')}" if isinstance(best, float) else "")
+          + f"); the result is in {out / 'final'}/. Nothing to do; --overwrite=True trains it again", flush=True)
+    return out / "final"
 
 
 def last_complete_checkpoint(out: Path) -> str | None:
@@ -25,6 +51,13 @@ def last_complete_checkpoint(out: Path) -> str | None:
     numbered = [(int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
     complete = [p for _, p in sorted(numbered, reverse=True) if (p / "trainer_state.json").is_file()]
     return str(complete[0]) if complete else None
+
+
+def remove_incomplete_checkpoints(out: Path) -> None:
+    """Delete checkpoint-N folders without trainer_state.json: a save cut short (by Ctrl-C) that nothing can resume."""
+    for path in out.glob("checkpoint-*"):
+        if path.is_dir() and not (path / "trainer_state.json").is_file():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # Settings a resumed run may change: they change how the run is watched and saved, or how fast it runs, never

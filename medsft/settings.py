@@ -23,7 +23,10 @@ class Settings(SimpleNamespace):
     """The resolved settings of one run; attributes keep the constants' UPPER_CASE names."""
 
     def as_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self._items()}
+
+    def _items(self):
+        return [(k, v) for k, v in vars(self).items() if not k.startswith("_")]
 
     def save(self, directory) -> Path:
         path = Path(directory) / "settings.json"
@@ -32,20 +35,68 @@ class Settings(SimpleNamespace):
         return path
 
     def print(self, title: str = "settings") -> None:
-        width = max(len(k) for k in vars(self))
+        """One line per setting; after use_run_settings, each ends with where its value came from."""
+        width = max(len(k) for k, _ in self._items())
+        origins = getattr(self, "_origins", None)
         print(f"---- {title} ----")
-        for key, value in vars(self).items():
-            print(f"{key.lower():<{width}} = {value!r}")
+        for key, value in self._items():
+            line = f"{key.lower():<{width}} = {value!r}"
+            print(f"{line}  ({origins[key]})" if origins else line)
         print("-" * (len(title) + 10), flush=True)
 
 
 def read_run_settings(folder) -> dict:
-    """The settings.json a run saved in `folder` (an adapter, a model folder, an OUTPUT_DIR), or {} if none."""
+    """The settings.json a run saved in `folder` (an adapter, a model folder, an OUTPUT_DIR), or {} if none.
+
+    best/ holds no settings.json of its own: an adapter folder without one reads its OUTPUT_DIR's.
+    """
+    folder = Path(folder)
+    if not (folder / "settings.json").is_file() and (folder / "adapter_config.json").is_file():
+        folder = folder.parent
     try:
-        saved = json.loads((Path(folder) / "settings.json").read_text(encoding="utf-8"))
+        saved = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return saved if isinstance(saved, dict) else {}
+
+
+# what every script that loads a trained model takes from the run that trained it
+RUN_SETTINGS = ("MODEL_PATH", "DATA_DIR", "SYSTEM_PROMPT")
+# only where MAX_LENGTH means training's length (evaluate.py, merge_lora.py, the benchmark), not a chat window
+TRAINING_LENGTH = ("MAX_LENGTH", "LONG_EXAMPLES")
+
+
+def use_run_settings(cfg: Settings, training_length: bool = False, also=(), folder=None) -> dict:
+    """Take RUN_SETTINGS (and TRAINING_LENGTH, and `also`) from the settings.json of the run that made the model,
+    unless given on the command line.
+
+    The run is ADAPTER_PATH's (a run's final/ or best/) or, with no adapter, MODEL_PATH's (a merged folder or
+    train.py's final/); a model folder's own MODEL_PATH is never taken, since that folder is the model. A script
+    that names the trained folder otherwise passes it as `folder` (benchmark.py's FINETUNED_PATH, compared with
+    its base): its run's MODEL_PATH is then taken either way. Names the script has no constant for are skipped.
+    Each value's origin is kept for cfg.print(). An explicit MODEL_PATH of another shape than an adapter's base
+    is refused here, before anything loads. Returns the run's settings ({} when there is no run to read).
+    """
+    names = RUN_SETTINGS + (TRAINING_LENGTH if training_length else ()) + tuple(also)
+    given = getattr(cfg, "_given", set())
+    if folder is None:
+        adapter = getattr(cfg, "ADAPTER_PATH", "")
+        model = getattr(cfg, "MODEL_PATH", "")
+        folder, take_base = adapter or (model if Path(model).is_dir() else ""), bool(adapter)
+    else:
+        adapter = folder if (Path(folder) / "adapter_config.json").is_file() else ""
+        take_base = True
+    run = read_run_settings(folder) if folder else {}
+    taken = [n for n in names if hasattr(cfg, n) and n in run and n not in given and (take_base or n != "MODEL_PATH")]
+    for name in taken:
+        setattr(cfg, name, tuple(run[name]) if isinstance(getattr(cfg, name), tuple) else run[name])
+    cfg._origins = {k: "command line" if k in given else "from the run" if k in taken else "default"
+                    for k, _ in cfg._items()}
+    if adapter and "MODEL_PATH" in given and run.get("MODEL_PATH") and run["MODEL_PATH"] != cfg.MODEL_PATH:
+        from medsft.assistant import check_base_shape
+
+        check_base_shape(cfg.MODEL_PATH, adapter, run["MODEL_PATH"])
+    return run
 
 
 def _parse_value(name: str, text: str, default):
@@ -90,7 +141,7 @@ def parse_settings(namespace: dict, argv=None, aliases: dict | None = None, posi
     defaults = {k: v for k, v in namespace.items() if k.isupper() and not k.startswith("_") and isinstance(v, _SIMPLE)}
     argv = list(sys.argv[1:] if argv is None else argv)
     aliases = aliases or {}
-    values, problems, unknown, bare = dict(defaults), [], [], []
+    values, problems, unknown, bare, given = dict(defaults), [], [], [], set()
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -120,18 +171,22 @@ def parse_settings(namespace: dict, argv=None, aliases: dict | None = None, posi
                 continue
         try:
             values[key] = _parse_value(name, text, defaults[key])
+            given.add(key)
         except ValueError as e:
             problems.append(str(e))
     if bare:
         if positional and positional.upper() in defaults:
             values[positional.upper()] = type(defaults[positional.upper()])(bare)
+            given.add(positional.upper())
         else:
             problems.append(f"unexpected argument(s): {' '.join(bare)} (settings are given as --name=value)")
     problems += unknown  # last, so the suggestion is the last line the user sees
     if problems:
         problems[-1] += " (--help lists every setting)"
         raise UserError("\n".join(f"error: {p}" for p in problems))
-    return Settings(**values)
+    settings = Settings(**values)
+    settings._given = given
+    return settings
 
 
 def _unknown(name: str, defaults: dict) -> str:

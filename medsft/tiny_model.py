@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from medsft.errors import UserError
+from medsft.records import make_shareable
 
 QWEN3_EOS_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>, as in Qwen3's generation_config.json
 
@@ -41,4 +42,5 @@ def build_tiny_qwen3(out_dir, layers: int = 2, hidden: int = 64, heads: int = 4,
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    make_shareable(out_dir)  # safetensors writes an owner-only model.safetensors
     return out_dir

@@ -15,7 +15,7 @@ from medsft.distributed import (check_sharding_is_on, is_main_process, launch_pr
                                 sharding, use_liger_kernel, world_size)
 from medsft.errors import DataError, UserError, exit_on_interrupt
 from medsft.records import read_jsonl, write_files_atomically
-from medsft.resume import last_complete_checkpoint
+from medsft.resume import last_complete_checkpoint, remove_incomplete_checkpoints
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 SWANLAB_PROJECT = "qwen3-medical-r1"
@@ -266,7 +266,7 @@ def load_lora_model(model_path: str, cfg, data: TrainingData | None = None):
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: the whole, not 1/N
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-          + (f"; fully trained: {sorted(lora.modules_to_save)}" if lora.modules_to_save else "")
+          + (f"; fully trained: {fully_trained(lora)}" if lora.modules_to_save else "")
           + (f"; embedding rows trained: {len(token_indices):,} of {model.config.vocab_size:,} (the tokens of the "
              "training inputs)" if token_indices else ""), flush=True)
     model.trainable_params = trainable
@@ -275,6 +275,14 @@ def load_lora_model(model_path: str, cfg, data: TrainingData | None = None):
     if not cfg.LOAD_IN_4BIT and not torch.cuda.is_available() and not sharding():
         model.to(torch.float32)  # bf16 matmuls are slow on CPU
     return model
+
+
+def fully_trained(lora) -> str:
+    """The modules trained whole, each named once (PEFT lists a module under its short and its full name)."""
+    names = sorted({name.rsplit(".", 1)[-1] for name in lora.modules_to_save})
+    tied = "embed_tokens" in names and lora.ensure_weight_tying
+    return ", ".join(f"{name} (tied to lm_head: one matrix)" if tied and name == "embed_tokens" else name
+                     for name in names)
 
 
 def _widen_to_fp32(module, args, output):
@@ -439,6 +447,8 @@ def train(trainer, resume: str | None, cfg) -> float:
             trainer.evaluate()  # so the final weights compete for "best" too
         finish_trackers(trainer)
     except KeyboardInterrupt:
+        if is_main_process():
+            remove_incomplete_checkpoints(Path(cfg.OUTPUT_DIR))
         last = last_complete_checkpoint(Path(cfg.OUTPUT_DIR))
         where = f"the newest checkpoint is {last}" if last else f"no checkpoint yet (one every {cfg.SAVE_STEPS} steps)"
         exit_on_interrupt(f"interrupted at step {trainer.state.global_step}; {where}; run the same command again "

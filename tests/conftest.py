@@ -24,7 +24,10 @@ SHORT_QUESTIONS = ["高血压患者头痛怎么办？", "糖尿病可以吃水�
                    "心电图异常要紧吗？", "腹泻脱水怎么办？", "湿疹反复怎么办？", "骨质疏松怎么预防？"]
 
 
-gpu = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
+def gpu(test):
+    """A CUDA-only test: marked `gpu` (`pytest -m gpu` selects them all) and skipped on CPU."""
+    needs_cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
+    return pytest.mark.gpu(needs_cuda(test))
 
 
 @pytest.fixture(scope="session")
@@ -69,11 +72,39 @@ def short_data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_adapter(tmp_path_factory, tiny_model_dir, sample_data_dir) -> Path:
-    """OUTPUT_DIR/final of a 3-step v1 run on the tiny model."""
-    import train_lora
+def train_once(tmp_path_factory, tiny_model_dir):
+    """train(version, data_dir, *extra) -> (OUTPUT_DIR, what main returned, what it printed): a FAST_TRAINING run
+    of train_lora.py ("v1"), train_lora2.py ("v2") or train_lora3.py ("v3"), trained once per session for every
+    test that asks for the same one. Tests that change the folder copy it first."""
+    import contextlib
+    import importlib
+    import io
 
-    out = tmp_path_factory.mktemp("trained-v1")
-    train_lora.main([f"--model_path={tiny_model_dir}", f"--data_dir={sample_data_dir}", f"--output_dir={out}",
-                     *FAST_TRAINING])
-    return out / "final"
+    runs = {}
+
+    def train(version, data_dir, *extra):
+        key = (version, str(data_dir), extra)
+        if key not in runs:
+            script = importlib.import_module({"v1": "train_lora", "v2": "train_lora2", "v3": "train_lora3"}[version])
+            out, printed = tmp_path_factory.mktemp(f"run-{version}"), io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                result = script.main([f"--model_path={tiny_model_dir}", f"--data_dir={data_dir}",
+                                      f"--output_dir={out}", *FAST_TRAINING, *extra])
+            runs[key] = out, result, printed.getvalue()
+        return runs[key]
+
+    return train
+
+
+def two_step_run(train_once, short_data_dir, folder) -> Path:
+    """A copy in `folder` of the session's 2-step v1 run with a checkpoint every step, for tests that resume it."""
+    import shutil
+
+    shutil.copytree(train_once("v1", short_data_dir, "--max_steps=2", "--save_steps=1")[0], folder, dirs_exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(train_once, sample_data_dir) -> Path:
+    """OUTPUT_DIR/final of a 3-step v1 run on the tiny model."""
+    return train_once("v1", sample_data_dir)[0] / "final"

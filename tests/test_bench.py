@@ -1,8 +1,19 @@
-"""bench/: the CPU tiny mode end to end (every recipe, TRL included), the report and its targets, the synthetic data."""
+"""bench/: the prepared GPU check rehearsed on CPU (bench/gpu_check.sh --tiny: every stage, every recipe, TRL
+included), a run cut short, the report and its targets, the synthetic data."""
+import base64
 import copy
+import hashlib
 import importlib.util
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -10,8 +21,9 @@ from bench import report
 from bench.recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ["original", "v1", "v2", "v3", "bf16_lora", "full", "trl", "trl_liger"]
+CONFIGS = ["v1", "trl", "trl_liger", "v2", "v2_full_embedding", "v3", "full", "original", "bf16_lora"]  # the order the check runs them
 CUDA_ONLY = {"trl_liger"}
+STAGES = ["environment", "gpu_tests", "model_and_data", "training", "inference", "shipped_scripts"]
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +35,45 @@ def bench():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(bench, tmp_path_factory):
-    results_dir = tmp_path_factory.mktemp("bench-results")
-    return bench.main(["--mode=tiny", f"--results_dir={results_dir}"]), results_dir
+def wheel_dir(tmp_path_factory) -> Path:
+    """A local wheel folder, built offline: one pure-Python wheel, as pip writes them (METADATA, WHEEL, RECORD)."""
+    folder = tmp_path_factory.mktemp("wheels")
+    name, files = "gpu_check_probe", {"gpu_check_probe/__init__.py": '__version__ = "1.0"\n',
+                                      "gpu_check_probe-1.0.dist-info/METADATA":
+                                          "Metadata-Version: 2.1\nName: gpu_check_probe\nVersion: 1.0\n",
+                                      "gpu_check_probe-1.0.dist-info/WHEEL":
+                                          "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+
+    def digest(text):
+        return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+
+    record = "".join(f"{path},{digest(text)},{len(text.encode())}\n" for path, text in files.items())
+    with zipfile.ZipFile(folder / f"{name}-1.0-py3-none-any.whl", "w") as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)
+        wheel.writestr(f"{name}-1.0.dist-info/RECORD", record + f"{name}-1.0.dist-info/RECORD,,\n")
+    return folder
+
+
+def gpu_check(out: Path, wheels: Path, *bench_settings: str) -> list[str]:
+    return ["bash", str(ROOT / "bench" / "gpu_check.sh"), f"--out={out}", f"--wheels={wheels}",
+            f"--site={out.parent / (out.name + '-site')}", "--tiny", *(["--", *bench_settings] if bench_settings else [])]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(wheel_dir, tmp_path_factory):
+    """The CPU rehearsal of the GPU check, end to end: the one command a GPU run uses, with tiny sizes."""
+    out = tmp_path_factory.mktemp("gpu-check")
+    proc = subprocess.run(gpu_check(out, wheel_dir), capture_output=True, text=True, timeout=900,
+                          env=os.environ | {"PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (results_file,) = out.glob("*.json")
+    return SimpleNamespace(stdout=proc.stdout, out=out, results_file=results_file, results_md=out / "RESULTS.md")
 
 
 @pytest.fixture(scope="module")
 def tiny_results(tiny_run):
-    return json.loads(tiny_run[0]["results_file"].read_text(encoding="utf-8"))
+    return json.loads(tiny_run.results_file.read_text(encoding="utf-8"))
 
 
 def test_recipes_table_has_every_recipe_of_the_issue():
@@ -40,9 +83,83 @@ def test_recipes_table_has_every_recipe_of_the_issue():
     assert RECIPES["trl"].overrides["USE_LIGER_KERNEL"] is False and RECIPES["trl_liger"].overrides["USE_LIGER_KERNEL"]
 
 
-def test_tiny_mode_measures_every_recipe_that_runs_on_cpu(tiny_run, tiny_results):
-    run, results_dir = tiny_run
-    assert list(results_dir.glob("*.json")) == [run["results_file"]]
+def test_gpu_check_rehearsal_runs_every_stage_in_one_command(tiny_run, tiny_results, wheel_dir):
+    results = tiny_results
+    assert list(results["stages"]) == STAGES
+    assert all(stage["status"] == "done" and stage["seconds"] >= 0 for stage in results["stages"].values())
+    last = tiny_run.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(rf"gpu check: finished in \d+ s \(budget 450 s\), exit code 0, results in {tiny_run.out}", last)
+    assert results["wall_s"] > 0
+    # the wheels: installed offline from the local folder, and imported from where they were installed
+    environment = results["environment"]
+    assert environment["install"].startswith("ok: 1 wheels") and environment["wheels_dir"] == str(wheel_dir)
+    assert environment["packages"] == {"gpu_check_probe": {"version": "1.0", "from_wheels": True}}
+    assert "wheels: ok: 1 wheels" in (tiny_run.out / "gpu-check.log").read_text(encoding="utf-8")
+    # the GPU tests: every @gpu test of tests/ found and run (skipped on CPU)
+    marked = {f"tests/{f.name}": f.read_text(encoding="utf-8").count("\n@gpu\n")
+              for f in (ROOT / "tests").glob("test_*.py")}
+    gpu_tests = results["gpu_tests"]
+    assert gpu_tests["ok"] and gpu_tests["files"] == sorted(f for f, n in marked.items() if n)
+    assert gpu_tests["counts"] == {"skipped": sum(marked.values())} and sum(marked.values()) >= 5
+    assert "tests/test_gpu.py::test_qlora_run_on_cuda_records_peak_memory" in {t["test"] for t in gpu_tests["tests"]}
+    # the shipped scripts, and the web demo's streamed answer without gradio
+    scripts = results["shipped_scripts"]
+    assert list(scripts) == ["train_lora3", "inference_lora_batch", "merge_lora", "streamed_answer"]
+    assert all(run["ok"] for run in scripts.values()), scripts
+    assert scripts["train_lora3"]["summary"]["steps"] == results["settings"]["SCRIPT_STEPS"]
+    assert scripts["inference_lora_batch"]["answered"] == results["settings"]["SCRIPT_QUESTIONS"]
+    assert scripts["streamed_answer"]["streamed_pieces"] > 0 and scripts["streamed_answer"]["new_tokens"] > 0
+    # what comes back from a GPU machine: a few files, none of them deep
+    assert sorted(f.name for f in tiny_run.out.iterdir()) == sorted(
+        [tiny_run.results_file.name, "RESULTS.md", "gpu-check.log", "gpu-tests.xml"])
+
+
+def test_a_run_stopped_midway_leaves_valid_results(wheel_dir, tmp_path):
+    """Killed mid-way (after its first stage), the results file is whole (at every read) and says what never ran."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(gpu_check(out, wheel_dir, "--gpu_tests=False"),  # no subprocess of its own to outlive it
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=os.environ | {"PYTHON": sys.executable})
+    results, reads, deadline = None, 0, time.monotonic() + 300
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            for results_file in out.glob("*.json"):
+                results = json.loads(results_file.read_text(encoding="utf-8"))  # never half a file
+                reads += 1
+            if results and results["stages"]["environment"]["status"] == "done":
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    (results_file,) = out.glob("*.json")
+    results = json.loads(results_file.read_text(encoding="utf-8"))
+    stages = {name: stage["status"] for name, stage in results["stages"].items()}
+    assert list(stages) == STAGES and reads > 1
+    assert stages["environment"] == "done" and stages["shipped_scripts"] == "pending"
+    assert set(stages.values()) <= {"done", "skipped", "running", "pending"}
+    assert results["versions"]["torch"] and results["matmul_rate"]["tflops"] > 0
+    assert results["environment"]["packages"]["gpu_check_probe"]["from_wheels"]
+    assert results["configs"] == {} or stages["training"] != "pending"
+    assert results["shipped_scripts"] is None
+    assert "- stages: environment done" in report.render_results(results)  # a cut run renders too
+
+
+def test_stages_that_do_not_fit_the_time_budget_are_recorded_skipped(bench, tmp_path):
+    run = bench.main(["--mode=tiny", "--time_budget_s=1", "--gpu_tests=True", "--shipped_scripts=True",
+                      f"--results_dir={tmp_path}"])
+    stages = run["results"]["stages"]
+    assert stages["environment"]["status"] == "done"
+    for name in ("gpu_tests", "model_and_data", "training", "inference", "shipped_scripts"):
+        assert stages[name] == {"status": "skipped", "reason": "the time budget (1 s) ran out"}, name
+    assert run["results"]["configs"] == {} and run["results"]["gpu_tests"] is None
+    assert json.loads(run["results_file"].read_text(encoding="utf-8"))["stages"] == stages
+    text = run["results_md"].read_text(encoding="utf-8")
+    assert "- model: not built" in text and "gpu_tests skipped: the time budget (1 s) ran out" in text
+
+
+def test_tiny_mode_measures_every_recipe_that_runs_on_cpu(tiny_results):
     results = tiny_results
     assert results["mode"] == "tiny" and "NOT a benchmark" in results["note"]
     assert list(results["configs"]) == CONFIGS
@@ -54,11 +171,16 @@ def test_tiny_mode_measures_every_recipe_that_runs_on_cpu(tiny_run, tiny_results
         assert c["tokens_per_s"] > 0 and c["median_step_s"] > 0 and c["tokens"] > 0, name
         assert c["mfu"] is not None and c["mfu"] > 0, name
         assert c["peak_reserved_gib"] is None and c["peak_allocated_gib"] is None, name  # no GPU memory on CPU
+        if c["runner"] == "trl":  # the estimate models our scripts
+            assert c["estimated_peak_gib"] is None and c["how"].startswith("not estimated"), name
+        else:
+            assert c["estimated_peak_gib"] > 0 and c["how"].startswith("--dry_run's estimate"), (name, c["how"])
         assert all(loss == loss for loss in c["losses"]), name
     configs = results["configs"]
     assert configs["original"]["speedup_vs_original"] == 1.0
     assert not configs["original"]["packing"] and configs["original"]["use_liger_kernel"] is False
     assert configs["bf16_lora"]["load_in_4bit"] is False
+    assert configs["v2"]["embedding_mode"] == "tokens" and configs["v2_full_embedding"]["embedding_mode"] == "full"
     assert configs["full"]["runner"] == "full" and configs["full"]["optim"] == "adamw_torch_8bit"
     assert configs["full"]["trainable_params"] > 10 * configs["v1"]["trainable_params"]  # every weight, not LoRA
     inference = results["inference"]
@@ -72,7 +194,8 @@ def test_tiny_mode_measures_every_recipe_that_runs_on_cpu(tiny_run, tiny_results
     assert next(t for t in results["targets"] if t["target"] == "v1 peak reserved memory")["met"] is None
     assert next(t for t in results["targets"] if t["target"] == "v1 tokens/s vs TRL+Liger")["met"] is None
     assert results["versions"]["torch"] and results["versions"]["trl"]
-    assert results["command"].startswith("python bench/bench.py")
+    assert results["command"].startswith("python bench/bench.py --mode=tiny")
+    assert next(t for t in results["targets"] if t["target"] == "memory estimate error, worst recipe")["met"] is None
 
 
 def test_trl_trains_the_same_tokens_and_loss_as_v1(tiny_results):
@@ -84,13 +207,14 @@ def test_trl_trains_the_same_tokens_and_loss_as_v1(tiny_results):
     assert trl["losses"][0] == pytest.approx(v1["losses"][0], abs=1e-3)
 
 
-def test_results_md_has_one_row_per_recipe(bench, tiny_run, tiny_results):
-    run, results_dir = tiny_run
-    assert run["results_md"] == results_dir / "RESULTS.md"  # never the repo's bench/RESULTS.md
-    text = run["results_md"].read_text(encoding="utf-8")
-    assert f"- file: `{run['results_file'].name}`" in text
+def test_results_md_has_one_row_per_recipe(tiny_run, tiny_results):
+    text = tiny_run.results_md.read_text(encoding="utf-8")  # beside the results, never the repo's bench/RESULTS.md
+    assert f"- file: `{tiny_run.results_file.name}`" in text
     table = text[text.index("| config |"):].split("\n\n")[0].splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == CONFIGS
+    v1 = next(row for row in table if row.startswith("| v1 |")).split("|")
+    assert v1[6].strip() == f"{tiny_results['configs']['v1']['estimated_peak_gib']:.2f}"  # beside the measured peak
+    assert "- stages: environment done" in text and "GPU tests (`python -m pytest -m gpu" in text
     assert "| trl_liger | skipped: needs a CUDA GPU |" in text
     assert "No GPU measurement has been made yet" in text  # a tiny run is no GPU measurement
     assert "harness check" in text

@@ -4,7 +4,9 @@ import json
 import demo
 
 
-def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
+def test_demo_runs_the_whole_pipeline_and_its_adapter_needs_no_other_flag(tmp_path, capsys, monkeypatch):
+    import os
+
     result = demo.main([f"--demo_dir={tmp_path}"])
     out = capsys.readouterr().out
 
@@ -23,6 +25,22 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert str(final) in out.split("==== demo finished ====")[1]
     records = [json.loads(line) for line in (tmp_path / "train-v3" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, demo.MAX_STEPS + 1))  # loss.png has a curve
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "tiny-qwen3").iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # model.safetensors too, not owner-only
+
+    # evaluate.py and inference_lora.py on the demo's adapter, with no other flag: the run knows its base and data
+    import evaluate
+    import inference_lora
+
+    monkeypatch.chdir(tmp_path)  # evaluate.py writes eval_report.json in the working folder
+    report = evaluate.main([f"--adapter_path={final}"])
+    assert report["model_path"] == str(tmp_path / "tiny-qwen3") and report["val_examples"] == 5
+    assert "no red-team answers" not in capsys.readouterr().out  # GENERATE=0: only the loss
+    reply = inference_lora.main([f"--adapter_path={final}", "-q", "头痛怎么办？", "--max_new_tokens=4"])
+    assert f"loaded {tmp_path / 'tiny-qwen3'} + adapter {final}" in capsys.readouterr().out and reply.new_tokens <= 4
+    assert f"python evaluate.py --adapter_path={final}" in out  # the closing note names both commands
 
 
 def test_a_whitespace_sample_answer_is_shown_as_such(monkeypatch, capsys):

@@ -123,6 +123,21 @@ def test_the_val_loss_over_both_ranks_equals_evaluate_py_on_the_adapter(ddp_run,
     assert report["val_tokens"] == logged["eval_tokens"]  # the ranks' shares add up to the whole val set
 
 
+def test_a_finished_run_launched_again_under_any_number_of_processes_says_so_and_exits_0(ddp_run, tiny_model_dir,
+                                                                                          sample_data_dir, capsys):
+    tmp, _ = ddp_run
+    out = tmp / "out"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    same = ["train_lora.py", f"--model_path={tiny_model_dir}", f"--data_dir={sample_data_dir}", f"--output_dir={out}",
+            *SETTINGS, "--gradient_accumulation=1"]  # the command that trained it (torchrun's entry ran this main)
+    done = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *same], tmp)
+    assert train_lora.main(same[1:]) is None  # and in one process
+    for printed in (done.stdout, capsys.readouterr().out):
+        assert printed.count(f"{out} holds this run, finished (3 steps, best val loss ") == 1, printed
+        assert f"the result is in {out / 'final'}/" in printed and "settings ----" not in printed
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing rewritten
+
+
 def test_a_resume_under_torchrun_counts_the_whole_run(tiny_model_dir, sample_data_dir, tmp_path):
     out, straight = tmp_path / "out", tmp_path / "straight"
     constant = ["--lr_scheduler=constant", "--save_steps=1", "--eval_steps=4"]

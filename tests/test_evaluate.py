@@ -64,15 +64,44 @@ def test_bare_base_model_and_test_split(tiny_model_dir, sample_data_dir, tmp_pat
     assert report["test_loss"] == pytest.approx(report["val_loss"]) and 11 < report["val_loss"] < 12.5  # ~ln(151936)
 
 
-def test_generate_answers_val_rows_and_the_redteam_set(trained_adapter, tiny_model_dir, sample_data_dir, tmp_path):
+def test_generate_answers_val_rows_and_the_redteam_set(trained_adapter, tiny_model_dir, sample_data_dir, tmp_path,
+                                                      capsys):
     report = evaluate.main([f"--model_path={tiny_model_dir}", f"--adapter_path={trained_adapter}",
-                            f"--data_dir={sample_data_dir}", "--max_length=320", "--generate=2", "--max_new_tokens=4",
-                            "--batch_size=16", f"--report_path={tmp_path / 'r.json'}", "--no_think_check=0"])
+                            f"--data_dir={sample_data_dir}", "--max_length=320", "--generate=2", "--redteam=True",
+                            "--max_new_tokens=4", "--batch_size=16", f"--report_path={tmp_path / 'r.json'}",
+                            "--no_think_check=0"])
     predictions = [json.loads(l) for l in (tmp_path / "r.predictions.jsonl").read_text().splitlines()]
     redteam = (ROOT / "data" / "redteam.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(predictions) == 2 + len(redteam) == report["n_rows"]
     assert report["termination_rate"] == 0.0  # 4 tokens of a random model never reach the end token
     assert report["emergency_coverage"] is not None and "val_loss" in report
+    plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: "))
+    assert f"{2 + len(redteam)} answers (2 val rows + {len(redteam)} red-team questions) of up to 4 new tokens each, " \
+           "16 at a time" in plan
+
+
+REDTEAM = ROOT / "data" / "redteam.jsonl"
+
+
+def test_generate_n_plans_n_answers_and_the_redteam_set_is_its_own_switch(sample_data_dir, monkeypatch, capsys):
+    from medsft.settings import parse_settings
+
+    def plan(*argv):
+        cfg = parse_settings(vars(evaluate), [f"--data_dir={sample_data_dir}", f"--redteam_path={REDTEAM}", *argv])
+        redteam, problem = evaluate.redteam_choice(cfg)
+        held_out, redteam_rows = evaluate.generation_questions(cfg, redteam)
+        evaluate.print_plan(cfg, False, held_out, redteam_rows)
+        return len(held_out), len(redteam_rows), problem, capsys.readouterr().out
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    held_out, redteam, _, out = plan("--generate=3")  # on CPU, "auto" leaves the 34 long red-team answers out
+    assert (held_out, redteam) == (3, 0)
+    assert "3 answers (3 val rows) of up to 2048 new tokens each" in out and "no red-team answers" in out
+    size = len(REDTEAM.read_text(encoding="utf-8").splitlines())
+    assert plan("--generate=0", "--redteam=True")[:2] == (0, size)  # the red-team set alone
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert plan("--generate=3")[:2] == (3, size) and plan("--generate=3", "--redteam=False")[:2] == (3, 0)
+    assert "redteam must be 'auto', True or False" in plan("--redteam=maybe")[2]
 
 
 def test_bad_settings(tmp_path):

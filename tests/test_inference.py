@@ -1,6 +1,7 @@
 """inference_lora.py and medsft.assistant on the tiny model: -q, batch files, the chat, scenarios and errors."""
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -288,6 +289,7 @@ def test_batch_resumes_after_a_crash(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("lines, message", [
     (['{"id": 1, "question": "问"}', '{"id": 2, "question": '], r"in\.jsonl: line 2: invalid JSON"),
+    (['{"id": 1, "question": "问'], r"line 1: invalid JSON \(Unterminated string starting at column \d+\)"),
     (['{"question": "问"}', '{"id": "b", "question": "  "}'], r"line 2: the question is missing or empty"),
     (['{"id": "b", "question": "问"}', '{"id": "x"}'], r"line 2: the question is missing or empty"),
     (['{"id": "a", "question": "问"}', '', '{"id": "a", "question": "再问"}'],
@@ -347,6 +349,40 @@ def test_adapter_for_another_base_model(tiny_model_dir, adapter_for_other_base):
     message = str(e.value)
     assert "does not match the base model" in message and str(adapter) in message and str(tiny_model_dir) in message
     assert str(other_base) in message and "size mismatch" in message
+
+
+def test_an_explicit_base_of_another_shape_than_the_runs_is_refused_in_one_line_before_loading(
+        tiny_model_dir, adapter_for_other_base, sample_data_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import evaluate
+    import merge_lora
+    import web_demo
+
+    other_base, adapter = adapter_for_other_base
+    run_adapter = shutil.copytree(adapter, tmp_path / "run" / "final")
+    (run_adapter / "settings.json").write_text(json.dumps({"MODEL_PATH": str(other_base)}))
+    loads = []
+    monkeypatch.setattr("medsft.model_loading.load_base_model", lambda *a, **k: loads.append(a))
+    given = [f"--model_path={tiny_model_dir}", f"--adapter_path={run_adapter}"]
+    for script, argv in ((inference_lora, [*given, "-q", "问"]),
+                         (evaluate, [*given, f"--data_dir={sample_data_dir}", f"--report_path={tmp_path / 'r.json'}"]),
+                         (web_demo, given), (merge_lora, [*given, f"--output_dir={tmp_path / 'merged'}"])):
+        with pytest.raises(UserError) as e:
+            script.main(argv)
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(f"error: --model_path {tiny_model_dir} (hidden size 64, "), \
+            message
+        assert f"is not the shape of {other_base} (hidden size 32, layers 2), the base the adapter in {run_adapter} " \
+               "was trained on" in message
+    assert loads == [] and not (tmp_path / "merged").exists()
+    monkeypatch.undo()
+
+    # without --model_path, the run's base is the one loaded
+    reply = inference_lora.main([f"--adapter_path={run_adapter}", "-q", "问", "--max_new_tokens=2"])
+    out = capsys.readouterr().out
+    assert f"loaded {other_base} + adapter {run_adapter}" in out and reply.new_tokens <= 2
+    assert re.search(rf"^model_path += '{other_base}'  \(from the run\)$", out, re.M)
 
 
 def test_attach_adapter_for_another_base_model(tiny_model_dir, adapter_for_other_base):

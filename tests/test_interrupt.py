@@ -9,6 +9,7 @@ import time
 import pytest
 
 import inference_lora
+import train_lora
 from medsft.errors import UserError
 from tests.conftest import ROOT, SHORT_QUESTIONS
 
@@ -51,8 +52,7 @@ def test_sigint_during_batch_inference(tiny_model_dir, tmp_path):
     answered = len(text.splitlines())
     assert f"{answered} of {2 * len(SHORT_QUESTIONS)} questions are answered" in last
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    inference_lora.main(args[1:])  # the same command again (in this process: only the interrupt needed a real one)
     rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 2 * len(SHORT_QUESTIONS) and len({r["id"] for r in rows}) == len(rows)
 
@@ -76,7 +76,7 @@ def test_batch_resume_with_other_sampling_is_refused(tiny_model_dir, tmp_path):
     assert (tmp_path / "other.jsonl").read_text(encoding="utf-8").count("\n") == 3
 
 
-def test_sigint_during_training_then_the_same_command_resumes(tiny_model_dir, short_data_dir, tmp_path):
+def test_sigint_during_training_then_the_same_command_resumes(tiny_model_dir, short_data_dir, tmp_path, capsys):
     from medsft.resume import last_complete_checkpoint
 
     out = tmp_path / "run"
@@ -93,13 +93,16 @@ def test_sigint_during_training_then_the_same_command_resumes(tiny_model_dir, sh
     assert last.startswith("interrupted at step ") and f"the newest checkpoint is {checkpoint}" in last
     assert last.endswith("run the same command again to resume")
     assert not list(out.rglob("*.tmp")) and not (out / "final").exists()
+    assert all((c / "trainer_state.json").is_file() for c in out.glob("checkpoint-*"))  # no empty checkpoint left
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # no torn line
     step = int(checkpoint.rsplit("-", 1)[1])
     args = [f"--max_steps={step + 2}" if a == "--max_steps=60" else a for a in args]  # a shorter run, same settings
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, umask=0o022,
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert done.returncode == 0, done.stderr
-    assert f"resuming from {checkpoint} (step {step})" in done.stdout and records
+    umask = os.umask(0o022)  # the same command again, in this process (only the interrupt needed a real one)
+    try:
+        train_lora.main(args[1:])
+    finally:
+        os.umask(umask)
+    assert f"resuming from {checkpoint} (step {step})" in capsys.readouterr().out and records
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == step + 2 and (out / "final" / "adapter_model.safetensors").is_file()
     modes = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in out.rglob("*")}

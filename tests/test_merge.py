@@ -1,6 +1,7 @@
 """merge_lora.py on the tiny Qwen3: a plain, tied model folder that matches base+adapter, and clean refusals."""
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -8,36 +9,29 @@ import pytest
 import torch
 
 import merge_lora
-import train_lora
-import train_lora2
 from medsft import model_export
 from medsft.errors import UserError
-from tests.conftest import FAST_TRAINING, gpu
+from tests.conftest import gpu
 
 IDS = [151644, 8948, 198, 100, 200, 300, 151645, 198, 151644, 77091, 198, 151667, 198, 400, 500]
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory, tiny_model_dir, short_data_dir) -> dict:
+def adapters(train_once, short_data_dir) -> dict:
     """v1 (LoRA only) and v2 (LoRA + the whole tied embedding) finals, trained hard enough to move the logits.
     (v2's default, embedding_mode="tokens", is merged in tests/test_embedding_mode.py.)"""
-    finals = {}
-    for version, script, extra in (("v1", train_lora, []), ("v2", train_lora2, ["--embedding_mode=full"])):
-        out = tmp_path_factory.mktemp(f"merge-{version}")
-        script.main([f"--model_path={tiny_model_dir}", f"--data_dir={short_data_dir}", f"--output_dir={out}",
-                     *FAST_TRAINING, "--learning_rate=1e-2", *extra])
-        finals[version] = out / "final"
-    return finals
+    return {"v1": train_once("v1", short_data_dir, "--learning_rate=1e-2")[0] / "final",
+            "v2": train_once("v2", short_data_dir, "--learning_rate=1e-2", "--embedding_mode=full")[0] / "final"}
 
 
 @pytest.fixture(scope="module")
 def merged(adapters, tmp_path_factory, short_data_dir) -> dict:
-    """{version: (merged folder, what main returned)}; the base comes from the adapter's settings.json."""
+    """{version: (merged folder, what main returned)}; the base and DATA_DIR come from the adapter's run."""
     folders = {}
     for version, adapter in adapters.items():
         out = tmp_path_factory.mktemp(f"merged-{version}") / "model"
-        record = merge_lora.main([f"--adapter_path={adapter}", f"--output_dir={out}", f"--data_dir={short_data_dir}",
-                                  "--max_shard_size=10MB"])
+        record = merge_lora.main([f"--adapter_path={adapter}", f"--output_dir={out}", "--max_shard_size=10MB"])
+        assert record["settings"]["DATA_DIR"] == str(short_data_dir)  # the run's, so the check uses its val rows
         folders[version] = (out, record)
     return folders
 
@@ -148,7 +142,7 @@ def test_inference_and_evaluate_take_the_merged_folder_with_an_empty_adapter_pat
                                        f"--data_dir={short_data_dir}", f"--report_path={tmp_path / name}.json",
                                        *precision, "--no_think_check=0"])
     out = capsys.readouterr().out
-    assert f"max_length = 320, as the model was trained ({folder / 'settings.json'})" in out
+    assert re.search(r"max_length += 320  \(from the run\)", out)
     assert f"load_in_4bit = False: {folder} is a whole trained model" in out
     assert reports["merged"]["load_in_4bit"] is False and reports["adapter"]["load_in_4bit"] is False
     assert reports["merged"]["val_loss"] == pytest.approx(reports["adapter"]["val_loss"], abs=0.02)
@@ -204,7 +198,9 @@ def test_a_base_of_another_shape_is_refused_and_nothing_is_written(adapters, tmp
     other = build_tiny_qwen3(tmp_path / "other-base", hidden=32, intermediate=64)
     before = everything_under(tmp_path)
     message = refused([f"--model_path={other}", f"--adapter_path={adapters['v1']}", f"--output_dir={tmp_path / 'm'}"])
-    assert "does not match the base model" in message and "--model_path" in message
+    recorded = json.loads((adapters["v1"] / "settings.json").read_text())["MODEL_PATH"]
+    assert f"--model_path {other} (hidden size 32, intermediate size 64, layers 2) is not the shape of {recorded} " \
+           "(hidden size 64, intermediate size 128, layers 2)" in message
     assert everything_under(tmp_path) == before
 
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 import train_lora
 from medsft.errors import UserError
-from tests.conftest import FAST_TRAINING
+from tests.conftest import FAST_TRAINING, two_step_run
 
 
 def run(tiny_model_dir, data_dir, out, *extra):
@@ -19,13 +19,13 @@ def adapter(folder):
     return load_file(folder / "final" / "adapter_model.safetensors")
 
 
-def test_the_same_command_gives_the_same_adapter_bit_for_bit(tiny_model_dir, short_data_dir, tmp_path):
-    run(tiny_model_dir, short_data_dir, tmp_path / "a", "--max_steps=2", "--save_steps=2")
-    run(tiny_model_dir, short_data_dir, tmp_path / "b", "--max_steps=2", "--save_steps=2")
-    first, second = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+def test_the_same_command_gives_the_same_adapter_bit_for_bit(train_once, tiny_model_dir, short_data_dir, tmp_path):
+    earlier = two_step_run(train_once, short_data_dir, tmp_path / "a")  # trained earlier in this session
+    run(tiny_model_dir, short_data_dir, tmp_path / "b", "--max_steps=2", "--save_steps=1")
+    first, second = adapter(earlier), adapter(tmp_path / "b")
     assert first.keys() == second.keys() and len(first) > 0
     assert all(torch.equal(first[k], second[k]) for k in first)
-    run(tiny_model_dir, short_data_dir, tmp_path / "c", "--max_steps=2", "--save_steps=2", "--seed=7")
+    run(tiny_model_dir, short_data_dir, tmp_path / "c", "--max_steps=2", "--save_steps=1", "--seed=7")
     assert not all(torch.equal(first[k], v) for k, v in adapter(tmp_path / "c").items())  # the seed matters
 
 
@@ -45,8 +45,8 @@ def test_4_by_1_and_2_by_2_accumulation_give_the_same_update(tiny_model_dir, sho
     assert one["summary"]["best_val_loss"] == pytest.approx(two["summary"]["best_val_loss"], rel=1e-5)
 
 
-def test_a_resume_with_another_learning_rate_is_refused(tiny_model_dir, short_data_dir, tmp_path):
-    run(tiny_model_dir, short_data_dir, tmp_path, "--max_steps=2", "--save_steps=1")
+def test_a_resume_with_another_learning_rate_is_refused(train_once, tiny_model_dir, short_data_dir, tmp_path):
+    two_step_run(train_once, short_data_dir, tmp_path)
     settings = (tmp_path / "settings.json").read_text()
     final = (tmp_path / "final" / "adapter_model.safetensors").read_bytes()
     with pytest.raises(UserError) as e:
@@ -60,8 +60,9 @@ def test_a_resume_with_another_learning_rate_is_refused(tiny_model_dir, short_da
     assert not (tmp_path / "checkpoint-3").exists()
 
 
-def test_a_resume_may_extend_the_run_and_change_its_cadence(tiny_model_dir, short_data_dir, tmp_path, capsys):
-    run(tiny_model_dir, short_data_dir, tmp_path, "--max_steps=2", "--save_steps=1")
+def test_a_resume_may_extend_the_run_and_change_its_cadence(train_once, tiny_model_dir, short_data_dir, tmp_path,
+                                                             capsys):
+    two_step_run(train_once, short_data_dir, tmp_path)
     capsys.readouterr()
     result = run(tiny_model_dir, short_data_dir, tmp_path, "--max_steps=3", "--save_steps=1", "--eval_steps=1",
                  "--log_steps=2")

@@ -45,24 +45,31 @@ def test_type_errors_are_collected():
 
 
 @pytest.mark.parametrize("script", ["train_lora.py", "inference_lora.py", "data.py", "evaluate.py"])
-def test_help_prints_every_setting_with_its_comment_and_exits_0(script):
+def test_help_prints_every_setting_with_its_comment_and_exits_0(script, capsys):
+    import importlib
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    for flag in ("-h", "--help"):
-        done = subprocess.run([sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        source = (ROOT / script).read_text(encoding="utf-8")
-        block = source.split("# ----")[1]  # the ruled constants block
-        names = [line.split("=")[0].strip() for line in block.splitlines() if line[:1].isupper() and " = " in line]
-        assert len(names) > 5
-        for name in names:
-            assert f"--{name.lower()}=" in done.stdout, name
+    # -h as a real process (the exit code); --help through main(), the same code path without a new interpreter
+    done = subprocess.run([sys.executable, script, "-h"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(script.removesuffix(".py")).main(["--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == done.stdout
+    source = (ROOT / script).read_text(encoding="utf-8")
+    block = source.split("# ----")[1]  # the ruled constants block
+    names = [line.split("=")[0].strip() for line in block.splitlines() if line[:1].isupper() and " = " in line]
+    assert len(names) > 5
+    for name in names:
+        assert f"--{name.lower()}=" in done.stdout, name
     line = next(l for l in done.stdout.splitlines() if "--seed=" in l)
     comment = next(l for l in source.splitlines() if l.startswith("SEED ")).split("#", 1)[1].strip()
     assert line.rstrip().endswith(comment)
+    if script == "train_lora.py":  # every tracker REPORT_TO takes
+        report_to = next(l for l in done.stdout.splitlines() if "--report_to=" in l)
+        assert all(f'"{name}"' in report_to for name in ("auto", "swanlab", "tensorboard", "none")), report_to
 
 
 def test_a_mistyped_name_on_the_command_line(tmp_path):
@@ -111,3 +118,44 @@ def test_check_settings_lists_every_problem():
         check_settings(["a is wrong", False, "b is wrong"])
     assert "a is wrong" in str(e.value) and "b is wrong" in str(e.value)
     check_settings([False, None, ""])  # nothing to report
+
+
+def test_run_settings_fill_what_the_command_line_leaves_and_each_value_says_where_it_came_from(tmp_path, capsys):
+    import json
+    import re
+
+    from medsft.settings import use_run_settings
+
+    run = tmp_path / "run"
+    saved = {"MODEL_PATH": "/models/base", "DATA_DIR": "/data/x", "SYSTEM_PROMPT": "系统", "MAX_LENGTH": 512,
+             "LONG_EXAMPLES": "drop", "LEARNING_RATE": 1e-4}
+    for adapter in (run / "final", run / "best"):
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_config.json").write_text("{}")
+    for folder in (run, run / "final"):  # best/ has no settings.json: its OUTPUT_DIR's is the run's
+        (folder / "settings.json").write_text(json.dumps(saved))
+    defaults = {"MODEL_PATH": "Qwen/Qwen3-1.7B", "ADAPTER_PATH": "", "DATA_DIR": "data", "SYSTEM_PROMPT": "默认",
+                "MAX_LENGTH": 4096, "LONG_EXAMPLES": "shorten_think", "TOP_P": 0.9}
+
+    cfg = parse_settings(defaults, [f"--adapter_path={run / 'final'}", "--system_prompt=我的"])
+    assert use_run_settings(cfg) == saved
+    assert (cfg.MODEL_PATH, cfg.DATA_DIR, cfg.SYSTEM_PROMPT, cfg.MAX_LENGTH) == ("/models/base", "/data/x", "我的", 4096)
+    cfg.print("t")
+    out = capsys.readouterr().out
+    for name, origin in (("model_path", "from the run"), ("data_dir", "from the run"), ("adapter_path", "command line"),
+                         ("system_prompt", "command line"), ("max_length", "default"), ("top_p", "default")):
+        assert re.search(rf"^{name} +=.*  \({origin}\)$", out, re.M), name
+    assert set(cfg.as_dict()) == set(defaults)  # the origins are not settings: settings.json stays as it was
+
+    cfg = parse_settings(defaults, [f"--adapter_path={run / 'best'}"])
+    use_run_settings(cfg, training_length=True)  # evaluate.py, merge_lora.py: MAX_LENGTH is training's length
+    assert (cfg.MODEL_PATH, cfg.MAX_LENGTH, cfg.LONG_EXAMPLES) == ("/models/base", 512, "drop")
+
+    merged = tmp_path / "merged"  # a merged folder is the model: its recorded base is not taken
+    merged.mkdir()
+    (merged / "settings.json").write_text(json.dumps(saved))
+    cfg = parse_settings(defaults, [f"--model_path={merged}"])
+    use_run_settings(cfg)
+    assert (cfg.MODEL_PATH, cfg.DATA_DIR, cfg.SYSTEM_PROMPT) == (str(merged), "/data/x", "系统")
+    cfg = parse_settings(defaults, [f"--model_path={tmp_path}"])  # no run recorded: every default stays
+    assert use_run_settings(cfg) == {} and cfg.DATA_DIR == "data"

@@ -10,7 +10,7 @@ import train_lora
 import train_lora2
 import train_lora3
 from medsft.errors import UserError
-from tests.conftest import FAST_TRAINING, SHORT_QUESTIONS
+from tests.conftest import FAST_TRAINING, SHORT_QUESTIONS, two_step_run
 
 SCRIPTS = {"v1": train_lora, "v2": train_lora2, "v3": train_lora3}
 
@@ -29,27 +29,31 @@ def load_adapter(base_dir, adapter_dir):
 
 
 @pytest.mark.parametrize("version", SCRIPTS)
-def test_each_version_runs_end_to_end(version, tiny_model_dir, sample_data_dir, tmp_path, capsys):
-    result = run(SCRIPTS[version], tiny_model_dir, sample_data_dir, tmp_path)
+def test_each_version_runs_end_to_end(version, train_once, tiny_model_dir, sample_data_dir):
+    out, result, printed = train_once(version, sample_data_dir)
     for name in ("final/adapter_model.safetensors", "final/adapter_config.json", "final/settings.json",
                  "final/tokenizer.json", "summary.json", "metrics.jsonl", "loss.png", "settings.json"):
-        assert (tmp_path / name).is_file(), name
-    summary = json.loads((tmp_path / "summary.json").read_text())
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["version"] == version and summary["steps"] == 3
     assert summary["best_step"] in (2, 3) and summary["train_tokens"] > 0
     for key in ("final_train_loss", "best_val_loss", "wall_time_s", "train_tokens_per_s"):
         assert summary[key] is not None and summary[key] == summary[key] and summary[key] < float("inf")
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 3]
-    assert json.loads((tmp_path / "final" / "settings.json").read_text())["VERSION"] == version
+    assert json.loads((out / "final" / "settings.json").read_text())["VERSION"] == version
     assert result["summary"] == summary
-    assert load_adapter(tiny_model_dir, tmp_path / "final") is not None
-    assert "sample answer to a val question" in capsys.readouterr().out
+    assert load_adapter(tiny_model_dir, out / "final") is not None
+    assert "sample answer to a val question" in printed
+    trained = re.search(r"trainable parameters: .*", printed)[0]
+    assert "model.embed_tokens" not in trained, trained  # a module is named once
 
 
-def test_v2_full_trains_the_tied_embedding_once_and_reloads_with_the_same_logits(tiny_model_dir, short_data_dir,
-                                                                                tmp_path):
-    result = run(train_lora2, tiny_model_dir, short_data_dir, tmp_path, "--learning_rate=1e-2", "--embedding_mode=full")
+def test_v2_full_trains_the_tied_embedding_once_and_reloads_with_the_same_logits(train_once, tiny_model_dir,
+                                                                                short_data_dir):
+    tmp_path, result, printed = train_once("v2", short_data_dir, "--learning_rate=1e-2", "--embedding_mode=full")
+    # (also test_merge.py's v2 adapter); the one tied matrix is named once, not as two embeddings
+    assert "fully trained: embed_tokens (tied to lm_head: one matrix)" in printed and "model.embed_tokens" not in printed
     model = result["trainer"].model
     inner = model.get_base_model()
     assert inner.lm_head.weight is inner.model.embed_tokens.weight  # still tied
@@ -129,8 +133,8 @@ def test_settings_problems_are_reported_together_before_loading(tmp_path):
         assert part in message
 
 
-def test_resume_continues_from_the_newest_checkpoint(tiny_model_dir, short_data_dir, tmp_path, capsys):
-    run(train_lora, tiny_model_dir, short_data_dir, tmp_path, "--max_steps=2", "--save_steps=1")
+def test_resume_continues_from_the_newest_checkpoint(train_once, tiny_model_dir, short_data_dir, tmp_path, capsys):
+    two_step_run(train_once, short_data_dir, tmp_path)
     assert (tmp_path / "checkpoint-2").is_dir()
     summary = run(train_lora, tiny_model_dir, short_data_dir, tmp_path, "--max_steps=4", "--save_steps=1")["summary"]
     assert f"resuming from {tmp_path / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
@@ -161,6 +165,11 @@ def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
     for step in (2, 4):
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")  # not 10: killed while saving
+
+    from medsft.resume import remove_incomplete_checkpoints  # what Ctrl-C does before naming the newest checkpoint
+
+    remove_incomplete_checkpoints(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert last_complete_checkpoint(tmp_path / "missing") is None
 
 
@@ -173,14 +182,34 @@ def test_resume_drops_metrics_after_the_checkpoint_and_a_torn_line(tmp_path):
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.9}\n'
 
 
-def test_a_finished_run_is_not_overwritten(tiny_model_dir, short_data_dir, tmp_path):
-    run(train_lora, tiny_model_dir, short_data_dir, tmp_path)
+def test_a_finished_run_says_so_first_exits_0_and_is_not_overwritten(train_once, tiny_model_dir, short_data_dir,
+                                                                        tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(train_once("v1", short_data_dir, "--learning_rate=1e-2")[0], tmp_path, dirs_exist_ok=True)
     before = (tmp_path / "final" / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(UserError, match="nothing to resume"):
-        run(train_lora, tiny_model_dir, short_data_dir, tmp_path)
+    assert run(train_lora, tiny_model_dir, short_data_dir, tmp_path, "--learning_rate=1e-2", "--eval_steps=1") is None
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"{tmp_path} holds this run, finished (3 steps, best val loss ")
+    assert f"the result is in {tmp_path / 'final'}/" in out and "--overwrite=True" in out
+    assert len(out.splitlines()) == 1  # before the settings, the token statistics and the first example
+    with pytest.raises(UserError, match="nothing to resume"):  # another run in the same folder
+        run(train_lora, tiny_model_dir, short_data_dir, tmp_path, "--learning_rate=1e-2", "--lora_r=4")
     assert (tmp_path / "final" / "adapter_model.safetensors").read_bytes() == before
-    run(train_lora, tiny_model_dir, short_data_dir, tmp_path, "--overwrite=True", "--seed=3")
+    run(train_lora, tiny_model_dir, short_data_dir, tmp_path, "--learning_rate=1e-2", "--overwrite=True", "--seed=3")
     assert (tmp_path / "final" / "adapter_model.safetensors").read_bytes() != before
+
+
+def test_planned_steps_count_every_process(monkeypatch):
+    from types import SimpleNamespace
+
+    from medsft.resume import planned_steps
+
+    cfg = SimpleNamespace(MAX_STEPS=-1, EPOCHS=2, BATCH_SIZE=5, GRADIENT_ACCUMULATION=1)
+    assert planned_steps(cfg, 10) == 4
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each process takes every other batch: one step per epoch
+    assert planned_steps(cfg, 10) == 2
+    assert planned_steps(SimpleNamespace(**(vars(cfg) | {"MAX_STEPS": 7})), 10) == 7
 
 
 def test_a_few_rows_lose_most_of_their_training_loss(tiny_model_dir, tmp_path):

@@ -69,7 +69,7 @@ def settings():
 
 @pytest.fixture(scope="module")
 def chat(overfit_model, settings):
-    return web_demo.WebChat(MedicalAssistant(*map(str, overfit_model)), settings.MAX_LENGTH,
+    return web_demo.WebChat(MedicalAssistant(*map(str, overfit_model)), settings.CONTEXT_LENGTH,
                             settings.MAX_QUESTION_CHARS)
 
 
@@ -203,20 +203,20 @@ def test_bad_questions_get_a_message_in_the_chat(chat, question, message):
     assert history == [("之前的问题", "回答")]
 
 
-def test_history_beyond_max_length_drops_the_oldest_turns(overfit_model, monkeypatch):
+def test_history_beyond_context_length_drops_the_oldest_turns(overfit_model, monkeypatch):
     chat = web_demo.WebChat(MedicalAssistant(*map(str, overfit_model)), 400, 2000)
     prompts = record_prompts(monkeypatch, chat.assistant)
     history = [(f"第{i}个问题" + "很长" * 40, "<think>\n想\n</think>\n\n" + "回答" * 40) for i in range(1, 6)]
     _, messages, kept = ask(chat, "新问题", history=history, max_new_tokens=48)[-1]
     dropped = len(history) + 1 - len(kept)
     assert 0 < dropped < len(history)
-    assert f"The oldest {dropped} turn(s) were dropped to fit MAX_LENGTH=400." in text(messages[1])
+    assert f"The oldest {dropped} turn(s) were dropped to fit CONTEXT_LENGTH=400." in text(messages[1])
     assert kept[:-1] == history[dropped:] and kept[-1][0] == "新问题"
     assert len(prompts[0]) <= 400 - 48 < len(chat.assistant.encode("新问题", None, history[dropped - 1:]))
     assert prompts[0] == chat.assistant.encode("新问题", None, history[dropped:])
     long_question = "".join(chr(0x4E00 + 7 * i) for i in range(500))  # 500 different characters
     _, messages, kept = ask(chat, long_question, history=history, max_new_tokens=48)[-1]
-    assert "do not fit MAX_LENGTH=400 tokens" in text(messages[-1]) and kept == history
+    assert "do not fit CONTEXT_LENGTH=400 tokens" in text(messages[-1]) and kept == history
 
 
 def test_sessions_keep_their_own_histories(chat, monkeypatch):
@@ -237,9 +237,9 @@ def test_sessions_keep_their_own_histories(chat, monkeypatch):
 def test_bad_settings_are_all_reported_before_the_model_loads(tmp_path):
     with pytest.raises(UserError) as error:
         web_demo.main(["--model_path=/nonexistent", f"--adapter_path={tmp_path / 'none'}", "--server_port=0",
-                       "--max_length=100", "--max_new_tokens=200", "--top_p=2"])
+                       "--context_length=100", "--max_new_tokens=200", "--top_p=2"])
     message = str(error.value)
-    for problem in ["server_port must be 1-65535", "max_length (100) must be more than max_new_tokens (200)",
+    for problem in ["server_port must be 1-65535", "context_length (100) must be more than max_new_tokens (200)",
                     "top_p must be in (0, 1]", "adapter path", "not found"]:
         assert problem in message
 
@@ -250,6 +250,8 @@ def test_localhost_by_default_and_a_warning_for_0000(overfit_model, monkeypatch,
 
     launched = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
+    monkeypatch.setattr(gr.Blocks, "local_url", "http://127.0.0.1:7861/", raising=False)
     model, adapter = overfit_model
     argv = [f"--model_path={model}", f"--adapter_path={adapter}", "--server_port=7861"]
     web_demo.main(argv + ([f"--server_name={server_name}"] if server_name != "127.0.0.1" else []))
@@ -378,8 +380,14 @@ def listening_addresses(port: int) -> list[str]:
 def test_server_listens_on_localhost_only(server):
     if not os.path.exists("/proc/net/tcp"):
         pytest.skip("needs Linux's /proc/net/tcp to list listening sockets")
-    url, _, _ = server
+    url, _, log = server
     assert listening_addresses(int(url.rstrip("/").rsplit(":", 1)[1])) == ["0100007F"]  # 127.0.0.1, nothing else
+    deadline = time.monotonic() + 30  # the line follows the server's start by a moment
+    while "Running on local URL" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    printed = log.read_text()
+    assert f"* Running on local URL:  {url}  (a public link: --share=True;" in printed
+    assert "share=True` in `launch()`" not in printed  # Gradio's hint names its Python API, not our flag
 
 
 def wait_for_turns(page, turns: int, timeout_ms=120_000):
