@@ -5,6 +5,7 @@
     python train.py --model_path=Qwen/Qwen3-0.6B --max_length=1024 --output_dir=output/0.6b-full
     python train.py --max_steps=400                             # after a crash, the same command resumes
     torchrun --nproc_per_node 2 train.py                        # DDP: each GPU holds the whole model
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml train.py   # weights partitioned (ZeRO-3)
     python inference_lora.py --model_path=output/qwen3-1.7b-full/final --adapter_path= -q "什么是高血压？"
 """
 from medsft import chat_format
@@ -15,7 +16,7 @@ from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
 from medsft.resume import finished_run, plan_output_dir
 from medsft.settings import check_settings, parse_settings
 from medsft.training import (build_trainer, check_training_settings, load_training_data, print_sample_answer,
-                             save_results, show_data_preview, train)
+                             save_results, show_data_preview, train, training_arguments)
 
 # -----------------------------------------------------------------------------
 # version
@@ -87,10 +88,11 @@ def main(argv=None):
 
     # ========== 3. The whole model in bf16, every weight trainable ==========
     warn_if_cpu(cfg.LOAD_IN_4BIT)
+    args = training_arguments(cfg)  # first: under DeepSpeed ZeRO-3 the model then loads partitioned
     model = load_full_model(model_path, cfg)
 
     # ========== 4. Trainer (with the stochastic-rounding optimizer; best/ holds the whole model) ==========
-    trainer = build_trainer(cfg, model, tokenizer, data)
+    trainer = build_trainer(cfg, model, tokenizer, data, args)
     use_full_model_training(trainer, cfg)
 
     # ========== 5. Train (resumes from the newest checkpoint after a crash) ==========

@@ -13,7 +13,7 @@ from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
 from medsft.resume import finished_run, plan_output_dir
 from medsft.settings import check_settings, parse_settings
 from medsft.training import (build_trainer, check_training_settings, load_lora_model, load_training_data,
-                             print_sample_answer, save_results, show_data_preview, train)
+                             print_sample_answer, save_results, show_data_preview, train, training_arguments)
 
 # -----------------------------------------------------------------------------
 # version
@@ -89,10 +89,11 @@ def main(argv=None):
 
     # ========== 3. 4-bit NF4 base model + LoRA ==========
     warn_if_cpu(cfg.LOAD_IN_4BIT)
+    args = training_arguments(cfg)  # first: under DeepSpeed ZeRO-3 the model then loads partitioned
     model = load_lora_model(model_path, cfg, data)
 
     # ========== 4. Trainer ==========
-    trainer = build_trainer(cfg, model, tokenizer, data)
+    trainer = build_trainer(cfg, model, tokenizer, data, args)
 
     # ========== 5. Train (resumes from the newest checkpoint after a crash) ==========
     wall_time = train(trainer, resume, cfg)

@@ -41,9 +41,6 @@ def launch_problems() -> list[str]:
 
     problems, n, sharded = [], world_size(), sharding()
     cuda = torch.cuda.is_available()
-    if sharded and not cuda:
-        problems.append(f"{sharded} needs CUDA GPUs; on CPU launch plain data parallel instead "
-                        "(torchrun --nproc_per_node N, or accelerate_configs/multi_gpu.yaml, which falls back to CPU)")
     if sharded == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append("the accelerate config uses DeepSpeed, which is not installed (pip install deepspeed)")
     if sharded == "fsdp" and "FULL_STATE_DICT" not in os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT"):
@@ -54,6 +51,54 @@ def launch_problems() -> list[str]:
         problems.append(f"{per_machine} processes on this machine but only {torch.cuda.device_count()} GPUs; "
                         "start one process per GPU (--nproc_per_node / num_processes)")
     return problems
+
+
+def optimizer_for_launcher(optim: str, full_model: bool = False) -> str:
+    """The optimizer the Trainer builds under this launcher (one note when it differs from `optim`).
+
+    FSDP2 hands its sharded weights to the optimizer as DTensors, which bitsandbytes' 8-bit kernels refuse;
+    DeepSpeed keeps fp32 master weights of its own shard, so torchao's bf16 stochastic rounding has nothing to do
+    there. Both then use torch's AdamW, whose states are sharded over the GPUs like the weights.
+    """
+    low_bit = "8bit" in optim or "4bit" in optim
+    if (sharding() == "fsdp" and low_bit) or (sharding() == "deepspeed" and full_model and low_bit):
+        print(f"note: under {sharding()} the optimizer is adamw_torch instead of {optim} "
+              f"({'sharded fp32 states' if sharding() == 'fsdp' else 'fp32 master weights in ZeRO'})", flush=True)
+        return "adamw_torch"
+    return optim
+
+
+def check_zero3_partitioned(model) -> None:
+    """Under ZeRO-3 every weight must come out of from_pretrained already partitioned over the processes (each
+    holds 1/N): that needs the Trainer's arguments, which register the DeepSpeed config, built before loading."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from medsft.errors import UserError
+
+    if sharding() != "deepspeed" or not is_deepspeed_zero3_enabled():
+        return
+    whole = [name for name, p in model.named_parameters() if not hasattr(p, "ds_id")]
+    if whole:
+        raise UserError(f"error: ZeRO-3 did not partition {len(whole)} weights at load time (e.g. {whole[0]}); build "
+                        "the TrainingArguments before loading the model, and pass no device_map")
+
+
+def check_sharding_is_on(trainer) -> None:
+    """The launcher asked for FSDP or DeepSpeed and several processes: the Trainer must really use them.
+
+    Otherwise each rank would train its own copy into the same folder (accelerate silently falls back when a
+    setup does not support the sharding it was asked for).
+    """
+    from medsft.errors import UserError
+
+    asked, on = sharding(), {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}
+    if asked and not on[asked]:
+        raise UserError(f"error: the accelerate config asks for {asked}, but the Trainer runs without it on this "
+                        "setup (accelerate turns it on for GPU processes only); launch on GPUs, or use "
+                        "accelerate_configs/multi_gpu.yaml")
+    if world_size() > 1 and trainer.args.world_size != world_size():
+        raise UserError(f"error: {world_size()} processes were launched but the Trainer sees "
+                        f"{trainer.args.world_size}; each would train alone into the same folder")
 
 
 def use_liger_kernel(wanted: bool) -> bool:

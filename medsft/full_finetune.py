@@ -7,7 +7,6 @@ with the probabilities that make its expected value exact. Round-to-nearest lose
 a bf16 step (2^-9 = 0.002 just below 1.0), and lr 5e-6 x a normal Adam update is far smaller.
 """
 import functools
-import os
 
 from transformers import TrainerCallback
 
@@ -24,32 +23,33 @@ STOCHASTIC_ROUNDING_OPTIMIZERS = {"adamw_torch_8bit": "AdamW8bit", "adamw_torch_
 def check_full_finetune_settings(cfg) -> list[str]:
     import importlib.util
 
-    problems = []
+    from medsft.distributed import sharding
+
+    problems, zero = [], sharding() == "deepspeed"  # ZeRO keeps fp32 master weights: nothing is rounded away
     if cfg.LOAD_IN_4BIT:
         problems.append("load_in_4bit must be False: full fine-tuning trains every weight, and 4-bit weights cannot "
                         "be trained (use train_lora.py for QLoRA)")
-    if not cfg.FP32_WEIGHTS and cfg.OPTIM not in STOCHASTIC_ROUNDING_OPTIMIZERS:
+    if not cfg.FP32_WEIGHTS and cfg.OPTIM not in STOCHASTIC_ROUNDING_OPTIMIZERS and not zero:
         problems.append(f"optim {cfg.OPTIM!r} rounds bf16 weights to nearest, which loses lr {cfg.LEARNING_RATE:g} "
                         f"updates; use {' or '.join(STOCHASTIC_ROUNDING_OPTIMIZERS)} (stochastic rounding), "
                         "or --fp32_weights=True")
-    if not cfg.FP32_WEIGHTS and not cfg.BF16_STOCHASTIC_ROUND:
+    if not cfg.FP32_WEIGHTS and not cfg.BF16_STOCHASTIC_ROUND and not zero:
         problems.append("bf16_stochastic_round=False with bf16 weights: updates below bf16's resolution would be "
                         "rounded away; keep it True, or pass --fp32_weights=True")
-    if cfg.OPTIM in STOCHASTIC_ROUNDING_OPTIMIZERS and importlib.util.find_spec("torchao") is None:
+    if cfg.OPTIM in STOCHASTIC_ROUNDING_OPTIMIZERS and importlib.util.find_spec("torchao") is None and not zero:
         problems.append(f"optim {cfg.OPTIM!r} needs torchao: pip install 'torchao>=0.11'")
-    problems += sharding_problems()
+    problems += sharding_problems(cfg)
     return problems
 
 
-def sharding_problems() -> list[str]:
-    """A clear refusal of FSDP and DeepSpeed launches (accelerate announces them in the environment)."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        return ["FSDP is not supported by train.py: it saves best/ and final/ from the whole model on each GPU. "
-                "Launch with DDP instead (torchrun, or accelerate's multi_gpu config): Qwen3-1.7B needs ~13 GB "
-                "per GPU (derived), so sharding is not needed"]
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        return ["DeepSpeed (ZeRO) is not supported by train.py: its optimizer wrapper keeps fp32 master weights, "
-                "which undoes the 16 GB plan. Launch with DDP instead (torchrun, or accelerate's multi_gpu config)"]
+def sharding_problems(cfg) -> list[str]:
+    """FSDP keeps no fp32 copy of bf16 weights, and its AdamW (DTensors: no torchao) would round lr updates away."""
+    from medsft.distributed import sharding
+
+    if sharding() == "fsdp" and not cfg.FP32_WEIGHTS:
+        return ["under FSDP pass --fp32_weights=True (FSDP's AdamW rounds bf16 weights to nearest, which loses lr "
+                f"{cfg.LEARNING_RATE:g} updates); or use accelerate_configs/deepspeed_zero3.yaml, whose ZeRO "
+                "optimizer keeps fp32 master weights"]
     return []
 
 
@@ -61,23 +61,24 @@ def load_full_model(model_path: str, cfg):
     """Every weight trainable: bf16 (or fp32 with FP32_WEIGHTS), activation checkpointing on request."""
     import torch
 
+    from medsft.distributed import sharding
     from medsft.model_export import THINKING_SAMPLING
     from medsft.model_loading import compute_dtype, load_base_model
 
     if not cfg.FP32_WEIGHTS and compute_dtype() != torch.bfloat16:
         raise UserError("error: this GPU has no native bf16 (e.g. T4, V100), so the weights cannot be trained in "
                         "bf16; pass --fp32_weights=True (fp32 weights, fp16 compute: about twice the memory)")
-    model = load_base_model(model_path, False, cfg.ATTN_IMPLEMENTATION)
-    if cfg.FP32_WEIGHTS:
-        model.to(torch.float32)
+    # loaded in fp32 rather than cast after: ZeRO-3 partitions the weights as they load
+    model = load_base_model(model_path, False, cfg.ATTN_IMPLEMENTATION, torch.float32 if cfg.FP32_WEIGHTS else None)
     if cfg.GRADIENT_CHECKPOINTING:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # written with every best/ and final/, so serving frameworks sample as Qwen3 advises for thinking mode
     for key, value in THINKING_SAMPLING.items():
         setattr(model.generation_config, key, value)
-    model.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.trainable_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    print(f"trainable parameters: {model.trainable_params:,} (all of them, in {dtype})", flush=True)
+    where = f", partitioned by {sharding()}" if sharding() else ""
+    print(f"trainable parameters: {model.trainable_params:,} (all of them, in {dtype}{where})", flush=True)
     return model
 
 
@@ -89,8 +90,12 @@ def use_full_model_training(trainer, cfg) -> None:
     """Hooks on the shared trainer: the bf16-safe optimizer, and a check that DDP replicas stay equal.
 
     The optimizer is given as a class and its arguments, so the Trainer still builds it after wrapping the model
-    (DDP), with its usual weight-decay groups, and saves and resumes its state in checkpoints.
+    (DDP), with its usual weight-decay groups, and saves and resumes its state in checkpoints. Under DeepSpeed
+    ZeRO's optimizer replaces it: it keeps fp32 master weights of each process's shard (nothing to round), with
+    torch's AdamW states (12 bytes per weight over the GPUs, instead of 8-bit AdamW's 2 on each).
     """
+    if trainer.sharded:
+        return
     if cfg.OPTIM in STOCHASTIC_ROUNDING_OPTIMIZERS:
         args = trainer.args
         trainer.optimizer_cls_and_kwargs = (low_bit_adamw(cfg.OPTIM), {

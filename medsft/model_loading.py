@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 from medsft.chat_format import build_messages, format_reply, render_training_text
-from medsft.distributed import local_rank, sharding
+from medsft.distributed import check_zero3_partitioned, local_rank, sharding
 from medsft.errors import UserError
 from medsft.hub_download import download_model
 
@@ -68,23 +68,29 @@ def compute_dtype():
     return torch.bfloat16
 
 
-def load_base_model(model_path: str, load_in_4bit: bool, attn_implementation: str = "sdpa"):
-    """Qwen3 in bf16, or in 4-bit NF4 with double quantisation and bf16 compute (QLoRA); fp16 on old GPUs."""
+def load_base_model(model_path: str, load_in_4bit: bool, attn_implementation: str = "sdpa", dtype=None):
+    """Qwen3 in bf16, or in 4-bit NF4 with double quantisation and bf16 compute (QLoRA); fp16 on old GPUs.
+
+    Under ZeRO-3 (TrainingArguments built first) each process loads only its partition of the weights; a 4-bit
+    base loads whole and is partitioned when DeepSpeed wraps it (transformers skips zero.Init for quantized models).
+    """
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"dtype": compute_dtype(), "attn_implementation": attn_implementation}
-    fsdp = sharding() == "fsdp"
+    kwargs = {"dtype": dtype or compute_dtype(), "attn_implementation": attn_implementation}
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype(),
-            # FSDP flattens each layer's weights into one tensor of one dtype: store the 4-bit bytes in it too
-            **({"bnb_4bit_quant_storage": compute_dtype()} if fsdp else {}),
+            # FSDP and ZeRO-3 shard each layer's weights as tensors of one dtype: store the 4-bit bytes in it too
+            **({"bnb_4bit_quant_storage": compute_dtype()} if sharding() else {}),
         )
-    if torch.cuda.is_available() and not fsdp:  # FSDP places (and shards) the weights itself
+    if torch.cuda.is_available() and not sharding():  # FSDP and DeepSpeed place (and shard) the weights themselves
         kwargs["device_map"] = {"": local_rank()}  # each process its own GPU, with its own copy
-    return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if not load_in_4bit:
+        check_zero3_partitioned(model)
+    return model
 
 
 def warn_if_cpu(load_in_4bit: bool) -> None:

@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 
 from medsft.batching import ANSWER, NO_THINK, THINK
+from medsft.errors import UserError
 from medsft.losses import token_losses
 from medsft.records import make_shareable
 
@@ -58,12 +59,47 @@ def evaluate_loss(model, batches, device=None) -> dict:
     return loss_metrics(*loss_sums(model, batches, device))
 
 
+def saved_names_and_shapes(model) -> dict[str, tuple]:
+    """Every trainable tensor as the saved folder names it (PEFT drops the adapter name and `modules_to_save.`),
+    with its whole shape (under ZeRO-3 a process holds only its partition)."""
+    adapter = model.active_adapter if hasattr(model, "peft_config") else None
+    expected = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            if adapter:
+                name = ".".join(part for part in name.split(".") if part not in (adapter, "modules_to_save"))
+            expected[name] = tuple(getattr(param, "ds_shape", param.shape))
+    return expected
+
+
+def check_saved_weights(folder, expected: dict[str, tuple]) -> None:
+    """Stop when a saved best/ or final/ lacks a trained tensor or holds one of the wrong shape (reads headers only).
+
+    A sharded save can "succeed" and write an empty adapter (FSDP1 + PEFT 0.21 wrote 0 tensors): never ship one.
+    """
+    from safetensors import safe_open
+
+    saved = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            saved.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    missing = [name for name in expected if name not in saved]
+    wrong = [f"{name} {list(saved[name])} instead of {list(expected[name])}"
+             for name in expected if name in saved and saved[name] != expected[name]]
+    if missing or wrong:
+        problem = (f"lacks {len(missing)} of the {len(expected)} trained tensors ({', '.join(missing[:3])}"
+                   f"{', ...' if len(missing) > 3 else ''})" if missing else f"holds {', '.join(wrong[:3])}")
+        raise UserError(f"error: the saved weights in {folder} are incomplete: it {problem}; the save under this "
+                        "launcher lost them (nothing was shipped)")
+
+
 class QLoRATrainer(Trainer):
     """The Trainer's own loss (the forward with labels and num_items_in_batch), our eval, and best/ kept on disk."""
 
     def __init__(self, *args, best_dir=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.best_dir, self.last_eval_step = Path(best_dir), None
+        self.saved_weights = saved_names_and_shapes(self.model)  # what best/ and final/ must hold
         best_file = self.best_dir / "eval.json"
         self.best = json.loads(best_file.read_text()) if best_file.exists() else None
 
@@ -141,6 +177,7 @@ class QLoRATrainer(Trainer):
             shutil.rmtree(staging, ignore_errors=True)
         self.save_model(str(staging), _internal_call=True)
         if main:
+            check_saved_weights(staging, self.saved_weights)
             (staging / "training_args.bin").unlink(missing_ok=True)
             (staging / "eval.json").write_text(json.dumps(self.best) + "\n")
             make_shareable(staging)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsft.chat_format import IGNORE_INDEX, build_row_example
-from medsft.distributed import is_main_process, launch_problems, sharding, use_liger_kernel, world_size
+from medsft.distributed import (check_sharding_is_on, is_main_process, launch_problems, optimizer_for_launcher,
+                                sharding, use_liger_kernel, world_size)
 from medsft.errors import DataError, UserError, exit_on_interrupt
 from medsft.records import read_jsonl, write_files_atomically
 from medsft.resume import last_complete_checkpoint, remove_incomplete_checkpoints
@@ -86,6 +87,10 @@ def _lora_problems(cfg) -> list[str]:
         problems.append(f"modules_to_save may hold embed_tokens and lm_head, not {list(cfg.MODULES_TO_SAVE)}")
     if getattr(cfg, "EMBEDDING_MODE", "full") not in EMBEDDING_MODES:
         problems.append(f"embedding_mode must be 'tokens' or 'full', not {cfg.EMBEDDING_MODE!r}")
+    if sharding() == "fsdp" and getattr(cfg, "EMBEDDING_MODE", None) == "tokens" and cfg.MODULES_TO_SAVE:
+        # PEFT's trainable-token rows fail inside FSDP2's sharded embedding (torch device_mesh, seen on CPU)
+        problems.append("embedding_mode 'tokens' does not run under FSDP; pass --embedding_mode=full (or launch "
+                        "with DDP or DeepSpeed)")
     if not getattr(cfg, "EMBEDDING_LEARNING_RATE", 1) > 0:
         problems.append(f"embedding_learning_rate must be positive, not {cfg.EMBEDDING_LEARNING_RATE}")
     return problems
@@ -258,8 +263,8 @@ def load_lora_model(model_path: str, cfg, data: TrainingData | None = None):
     for param in model.parameters():  # the optimizer's master weights: fp32 (a bf16 base gives bf16 copies)
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: the whole, not 1/N
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
           + (f"; fully trained: {fully_trained(lora)}" if lora.modules_to_save else "")
           + (f"; embedding rows trained: {len(token_indices):,} of {model.config.vocab_size:,} (the tokens of the "
@@ -267,7 +272,7 @@ def load_lora_model(model_path: str, cfg, data: TrainingData | None = None):
     model.trainable_params = trainable
     if lora.modules_to_save and getattr(cfg, "EMBEDDING_MODE", None) == "full":
         model.embedding_learning_rate = cfg.EMBEDDING_LEARNING_RATE  # its own param group (QLoRATrainer)
-    if not cfg.LOAD_IN_4BIT and not torch.cuda.is_available():
+    if not cfg.LOAD_IN_4BIT and not torch.cuda.is_available() and not sharding():
         model.to(torch.float32)  # bf16 matmuls are slow on CPU
     return model
 
@@ -355,24 +360,23 @@ def tracker_callbacks(trackers: list[str], run_name: str) -> tuple[list[str], li
     return [t for t in trackers if t != "swanlab"], [callback]
 
 
-def build_trainer(cfg, model, tokenizer, data: TrainingData):
-    """The Trainer for any model (QLoRA, bf16 LoRA, or a full model), one process or many."""
+def training_arguments(cfg):
+    """The Trainer's arguments. Build them before loading the model: under DeepSpeed they register its config,
+    so that ZeRO-3 loads each weight straight into its partition."""
     import torch
     from transformers import TrainingArguments
 
-    from medsft.batching import Collator
     from medsft.model_loading import compute_dtype
-    from medsft.trainer import (LoggingCallback, QLoRATrainer, RunClock, SetEpochCallback, ShareableCheckpoints,
-                                use_readable_logging)
 
     cuda, run_name = torch.cuda.is_available(), f"{cfg.VERSION}-{Path(cfg.OUTPUT_DIR).name}"
-    report_to, tracker_cbs = tracker_callbacks(resolve_report_to(cfg.REPORT_TO, cfg.OUTPUT_DIR), run_name)
+    report_to, _ = tracker_callbacks(resolve_report_to(cfg.REPORT_TO, cfg.OUTPUT_DIR), run_name)
     args = TrainingArguments(
         output_dir=cfg.OUTPUT_DIR, run_name=run_name,
         per_device_train_batch_size=cfg.BATCH_SIZE, per_device_eval_batch_size=cfg.EVAL_BATCH_SIZE,
         gradient_accumulation_steps=cfg.GRADIENT_ACCUMULATION, num_train_epochs=cfg.EPOCHS,
         max_steps=cfg.MAX_STEPS, learning_rate=cfg.LEARNING_RATE, lr_scheduler_type=cfg.LR_SCHEDULER,
-        warmup_steps=cfg.WARMUP_RATIO, weight_decay=cfg.WEIGHT_DECAY, optim=cfg.OPTIM,
+        warmup_steps=cfg.WARMUP_RATIO, weight_decay=cfg.WEIGHT_DECAY,
+        optim=optimizer_for_launcher(cfg.OPTIM, full_model=not hasattr(cfg, "LORA_R")),
         max_grad_norm=cfg.MAX_GRAD_NORM, logging_steps=cfg.LOG_STEPS, logging_first_step=True,
         eval_strategy="steps", eval_steps=cfg.EVAL_STEPS, save_strategy="steps", save_steps=cfg.SAVE_STEPS,
         save_total_limit=cfg.SAVE_TOTAL_LIMIT, bf16=cuda and compute_dtype() == torch.bfloat16,
@@ -383,9 +387,21 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData):
         # the loss is normalised by the trained tokens of the whole step, over accumulation and every rank
         average_tokens_across_devices=True, include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
-        # DDP on CPU: transformers goes distributed there only with use_cpu, over gloo
-        **({"use_cpu": True, "ddp_backend": "gloo"} if not cuda and world_size() > 1 else {}),
+        # several processes on CPU talk over gloo; DDP needs use_cpu there, which would switch DeepSpeed and FSDP off
+        **({"ddp_backend": "gloo", **({} if sharding() else {"use_cpu": True})} if not cuda and world_size() > 1
+           else {}),
     )
+    return args
+
+
+def build_trainer(cfg, model, tokenizer, data: TrainingData, args=None):
+    """The Trainer for any model (QLoRA, bf16 LoRA, or a full model), one process or many, any launcher."""
+    from medsft.batching import Collator
+    from medsft.trainer import (LoggingCallback, QLoRATrainer, RunClock, SetEpochCallback, ShareableCheckpoints,
+                                use_readable_logging)
+
+    args = args or training_arguments(cfg)
+    _, tracker_cbs = tracker_callbacks(resolve_report_to(cfg.REPORT_TO, cfg.OUTPUT_DIR), args.run_name)
     callbacks = [LoggingCallback(Path(cfg.OUTPUT_DIR) / "metrics.jsonl"), RunClock(), ShareableCheckpoints(),
                  *tracker_cbs]
     if hasattr(data.train_set, "set_epoch"):
@@ -396,6 +412,7 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData):
         callbacks=callbacks, best_dir=Path(cfg.OUTPUT_DIR) / "best",
     )
     use_readable_logging(trainer, cfg.PROGRESS_BAR)
+    check_sharding_is_on(trainer)
     return trainer
 
 
@@ -461,6 +478,8 @@ def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
     """final/ (the best adapter, tokenizer, settings), summary.json and loss.png in OUTPUT_DIR (main process)."""
     import torch
 
+    from medsft.trainer import check_saved_weights
+
     out = Path(cfg.OUTPUT_DIR)
     best = trainer.restore_best()
     final = out / "final"
@@ -487,6 +506,7 @@ def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
         (staging / "eval.json").unlink(missing_ok=True)
         tokenizer.save_pretrained(staging)
         cfg.save(staging)
+        check_saved_weights(staging, trainer.saved_weights)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         cfg.save(out)

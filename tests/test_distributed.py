@@ -180,11 +180,7 @@ def test_a_launch_that_cannot_work_stops_before_loading(monkeypatch, tmp_path, s
     monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")
     with pytest.raises(UserError) as e:  # no model is loaded: the path does not even exist
         train_lora.main([f"--data_dir={sample_data_dir}", f"--output_dir={tmp_path}", "--model_path=/does/not/matter"])
-    assert "fsdp needs CUDA GPUs" in str(e.value) and "FULL_STATE_DICT" in str(e.value)
-    monkeypatch.delenv("ACCELERATE_USE_FSDP")
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(UserError, match="deepspeed needs CUDA GPUs"):
-        train_lora.main([f"--data_dir={sample_data_dir}", f"--output_dir={tmp_path}", "--model_path=/does/not/matter"])
+    assert "fsdp_state_dict_type must be FULL_STATE_DICT" in str(e.value)
 
 
 def test_torchrun_trains_one_full_model_with_train_py(tiny_model_dir, sample_data_dir, tmp_path):
