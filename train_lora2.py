@@ -12,8 +12,9 @@ from medsft.memory_estimate import print_memory_estimate
 from medsft.model_loading import load_tokenizer, resolve_model_path, warn_if_cpu
 from medsft.resume import finished_run, plan_output_dir
 from medsft.settings import check_settings, parse_settings
-from medsft.training import (build_trainer, check_training_settings, load_lora_model, load_training_data,
-                             print_sample_answer, save_results, show_data_preview, train, training_arguments)
+from medsft.training import (build_trainer, check_training_settings, load_lora_model, print_sample_answer,
+                             save_results, train, training_arguments)
+from medsft.training_data import load_training_data, show_data_preview
 
 # -----------------------------------------------------------------------------
 # version

@@ -82,7 +82,7 @@ def recipe_settings(cfg, name: str, model_dir, paths):
 
 def load_recipe_data(settings, tokenizer):
     """The training data as the recipe's script loads it (v3: the questions masked afresh at every draw)."""
-    from medsft.training import load_training_data
+    from medsft.training_data import load_training_data
 
     data = load_training_data(settings, tokenizer)
     if hasattr(settings, "MASK_PROB"):  # as train_lora3.main

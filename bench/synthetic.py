@@ -126,7 +126,7 @@ def _lexicon_terms() -> list[str]:
 def example_length_stats(tokenizer, rows) -> dict:
     """Whole-example token lengths (p50, p90, p99, max) and the think's share of the tokens, as trained."""
     from medsft.chat_format import IGNORE_INDEX, build_training_example
-    from medsft.training import percentile
+    from medsft.training_data import percentile
 
     lengths, think = [], 0
     for row in rows:

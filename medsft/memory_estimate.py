@@ -385,7 +385,7 @@ def print_memory_estimate(model_path: str, cfg, data) -> Estimate:
     recipe = {"qlora": "QLoRA (4-bit NF4 base, fp32 LoRA)", "bf16_lora": "LoRA on a bf16 base",
               "full": f"full fine-tuning ({'fp32' if getattr(cfg, 'FP32_WEIGHTS', False) else 'bf16'} weights)"}
     parameters = sum(numel for _, numel, _, _ in tensor_table(config)[0])
-    print(f"==== will it fit? estimated peak memory of one CUDA GPU (bf16 compute), before any weight loads ====")
+    print("==== will it fit? estimated peak memory of one CUDA GPU (bf16 compute), before any weight loads ====")
     print(f"{getattr(config, 'model_type', 'model')}: {parameters:,} parameters, {config.num_hidden_layers} layers, "
           f"hidden {config.hidden_size:,}, vocabulary {config.vocab_size:,}; {recipe[recipe_of(cfg)]}, "
           f"optim {cfg.OPTIM}")

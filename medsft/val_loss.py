@@ -41,7 +41,7 @@ def rows_loss(model, tokenizer, rows: list[dict], max_length: int = 2048, system
     from medsft.batching import Collator
     from medsft.no_think import mix_val_examples
     from medsft.trainer import evaluate_loss
-    from medsft.training import tokenize_rows
+    from medsft.training_data import tokenize_rows
 
     settings = SimpleNamespace(MAX_LENGTH=max_length, SYSTEM_PROMPT=system_prompt, LONG_EXAMPLES=long_examples,
                                NO_THINK_FRACTION=no_think_fraction)

@@ -158,7 +158,7 @@ def test_control_text_in_training_rows_is_plain_text(tokenizer):
 def test_training_tokenizes_control_text_in_rows_as_plain_text(tokenizer):
     from types import SimpleNamespace
 
-    from medsft.training import tokenize_rows
+    from medsft.training_data import tokenize_rows
 
     cfg = SimpleNamespace(MAX_LENGTH=1024, SYSTEM_PROMPT=SYSTEM_PROMPT, LONG_EXAMPLES="shorten_think")
     rows = [{"question": "问" + CONTROL, "think": "想", "answer": "答"}, ROWS[0]]

@@ -100,7 +100,8 @@ def test_v3_trains_the_rows_of_its_mask_placeholders_too(tokenizer, short_data_d
     import train_lora3
     from medsft.masking import MaskedQuestionDataset
     from medsft.settings import parse_settings
-    from medsft.training import load_training_data, trained_token_indices
+    from medsft.training import trained_token_indices
+    from medsft.training_data import load_training_data
 
     cfg = parse_settings(vars(train_lora3), [f"--data_dir={short_data_dir}", "--mask_style=progressive"])
     data = load_training_data(cfg, tokenizer)

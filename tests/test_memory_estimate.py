@@ -33,7 +33,8 @@ def test_static_parts_match_the_bytes_of_real_tensors_after_one_step_on_cpu(reci
 
     from medsft.full_finetune import load_full_model, use_full_model_training
     from medsft.masking import MaskedQuestionDataset
-    from medsft.training import build_trainer, load_lora_model, load_training_data, trained_token_indices
+    from medsft.training import build_trainer, load_lora_model, trained_token_indices
+    from medsft.training_data import load_training_data
 
     script, extra = RECIPES[recipe]
     cfg = parse_settings(vars(script), [f"--model_path={tiny_model_dir}", f"--data_dir={short_data_dir}",
@@ -101,7 +102,7 @@ def test_dry_run_on_a_config_only_qwen3_1_7b_folder_estimates_v1_and_train_py(qw
 
 def test_over_budget_names_the_setting_to_change_first(qwen3_1_7b_config_only, short_data_dir, tokenizer, capsys):
     from medsft.memory_estimate import print_memory_estimate
-    from medsft.training import load_training_data
+    from medsft.training_data import load_training_data
 
     def estimate(*argv):
         cfg = parse_settings(vars(train_lora2), [f"--data_dir={short_data_dir}", *argv])
