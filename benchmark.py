@@ -198,6 +198,7 @@ def timed_pass(lm, folder, plan, cfg, manager, label: str):
 
 
 def build_report(cfg, plan, results, tokenizer, engine, how, precision, seconds) -> dict:
+    from medsft.exam_harness import chat_template_args
     from medsft.exam_report import compare_task, group_outcomes, task_outcomes
     from medsft.model_export import library_versions
 
@@ -208,10 +209,11 @@ def build_report(cfg, plan, results, tokenizer, engine, how, precision, seconds)
     prompts = {key: first_prompt(results[key]) for key in results}
     if prompts["base"] != prompts["finetuned"]:
         raise RuntimeError("the two passes rendered different prompts; the comparison would not be fair")
+    thinking = chat_template_args(cfg)["enable_thinking"]
     tasks = {}
     for task in base["samples"]:
         sides = {key: task_outcomes(results[key], task, count_tokens, cfg.MAX_NEW_TOKENS,
-                                    cfg.MODE == "generate" and cfg.THINKING) for key in results}
+                                    thinking) for key in results}
         tasks[task] = {"source": plan.ours.get(task, "lm-eval built-in"), **compare_task(sides["base"], sides["finetuned"]),
                        **sides}
     for group, members in base.get("group_subtasks", {}).items():
@@ -222,7 +224,7 @@ def build_report(cfg, plan, results, tokenizer, engine, how, precision, seconds)
     return {"base": cfg.MODEL_PATH, "finetuned": cfg.FINETUNED_PATH, "engine": engine, "models_in_memory": how,
             "mode": cfg.MODE, "precision": precision, "system_prompt": cfg.SYSTEM_PROMPT,
             "chat_template": {"sha256": hashlib.sha256(template.encode()).hexdigest(), "text": template,
-                              "enable_thinking": cfg.MODE == "generate" and cfg.THINKING,
+                              "enable_thinking": thinking,
                               "first_prompt": prompts["base"]},
             "libraries": library_versions(("lm_eval", "torch", "transformers", "peft", "vllm")),
             "seconds": seconds, "settings": cfg.as_dict(), "tasks": tasks}

@@ -248,19 +248,25 @@ def build_conversation_example(tokenizer, messages: list[dict], max_length: int,
     a single turn. Messages are {"role", "content"} with "think" on assistant turns. `mask_user` (v3) rewrites
     the user turns' text. The result also has `turns_dropped`.
     """
-    system = messages[0]["content"] if messages[0]["role"] == "system" else system_prompt
-    body = [m["content"] if m["role"] != "user" or mask_user is None else mask_user(m["content"])
-            for m in messages if m["role"] != "system"]
-    history = list(zip(body[0:-2:2], body[1:-2:2]))
+    system, question, history = split_conversation(messages, system_prompt, mask_user)
     reply = messages[-1]
     for dropped in range(len(history)):  # whole turns only: never half a reply
-        prompt = _render_prompt(tokenizer, body[-2], system, history[dropped:])
+        prompt = _render_prompt(tokenizer, question, system, history[dropped:])
         example = _tokenize(tokenizer, prompt, reply["think"], reply["content"])
         if len(example["input_ids"]) <= max_length:
             return example | {"think_cut": 0, "turns_dropped": dropped}
-    row = {"question": body[-2], "think": reply["think"], "answer": reply["content"]}
+    row = {"question": question, "think": reply["think"], "answer": reply["content"]}
     example = build_training_example(tokenizer, row, max_length, system)
     return None if example is None else example | {"turns_dropped": len(history)}
+
+
+def split_conversation(messages: list[dict], system_prompt: str = SYSTEM_PROMPT, mask_user=None):
+    """(system prompt, last question, earlier (question, reply) pairs) of a conversation that ends with a reply:
+    its own system message, else `system_prompt`; `mask_user` (v3) rewrites the user turns' text."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else system_prompt
+    body = [m["content"] if m["role"] != "user" or mask_user is None else mask_user(m["content"])
+            for m in messages if m["role"] != "system"]
+    return system, body[-2], list(zip(body[0:-2:2], body[1:-2:2]))
 
 
 def build_row_example(tokenizer, row: dict, max_length: int, system_prompt: str = SYSTEM_PROMPT) -> dict | None:

@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+from medsft.chat_format import split_conversation
 from medsft.distributed import (check_sharding_is_on, is_main_process, launch_problems, optimizer_for_launcher,
                                 sharding, use_liger_kernel, world_size)
 from medsft.errors import UserError, exit_on_interrupt
@@ -460,9 +461,7 @@ def print_sample_answer(model, tokenizer, row: dict | str, cfg) -> str:
     row = {"question": row} if isinstance(row, str) else row
     question, history, system_prompt = row.get("question"), (), cfg.SYSTEM_PROMPT
     if "messages" in row:
-        system_prompt = next((m["content"] for m in row["messages"] if m["role"] == "system"), system_prompt)
-        body = [m["content"] for m in row["messages"] if m["role"] != "system"]
-        question, history = body[-2], list(zip(body[0:-2:2], body[1:-2:2]))
+        system_prompt, question, history = split_conversation(row["messages"], system_prompt)
     reply = generate_replies(model, tokenizer, [question], system_prompt=system_prompt, histories=[history],
                              max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS, seed=cfg.SEED)[0]
     shown = reply.text if reply.text.strip() else f"(empty reply: {reply.new_tokens} whitespace tokens)"
