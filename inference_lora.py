@@ -250,19 +250,21 @@ def answer_batch_file(assistant: MedicalAssistant, items, batch_file, output_fil
     print(f"{len(items)} questions in {batch_file}; {len(items) - len(todo)} already answered in {output_file}; "
           f"answering {len(todo)} in batches of {batch_size}", flush=True)
     start, tokens, batches = time.perf_counter(), 0, (len(todo) + batch_size - 1) // batch_size
-    for n, first in enumerate(range(0, len(todo), batch_size), start=1):
-        chunk = todo[first : first + batch_size]
-        try:
+    answered = len(items) - len(todo)
+    try:
+        for n, first in enumerate(range(0, len(todo), batch_size), start=1):
+            chunk = todo[first : first + batch_size]
             replies = assistant.ask_batch([item.question for item in chunk], [item.scenario for item in chunk])
-        except KeyboardInterrupt:
-            exit_on_interrupt(f"interrupted: {len(items) - len(todo) + first} of {len(items)} questions are answered "
-                              f"in {output_file}; run the same command again to answer the rest")
-        append_rows(output_file, [prediction_row(item, reply) for item, reply in zip(chunk, replies)])
-        tokens += sum(reply.new_tokens for reply in replies)
-        stopped = sum(reply.finish_reason == "stop" for reply in replies)
-        print(f"batch {n}/{batches}: {len(items) - len(todo) + first + len(chunk)}/{len(items)} answered "
-              f"({stopped}/{len(chunk)} ended at the end token), {tokens / (time.perf_counter() - start):.1f} tokens/s",
-              flush=True)
+            append_rows(output_file, [prediction_row(item, reply) for item, reply in zip(chunk, replies)])
+            answered += len(chunk)
+            tokens += sum(reply.new_tokens for reply in replies)
+            stopped = sum(reply.finish_reason == "stop" for reply in replies)
+            print(f"batch {n}/{batches}: {answered}/{len(items)} answered ({stopped}/{len(chunk)} ended at the end "
+                  f"token), {tokens / (time.perf_counter() - start):.1f} tokens/s", flush=True)
+    except KeyboardInterrupt:
+        answered = len(finished_ids(output_file) & {item.id for item in items})  # rows whole on disk, however late
+        exit_on_interrupt(f"interrupted: {answered} of {len(items)} questions are answered in {output_file}; "
+                          "run the same command again to answer the rest")
     print(f"wrote {output_file}")
     return {"output_file": str(output_file), "answered": len(todo), "skipped": len(items) - len(todo)}
 

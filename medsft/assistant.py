@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medsft.chat_format import SYSTEM_PROMPT, encode_prompt, format_reply, render_prompt, turn_thinks
-from medsft.errors import DataError, UserError
+from medsft.errors import DataError, UserError, interrupts_held
 from medsft.generation import Reply, generate_from_prompts, prepare_for_generation
 from medsft.records import read_jsonl
 
@@ -484,10 +484,11 @@ def prediction_row(item: BatchItem, reply: Reply) -> dict:
 
 
 def append_rows(path, rows: list[dict]) -> None:
-    """Append rows and make them durable at once, so a crash later loses nothing written here."""
+    """Append rows and make them durable at once, so a crash later loses nothing written here; a Ctrl-C during the
+    write waits until the rows are whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8", newline="\n") as f:
+    with interrupts_held(), open(path, "a", encoding="utf-8", newline="\n") as f:
         f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         f.flush()
         os.fsync(f.fileno())

@@ -1,4 +1,7 @@
 """Errors meant for the user: a one-line message and a non-zero exit, never a traceback."""
+import contextlib
+import signal
+import threading
 
 
 class UserError(SystemExit):
@@ -40,3 +43,22 @@ def exit_on_interrupt(message: str, show: bool = True):
     if show:
         print(f"\n{message}", file=sys.stderr, flush=True)
     raise Interrupted(message) from None
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C until the block ends, so a write it guards is whole; the held Ctrl-C is then raised.
+
+    Only the main thread receives signals, so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt

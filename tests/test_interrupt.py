@@ -57,6 +57,33 @@ def test_sigint_during_batch_inference(tiny_model_dir, tmp_path):
     assert len(rows) == 2 * len(SHORT_QUESTIONS) and len({r["id"] for r in rows}) == len(rows)
 
 
+def test_ctrl_c_while_a_batch_is_written_waits_for_the_whole_rows(tiny_model_dir, tmp_path, monkeypatch):
+    """The race CI once hit: Ctrl-C lands inside the append's fsync. The rows are whole, the count is right."""
+    import medsft.assistant
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question": q}, ensure_ascii=False) + "\n" for q in SHORT_QUESTIONS[:3]),
+                         encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    real_fsync, calls = os.fsync, []
+
+    def fsync_then_ctrl_c(fd):
+        calls.append(fd)
+        if len(calls) == 2:  # the second batch: Ctrl-C arrives mid-write
+            os.kill(os.getpid(), signal.SIGINT)
+        real_fsync(fd)
+
+    monkeypatch.setattr(medsft.assistant.os, "fsync", fsync_then_ctrl_c)
+    args = [f"--model_path={tiny_model_dir}", "--adapter_path=", f"--batch_file={questions}",
+            f"--output_file={output}", "--batch_size=1", "--max_new_tokens=4", "--temperature=0"]
+    with pytest.raises(SystemExit) as e:
+        inference_lora.main(args)
+    assert e.value.code == 130 and str(e.value).startswith("interrupted: 2 of 3 questions are answered"), e.value
+    lines = output.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["finish_reason"] for line in lines)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+
 def test_batch_resume_with_other_sampling_is_refused(tiny_model_dir, tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text("".join(json.dumps({"question": q}, ensure_ascii=False) + "\n" for q in SHORT_QUESTIONS[:3]),
