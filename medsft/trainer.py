@@ -12,7 +12,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 
 from medsft.batching import ANSWER, NO_THINK, THINK
-from medsft.errors import UserError
+from medsft.errors import UserError, interrupts_held
 from medsft.losses import token_losses
 from medsft.records import make_shareable
 
@@ -234,7 +234,7 @@ class LoggingCallback(TrainerCallback):
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
+        with interrupts_held(), self.path.open("a", encoding="utf-8") as f:  # a Ctrl-C waits for the whole line
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         parts = [f"step {state.global_step}/{state.max_steps}", f"epoch {record['epoch']:.2f}"]
         for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("eval_think_loss", ".4f"),
