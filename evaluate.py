@@ -32,7 +32,7 @@ from pathlib import Path
 
 from medsft import chat_format
 from medsft.assistant import check_adapter_path
-from medsft.errors import UserError
+from medsft.errors import Interrupted, UserError, exit_on_interrupt
 from medsft.records import read_jsonl, write_files_atomically
 from medsft.settings import check_settings, parse_settings, use_run_settings
 
@@ -233,11 +233,15 @@ def generate_predictions(cfg, questions: list[dict]) -> Path:
     predictions = Path(cfg.REPORT_PATH).with_suffix(".predictions.jsonl")
     write_files_atomically({questions_path: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in questions)})
     predictions.unlink(missing_ok=True)  # batch mode resumes by id: answers of another adapter must not count
-    inference_lora.main([f"--model_path={cfg.MODEL_PATH}", f"--adapter_path={cfg.ADAPTER_PATH}",
-                         f"--batch_file={questions_path}", f"--output_file={predictions}",
-                         f"--max_new_tokens={cfg.MAX_NEW_TOKENS}", f"--temperature={cfg.TEMPERATURE}",
-                         f"--batch_size={cfg.BATCH_SIZE}", f"--seed={cfg.SEED}", f"--system_prompt={cfg.SYSTEM_PROMPT}",
-                         f"--thinking={cfg.THINKING}"])
+    try:
+        inference_lora.main([f"--model_path={cfg.MODEL_PATH}", f"--adapter_path={cfg.ADAPTER_PATH}",
+                             f"--batch_file={questions_path}", f"--output_file={predictions}",
+                             f"--max_new_tokens={cfg.MAX_NEW_TOKENS}", f"--temperature={cfg.TEMPERATURE}",
+                             f"--batch_size={cfg.BATCH_SIZE}", f"--seed={cfg.SEED}", f"--system_prompt={cfg.SYSTEM_PROMPT}",
+                             f"--thinking={cfg.THINKING}"])
+    except Interrupted:  # batch mode's line above is about its own rerun; evaluate's rerun answers from the start
+        exit_on_interrupt(f"evaluate.py: no report was written; the same evaluate.py command again answers every "
+                          f"question from the start ({predictions} is replaced)")
     return predictions
 
 

@@ -80,6 +80,32 @@ def test_generate_answers_val_rows_and_the_redteam_set(trained_adapter, tiny_mod
            "16 at a time" in plan
 
 
+def test_ctrl_c_while_answering_writes_no_report_and_says_the_rerun_starts_over(tiny_model_dir, sample_data_dir,
+                                                                               tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import medsft.assistant
+
+    real_fsync = os.fsync
+
+    def ctrl_c_after_the_first_batch(fd):
+        real_fsync(fd)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".predictions.jsonl"):
+            os.kill(os.getpid(), signal.SIGINT)  # held until the batch is whole, then raised
+
+    monkeypatch.setattr(medsft.assistant.os, "fsync", ctrl_c_after_the_first_batch)
+    report = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([f"--model_path={tiny_model_dir}", "--adapter_path=", f"--data_dir={sample_data_dir}",
+                       "--max_length=320", "--generate=3", "--max_new_tokens=2", "--batch_size=1",
+                       f"--report_path={report}", "--no_think_check=0"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 130 and not report.exists()
+    assert last.startswith("evaluate.py: no report was written") and "answers every question from the start" in last
+    assert len((tmp_path / "r.predictions.jsonl").read_text(encoding="utf-8").splitlines()) == 1
+
+
 REDTEAM = ROOT / "data" / "redteam.jsonl"
 
 

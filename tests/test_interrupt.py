@@ -68,9 +68,10 @@ def test_ctrl_c_while_a_batch_is_written_waits_for_the_whole_rows(tiny_model_dir
     real_fsync, calls = os.fsync, []
 
     def fsync_then_ctrl_c(fd):
-        calls.append(fd)
-        if len(calls) == 2:  # the second batch: Ctrl-C arrives mid-write
-            os.kill(os.getpid(), signal.SIGINT)
+        if os.readlink(f"/proc/self/fd/{fd}") == str(output):
+            calls.append(fd)
+            if len(calls) == 2:  # the second batch: Ctrl-C arrives mid-write
+                os.kill(os.getpid(), signal.SIGINT)
         real_fsync(fd)
 
     monkeypatch.setattr(medsft.assistant.os, "fsync", fsync_then_ctrl_c)
