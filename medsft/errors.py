@@ -49,9 +49,11 @@ def exit_on_interrupt(message: str, show: bool = True):
 def interrupts_held():
     """Hold Ctrl-C until the block ends, so a write it guards is whole; the held Ctrl-C is then raised.
 
-    Only the main thread receives signals, so elsewhere this does nothing.
+    Only Python's own Ctrl-C handler is held: off the main thread (which receives no signals), with Ctrl-C
+    ignored (a job started with `&`, nohup) or with another program's handler installed, this does nothing.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
     held = []

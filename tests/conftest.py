@@ -30,6 +30,16 @@ def gpu(test):
     return pytest.mark.gpu(needs_cuda(test))
 
 
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler for the test, as in a terminal (a suite started with `&` has SIGINT ignored)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from medsft.tiny_model import build_tiny_qwen3

@@ -80,8 +80,8 @@ def test_generate_answers_val_rows_and_the_redteam_set(trained_adapter, tiny_mod
            "16 at a time" in plan
 
 
-def test_ctrl_c_while_answering_writes_no_report_and_says_the_rerun_starts_over(tiny_model_dir, sample_data_dir,
-                                                                               tmp_path, monkeypatch, capsys):
+def test_ctrl_c_while_answering_writes_no_report_and_says_the_rerun_starts_over(
+        tiny_model_dir, sample_data_dir, tmp_path, monkeypatch, python_ctrl_c, capsys):
     import os
     import signal
 

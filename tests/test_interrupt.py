@@ -14,10 +14,15 @@ from medsft.errors import UserError
 from tests.conftest import ROOT, SHORT_QUESTIONS
 
 
+def ctrl_c_as_in_a_terminal():
+    """A child of a suite started in the background (`pytest &`) would inherit an ignored SIGINT; undo that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
 
 
 def interrupt_when(process, ready, timeout=240):
@@ -57,7 +62,8 @@ def test_sigint_during_batch_inference(tiny_model_dir, tmp_path):
     assert len(rows) == 2 * len(SHORT_QUESTIONS) and len({r["id"] for r in rows}) == len(rows)
 
 
-def test_ctrl_c_while_a_batch_is_written_waits_for_the_whole_rows(tiny_model_dir, tmp_path, monkeypatch):
+def test_ctrl_c_while_a_batch_is_written_waits_for_the_whole_rows(tiny_model_dir, tmp_path, monkeypatch,
+                                                                 python_ctrl_c):
     """The race CI once hit: Ctrl-C lands inside the append's fsync. The rows are whole, the count is right."""
     import medsft.assistant
 
@@ -113,7 +119,8 @@ def test_sigint_during_training_then_the_same_command_resumes(tiny_model_dir, sh
             "--gradient_accumulation=1", "--max_length=320", "--report_to=none", "--progress_bar=False",
             "--sample_max_new_tokens=4"]
     process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, umask=0o022, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+                               text=True, umask=0o022, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+                               preexec_fn=ctrl_c_as_in_a_terminal)
     code, _, err = interrupt_when(process, lambda: (out / "checkpoint-2" / "trainer_state.json").is_file())
     assert code == 130 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
