@@ -131,12 +131,14 @@ def shard_tied_token_rows(trainer) -> None:
     already an FSDP2 module as it is, so the units are made here before it prepares the model: the plugin's
     transformer layers one by one, then [embed_tokens, lm_head] (not resharded after forward, as accelerate's own
     unit for a tied embedding), then the root. The embedding stays one sharded copy (1/N per GPU), the delta too.
-    Only for 4-bit models: there every rank loads the weights (accelerate's rank-0-only loading is for bf16)."""
+    Only for 4-bit models: there every rank loads the weights (accelerate's rank-0-only loading is for bf16). An
+    untied model's two wrappers share nothing, and accelerate's own units take them (tried on an untied tiny Qwen3:
+    it trains and resumes)."""
     from peft.utils.other import TrainableTokensWrapper
 
     model = trainer.model
     wrappers = [m for m in model.modules() if isinstance(m, TrainableTokensWrapper)]
-    if not trainer.is_fsdp_enabled or len(wrappers) < 2:
+    if not trainer.is_fsdp_enabled or not any(w.token_adapter.tied_adapter is not None for w in wrappers):
         return
     from accelerate.utils import get_module_children_bottom_up
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
