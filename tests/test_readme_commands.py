@@ -1,7 +1,6 @@
 """Every command the READMEs show names a script that exists, and every --flag it passes is a setting of it."""
 import ast
 import re
-from pathlib import Path
 
 import pytest
 
