@@ -119,7 +119,8 @@ def test_a_run_stopped_midway_leaves_valid_results(wheel_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(gpu_check(out, wheel_dir, "--gpu_tests=False"),  # no subprocess of its own to outlive it
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=os.environ | {"PYTHON": sys.executable})
+                            env=os.environ | {"PYTHON": sys.executable, "TMPDIR": str(tmp_path)})  # a kill leaves
+    # its temporary folders behind: in tmp_path, not in /tmp
     results, reads, deadline = None, 0, time.monotonic() + 300
     try:
         while proc.poll() is None and time.monotonic() < deadline:
