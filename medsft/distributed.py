@@ -115,3 +115,56 @@ def use_liger_kernel(wanted: bool) -> bool:
               "logits; `pip install liger-kernel` for its fused cross-entropy (much less memory)")
         return False
     return True
+
+
+
+def shard_tied_token_rows(trainer) -> None:
+    """FSDP2 with EMBEDDING_MODE="tokens" on a tied QLoRA model: the FSDP2 units, made here as accelerate makes
+    them, but with embed_tokens and lm_head in one unit.
+
+    PEFT puts a TrainableTokensWrapper on embed_tokens and a tied one on lm_head; both hold the one embedding
+    weight and the one delta of the trained rows. accelerate 1.15 (fsdp2_prepare_model) looks for the tie as
+    `get_input_embeddings().weight is get_output_embeddings().weight`, but the wrapper's `.weight` is a merged copy
+    made on each read, so it shards embed_tokens alone, then lm_head, whose delta is already sharded: torch fails
+    ("Invariant encountered: value was None", DeviceMesh._concatenate). And once a unit holds the wrappers, that
+    read itself fails (index_copy of a plain index into a sharded weight). accelerate leaves a model that is
+    already an FSDP2 module as it is, so the units are made here before it prepares the model: the plugin's
+    transformer layers one by one, then [embed_tokens, lm_head] (not resharded after forward, as accelerate's own
+    unit for a tied embedding), then the root. The embedding stays one sharded copy (1/N per GPU), the delta too.
+    Only for 4-bit models: there every rank loads the weights (accelerate's rank-0-only loading is for bf16). An
+    untied model's two wrappers share nothing, and accelerate's own units take them (tried on an untied tiny Qwen3:
+    it trains and resumes)."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    model = trainer.model
+    wrappers = [m for m in model.modules() if isinstance(m, TrainableTokensWrapper)]
+    if not trainer.is_fsdp_enabled or not any(w.token_adapter.tied_adapter is not None for w in wrappers):
+        return
+    from accelerate.utils import get_module_children_bottom_up
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    accelerator, plugin = trainer.accelerator, trainer.accelerator.state.fsdp_plugin
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    unit = {"offload_policy": plugin.cpu_offload, "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+            "mesh": mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None}
+    plugin.set_auto_wrap_policy(model)
+    is_layer = fsdp2_prepare_auto_wrap_policy(plugin, model) or (lambda module: False)
+    for module in get_module_children_bottom_up(model)[:-1]:
+        if is_layer(module):
+            fully_shard(module, reshard_after_forward=plugin.reshard_after_forward, **unit)
+    fully_shard(wrappers, reshard_after_forward=False, **unit)
+    fully_shard(model, **unit)
+    for wrapper in wrappers:
+        if wrapper.token_adapter.tied_adapter is not None:
+            wrapper.register_state_dict_post_hook(_without_tied_copy)
+
+
+def _without_tied_copy(module, state_dict, prefix, local_metadata) -> None:
+    """The tied lm_head wrapper's entries are embed_tokens' weight and delta under a second name. Left in, every
+    checkpoint holds the whole frozen embedding once more (622 MB at 1.7B in bf16), and resuming fails: torch's
+    set_model_state_dict (broadcast from rank 0) lists a shared module's tensors under its first name only and
+    stops on the second (KeyError '...lm_head.token_adapter.trainable_tokens_delta.default'). PEFT saves the
+    adapter without them anyway (a tied TrainableTokensWrapper leaves its state to the one it is tied to)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]

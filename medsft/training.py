@@ -10,7 +10,7 @@ from pathlib import Path
 
 from medsft.chat_format import split_conversation
 from medsft.distributed import (check_sharding_is_on, is_main_process, launch_problems, optimizer_for_launcher,
-                                sharding, use_liger_kernel, world_size)
+                                shard_tied_token_rows, sharding, use_liger_kernel, world_size)
 from medsft.errors import UserError, exit_on_interrupt
 from medsft.records import read_jsonl, write_files_atomically
 from medsft.resume import last_complete_checkpoint, remove_incomplete_checkpoints
@@ -86,10 +86,12 @@ def _lora_problems(cfg) -> list[str]:
         problems.append(f"modules_to_save may hold embed_tokens and lm_head, not {list(cfg.MODULES_TO_SAVE)}")
     if getattr(cfg, "EMBEDDING_MODE", "full") not in EMBEDDING_MODES:
         problems.append(f"embedding_mode must be 'tokens' or 'full', not {cfg.EMBEDDING_MODE!r}")
-    if sharding() == "fsdp" and getattr(cfg, "EMBEDDING_MODE", None) == "tokens" and cfg.MODULES_TO_SAVE:
-        # PEFT's trainable-token rows fail inside FSDP2's sharded embedding (torch device_mesh, seen on CPU)
-        problems.append("embedding_mode 'tokens' does not run under FSDP; pass --embedding_mode=full (or launch "
-                        "with DDP or DeepSpeed)")
+    if sharding() == "fsdp" and getattr(cfg, "EMBEDDING_MODE", None) == "tokens" and cfg.MODULES_TO_SAVE \
+            and not getattr(cfg, "LOAD_IN_4BIT", True):
+        # the FSDP2 units are made before accelerate's (medsft/distributed.py, shard_tied_token_rows), which
+        # skips accelerate's loading of a bf16 model from rank 0 (the other ranks hold empty weights until then)
+        problems.append("embedding_mode 'tokens' under FSDP needs load_in_4bit=True (QLoRA); pass "
+                        "--embedding_mode=full for a bf16 LoRA (or launch with DDP or DeepSpeed)")
     if not getattr(cfg, "EMBEDDING_LEARNING_RATE", 1) > 0:
         problems.append(f"embedding_learning_rate must be positive, not {cfg.EMBEDDING_LEARNING_RATE}")
     return problems
@@ -315,6 +317,7 @@ def build_trainer(cfg, model, tokenizer, data: TrainingData, args=None):
     )
     use_readable_logging(trainer, cfg.PROGRESS_BAR)
     check_sharding_is_on(trainer)
+    shard_tied_token_rows(trainer)
     return trainer
 
 

@@ -28,9 +28,8 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 SETTINGS = ["--max_steps=3", "--eval_steps=2", "--save_steps=2", "--batch_size=2", "--lora_dropout=0",
             "--log_steps=1", "--report_to=none", "--progress_bar=False", "--sample_max_new_tokens=8",
             "--eval_batch_size=8", "--max_length=320", "--optim=adamw_torch", "--lr_scheduler=constant"]
-# the whole (tied) embedding trained: PEFT's trainable-token rows do not run under FSDP2 (refused in one line)
-V3 = ["--max_steps=-1", "--epochs=2", "--batch_size=5", "--mask_prob=0.5", "--eval_steps=1", "--save_steps=1",
-      "--embedding_mode=full"]
+# the default EMBEDDING_MODE="tokens": only the rows of the data's tokens of the tied embedding trained
+V3 = ["--max_steps=-1", "--epochs=2", "--batch_size=5", "--mask_prob=0.5", "--eval_steps=1", "--save_steps=1"]
 
 # 2 ranks with micro-batch B against 1 process accumulating 2 x B: the same gradients summed in another order
 # (all-reduce vs accumulation) differ by float32 rounding, ~1e-7 relative. Adam divides each update by the
@@ -170,6 +169,25 @@ def test_fsdp2_qlora_trains_like_one_process(script, tiny_model_dir, sample_data
     if v3:  # the epoch's masks were drawn alike on both ranks
         masked = [(r["step"], r["masked_terms"]) for r in records(out) if "masked_terms" in r]
         assert masked and masked[-1][1] > 0
+        assert_only_the_datas_rows_trained(out / "final", tiny_model_dir)
+
+
+def assert_only_the_datas_rows_trained(adapter, model_dir):
+    """EMBEDDING_MODE="tokens" under FSDP2: the adapter holds the data's rows only, the tied embedding and lm_head
+    stay one matrix, and every other row is the base's, bit for bit."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    seen = json.loads((adapter / "adapter_config.json").read_text())["trainable_token_indices"]["embed_tokens"]
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    before = base.model.embed_tokens.weight.detach().clone()
+    inner = PeftModel.from_pretrained(base, str(adapter)).get_base_model()
+    embedding = inner.model.embed_tokens.weight.detach()  # PEFT's merged view: base rows + trained rows
+    assert torch.equal(inner.lm_head.weight.detach(), embedding)
+    unseen = torch.ones(len(before), dtype=torch.bool)
+    unseen[seen] = False
+    assert 0 < len(seen) < 1000 and torch.equal(embedding[unseen], before[unseen])
+    assert not torch.equal(embedding[seen], before[seen])
 
 
 @pytest.mark.sharded
@@ -228,10 +246,13 @@ def test_a_launcher_asking_for_sharding_the_trainer_does_not_use_stops(monkeypat
         check_sharding_is_on(trainer)
 
 
-def test_token_rows_under_fsdp_stop_before_loading(monkeypatch, tmp_path, short_data_dir):
+def test_token_rows_under_fsdp_of_a_bf16_lora_stop_before_loading(monkeypatch, tmp_path, short_data_dir):
+    """QLoRA runs them (test_fsdp2_qlora_trains_like_one_process); a bf16 model is loaded on rank 0 only, which
+    the FSDP2 units made before accelerate's would skip."""
     import train_lora3
     from medsft.errors import UserError
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(UserError, match="embedding_mode 'tokens' does not run under FSDP"):
-        train_lora3.main([f"--data_dir={short_data_dir}", f"--output_dir={tmp_path}", "--model_path=/does/not/matter"])
+    with pytest.raises(UserError, match=r"embedding_mode 'tokens' under FSDP needs load_in_4bit=True \(QLoRA\)"):
+        train_lora3.main([f"--data_dir={short_data_dir}", f"--output_dir={tmp_path}", "--model_path=/does/not/matter",
+                          "--load_in_4bit=False"])
