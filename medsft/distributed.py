@@ -117,7 +117,6 @@ def use_liger_kernel(wanted: bool) -> bool:
     return True
 
 
-
 def shard_tied_token_rows(trainer) -> None:
     """FSDP2 with EMBEDDING_MODE="tokens" on a tied QLoRA model: the FSDP2 units, made here as accelerate makes
     them, but with embed_tokens and lm_head in one unit.

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import FAST_TRAINING, ROOT
+from tests.conftest import FAST_TRAINING
 from tests.test_distributed import free_port, launch, records
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
