@@ -2,7 +2,6 @@
 import json
 import math
 
-import pytest
 import torch
 
 from tests.conftest import FAST_TRAINING, gpu

@@ -8,7 +8,7 @@ import pytest
 import data
 from medsft.dataset_prep import question_key
 from medsft.errors import DataError, UserError
-from tests.conftest import FAST_TRAINING, ROOT
+from tests.conftest import ROOT
 
 EXAMPLES = ROOT / "data" / "examples"
 
