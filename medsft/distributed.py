@@ -133,11 +133,13 @@ def shard_tied_token_rows(trainer) -> None:
     Only for 4-bit models: there every rank loads the weights (accelerate's rank-0-only loading is for bf16). An
     untied model's two wrappers share nothing, and accelerate's own units take them (tried on an untied tiny Qwen3:
     it trains and resumes)."""
+    if not trainer.is_fsdp_enabled:  # every other launch: nothing to look for
+        return
     from peft.utils.other import TrainableTokensWrapper
 
     model = trainer.model
     wrappers = [m for m in model.modules() if isinstance(m, TrainableTokensWrapper)]
-    if not trainer.is_fsdp_enabled or not any(w.token_adapter.tied_adapter is not None for w in wrappers):
+    if not any(w.token_adapter.tied_adapter is not None for w in wrappers):
         return
     from accelerate.utils import get_module_children_bottom_up
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
