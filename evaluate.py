@@ -137,8 +137,6 @@ def main(argv=None):
     return report
 
 
-SYSTEM_PROMPT = chat_format.SYSTEM_PROMPT            # as in training
-NO_THINK_FRACTION = 0.0                              # as in training: this share of rows is scored without reasoning
 def load_model_for_loss(cfg):
     """The base and adapter loaded as training evaluated them: 4-bit with fp32 norms and embedding."""
     from medsft.val_loss import load_model_for_loss as load_as_evaluated
