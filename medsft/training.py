@@ -416,15 +416,21 @@ def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
         os.replace(staging, final)
         cfg.save(out)
         write_files_atomically({out / "summary.json": json.dumps(summary, ensure_ascii=False, indent=2) + "\n"})
-        plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.VERSION}: {cfg.KEY_CHANGE}")
+        plotted = plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.VERSION}: {cfg.KEY_CHANGE}")
         print(f"best val loss {best['eval_loss']:.4f} at step {best['step']}; adapter in {final}/")
-        print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}, {out / 'loss.png'}", flush=True)
+        print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}" + (f", {out / 'loss.png'}" if plotted else
+              " (no loss.png: matplotlib is not installed; pip install matplotlib to draw it)"), flush=True)
     trainer.accelerator.wait_for_everyone()  # final/ and summary.json are whole before any rank goes on
     return summary
 
 
-def plot_losses(metrics_path: Path, png_path: Path, title: str) -> None:
-    import matplotlib
+def plot_losses(metrics_path: Path, png_path: Path, title: str) -> bool:
+    """loss.png from metrics.jsonl; False, drawing nothing, where matplotlib is not installed (a finished run
+    must not end in an error over its picture: the adapter and summary.json are already written)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -448,6 +454,7 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------

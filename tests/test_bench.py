@@ -94,7 +94,10 @@ def test_gpu_check_rehearsal_runs_every_stage_in_one_command(tiny_run, tiny_resu
     environment = results["environment"]
     assert environment["install"].startswith("ok: 1 wheels") and environment["wheels_dir"] == str(wheel_dir)
     assert environment["packages"] == {"gpu_check_probe": {"version": "1.0", "from_wheels": True}}
-    assert "wheels: ok: 1 wheels" in (tiny_run.out / "gpu-check.log").read_text(encoding="utf-8")
+    log = (tiny_run.out / "gpu-check.log").read_text(encoding="utf-8")
+    assert "wheels: ok: 1 wheels" in log
+    # every package the check imports, and what they require, is installed here; the log's first lines say so
+    assert environment["missing"] == [] and f"packages: {report.missing_line([])}" in log
     # the GPU tests: every @gpu test of tests/ found and run (skipped on CPU)
     marked = {f"tests/{f.name}": f.read_text(encoding="utf-8").count("\n@gpu\n")
               for f in (ROOT / "tests").glob("test_*.py")}
@@ -112,6 +115,26 @@ def test_gpu_check_rehearsal_runs_every_stage_in_one_command(tiny_run, tiny_resu
     # what comes back from a GPU machine: a few files, none of them deep
     assert sorted(f.name for f in tiny_run.out.iterdir()) == sorted(
         [tiny_run.results_file.name, "RESULTS.md", "gpu-check.log", "gpu-tests.xml"])
+
+
+def test_missing_packages_are_found_down_the_requirements(tmp_path, monkeypatch):
+    """A package the check needs, or one that one of those requires (as datasets requires xxhash), that is not
+    installed is named with what needs it; requirements of extras and of other platforms are not asked for."""
+    def dist(name: str, *requires: str) -> None:
+        info = tmp_path / f"{name.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: " + name + "\nVersion: 1.0\n"
+                                       + "".join(f"Requires-Dist: {r}\n" for r in requires), encoding="utf-8")
+
+    dist("probe-top", "probe-middle>=1", "pytest-absent-probe; extra == 'test'",
+         "windows-absent-probe; sys_platform == 'win32'")
+    dist("probe-middle", "absent-probe-leaf>=2", "probe-top")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    missing = report.missing_packages({"probe-top": "the probe", "absent-probe-top": "the other probe"})
+    assert missing == [{"package": "absent-probe-top", "needed_by": "the other probe"},
+                       {"package": "absent-probe-leaf", "needed_by": "probe-middle"}]
+    assert report.missing_line(missing) == ("MISSING packages (carry their wheels): absent-probe-top "
+                                            "(for the other probe), absent-probe-leaf (for probe-middle)")
 
 
 def test_a_run_stopped_midway_leaves_valid_results(wheel_dir, tmp_path):

@@ -2,6 +2,7 @@
 import json
 import random
 import re
+import sys
 
 import pytest
 import torch
@@ -489,3 +490,18 @@ def test_a_run_saved_before_a_setting_existed_resumes_as_it_behaved(tmp_path, ca
     with pytest.raises(UserError, match=expected):
         check_resume_settings(Settings(**old, MASK_POLICY="seed", NO_THINK_FRACTION=0.0, EMBEDDING_MODE="tokens",
                                        EMBEDDING_LEARNING_RATE=5e-5), tmp_path / "settings.json")
+
+
+def test_loss_png_is_drawn_from_metrics_and_a_missing_matplotlib_ends_no_run(tmp_path, monkeypatch):
+    """plot_losses draws loss.png from metrics.jsonl; without matplotlib it draws nothing and says so by its
+    return value, so a finished run (adapter and summary.json already written) does not end in an ImportError."""
+    from medsft.training import plot_losses
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.5, "learning_rate": 0.0002}\n{"step": 1, "eval_loss": 2.4}\n',
+                       encoding="utf-8")
+    assert plot_losses(metrics, tmp_path / "loss.png", title="v1") is True
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert plot_losses(metrics, tmp_path / "again.png", title="v1") is False
+    assert not (tmp_path / "again.png").exists()
