@@ -3,6 +3,7 @@
 Everything here works on the results dict alone, so RESULTS.md can be rebuilt from bench/results/*.json at any
 time (--render_only=True) and the rendering is tested on made-up results.
 """
+import collections
 import json
 import os
 import platform
@@ -92,13 +93,13 @@ def missing_packages(needs: dict | None = None) -> list[dict]:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    todo = list((needs or CHECK_NEEDS).items())
+    todo = collections.deque((needs or CHECK_NEEDS).items())
     seen, missing = set(), []
     while todo:
-        name, needed_by = todo.pop(0)
-        if canonicalize_name(name) in seen:
+        name, needed_by = todo.popleft()
+        if (key := canonicalize_name(name)) in seen:
             continue
-        seen.add(canonicalize_name(name))
+        seen.add(key)
         try:
             requires = importlib.metadata.requires(name) or []
         except importlib.metadata.PackageNotFoundError:
@@ -271,6 +272,7 @@ def render_results(results: dict) -> str:
                                                             if results["mode"] == "tiny" else "")
     model, data, settings = results.get("model"), results.get("data"), results["settings"]
     versions, rate = results.get("versions") or {}, results.get("matmul_rate")
+    missing = (results.get("environment") or {}).get("missing")  # None in results from before it was recorded
     commands = results.get("commands") or [results["command"]]
     lines = [title, ""]
     if results.get("note"):
@@ -279,8 +281,7 @@ def render_results(results: dict) -> str:
         *[f"- command: `{command}`" for command in commands],
         *([f"- file: `{results['file']}`"] if results.get("file") else []),
         *_stage_lines(results),
-        *([f"- packages: {missing_line(missing)}"] if (missing := (results.get("environment") or {}).get("missing"))
-          is not None else []),
+        *([f"- packages: {missing_line(missing)}"] if missing is not None else []),
         "- versions: " + (", ".join(f"{k} {v}" for k, v in versions.items()) or "not recorded"),
         (f"- model: random Qwen3, {model['layers']} layers, hidden {model['hidden']}, FFN {model['intermediate']}, "
          f"{model['heads']}/{model['kv_heads']} heads of {model['head_dim']}, vocab {model['vocab']:,}; "
