@@ -35,8 +35,9 @@ def run_benchmark(out_dir, adapter, *args):
     return report, json.loads((out_dir / "benchmark.json").read_text(encoding="utf-8"))
 
 
-def table_rows(text: str) -> list[list[str]]:
-    """The rows of the printed markdown table (header and rule dropped), cells stripped."""
+def table_rows(text: str, table: str = "By task:") -> list[list[str]]:
+    """The rows of the printed markdown table under `table` (header and rule dropped), cells stripped."""
+    text = text.split(table, 1)[1].split("\n\n", 1)[0].strip() if table in text else ""
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
 
@@ -71,7 +72,7 @@ def loglikelihood_run(tmp_path_factory, trained_adapter):
     out = tmp_path_factory.mktemp("bench-ll")
     printed = io.StringIO()
     with redirect_stdout(printed):
-        report, saved = run_benchmark(out, trained_adapter, f"--exam_file={SAMPLE_EXAM}")
+        report, saved = run_benchmark(out, trained_adapter, f"--exam_file={SAMPLE_EXAM}", "--mode=loglikelihood")
     return out, printed.getvalue(), saved
 
 
@@ -204,7 +205,7 @@ def official_exam_dir(root: Path) -> Path:
 
 def test_medical_zh_from_official_csv_files(tmp_path, trained_adapter, capsys):
     exam_dir = official_exam_dir(tmp_path)
-    _, saved = run_benchmark(tmp_path / "out", trained_adapter, f"--exam_dir={exam_dir}")
+    _, saved = run_benchmark(tmp_path / "out", trained_adapter, f"--exam_dir={exam_dir}", "--mode=loglikelihood")
     subjects = group_subjects()
     assert sorted(saved["tasks"]) == sorted(subjects + ["medical_zh"]) and list(saved["tasks"])[-1] == "medical_zh"
     for task in subjects:
@@ -222,8 +223,10 @@ def test_exam_file_in_cmmlu_csv_layout(tmp_path):
     write_csv(path, ["", "Question", "A", "B", "C", "D", "Answer"], [(0, "问题一", "甲", "乙", "丙", "丁", "C"),
                                                                      (1, "问题二", 1, 2, 3, 4, " a ")])
     rows = read_exam_file(path)
-    assert rows == [{"question": "问题一", "choices": ["甲", "乙", "丙", "丁"], "label": 2, "line": 2},
-                    {"question": "问题二", "choices": ["1", "2", "3", "4"], "label": 0, "line": 3}]
+    assert rows == [{"question": "问题一", "choices": ["甲", "乙", "丙", "丁"], "answer": "C", "label": 2, "subject": "",
+                     "line": 2},
+                    {"question": "问题二", "choices": ["1", "2", "3", "4"], "answer": "A", "label": 0, "subject": "",
+                     "line": 3}]
 
 
 BAD_FILES = [
@@ -302,6 +305,7 @@ def test_parquet_mirror_layout(tmp_path):
     assert find_subject_file(tmp_path / "exams", "cmmlu", "anatomy", "test") == cmmlu
     assert find_subject_file(tmp_path / "exams", "ceval", "physician", "val") == ceval
     assert find_subject_file(tmp_path / "exams", "cmmlu", "physician", "val") is None
-    assert read_exam_file(cmmlu) == [{"question": "问", "choices": ["1", "2", "3", "4"], "label": 3, "line": 1}]
+    assert read_exam_file(cmmlu) == [{"question": "问", "choices": ["1", "2", "3", "4"], "answer": "D", "label": 3,
+                                      "subject": "", "line": 1}]
     with pytest.raises(DataError, match=r"physician/val-00000-of-00001.parquet: row 1: option D is missing"):
         read_exam_file(ceval)
