@@ -137,6 +137,10 @@ def _option_texts(path: Path, line: int, options, key: str) -> list:
 
 def _from_cmb_row(path: Path, line: int, row: dict) -> dict:
     options = _option_texts(path, line, row.get("option"), "option")
+    if not row.get("answer"):
+        raise DataError(path, line, "no answer: CMB-Exam's test questions ship without them; the key is "
+                        "data/CMB-test-choice-answer.json in github.com/FreedomIntelligence/CMB (join it by id), or "
+                        "use CMB-val (CMB-Exam/CMB-val/CMB-val-merge.json)")
     return _checked_row(path, line, row.get("question"), options, row.get("answer"), ident=row.get("id"),
                         subject=row.get("exam_class") or row.get("exam_type"))
 

@@ -377,7 +377,7 @@ def test_default_mode_follows_no_think_fraction(stub_generate_run, tmp_path):
     saved = json.loads((run / "benchmark.json").read_text(encoding="utf-8"))
     assert saved["mode"] == "generate" and saved["no_think_fraction"] == 0 and saved["chat_template"]["enable_thinking"]
     assert saved["mode_reason"].startswith("the run trained with NO_THINK_FRACTION=0")
-    assert re.search(r"\nmode += 'generate'  \(auto: the run trained with NO_THINK_FRACTION=0\)", printed)
+    assert re.search(r"\nmode += 'generate'  \(auto: the run trained with NO_THINK_FRACTION=0(\.0)?\)", printed)
     from medsft.settings import parse_settings
 
     for fraction, mode in ((0.25, "loglikelihood"), (0.0, "generate")):
