@@ -122,7 +122,7 @@ def choose_mode(cfg, run: dict) -> str:
     if cfg.MODE != "auto":
         return "given on the command line" if "MODE" in cfg._given else "set in benchmark.py"
     if run and fraction in (None, 0, 0.0):
-        cfg.MODE, cfg.THINKING = "generate", True
+        cfg.MODE = "generate"
         why = (f"the run trained with NO_THINK_FRACTION={fraction if fraction is not None else '0 (not in its settings)'}: "
                "every example thinks, so both models think, then answer (scoring it in the no-think rendering "
                "would test a mode it never trained)")
