@@ -137,14 +137,17 @@ def _interval(pair, spec=".3f") -> str:
 
 def exam_table(summaries: dict, left_out: dict | None = None) -> str:
     """One row per exam: n, base and fine-tuned accuracy with 95% intervals, Δ with its interval, McNemar p,
-    unparsed shares, and multiple-answer questions (scored, or left out in loglikelihood mode)."""
+    unparsed shares, and multiple-answer questions (how many scored, with base / fine-tuned accuracy on them,
+    or left out in loglikelihood mode)."""
     header = ["exam", "n", "base acc [95%]", "fine-tuned acc [95%]", "Δ acc [95%]", "McNemar p", "unparsed base",
               "unparsed ft", "multi-answer"]
     rows = []
     for exam, e in summaries.items():
         out = sum((left_out or {}).get(t, 0) for t in e["tasks"])
-        multi = f"{e['base']['n_multi']} scored" + (f", {out} left out" if out else "") if e["base"]["n_multi"] or not out \
-            else f"{out} left out"
+        scored = e["base"]["n_multi"]
+        multi = (f"{scored} scored: {_fmt(e['base']['multi_acc'])} / {_fmt(e['finetuned']['multi_acc'])}" if scored
+                 else "0 scored") + (f", {out} left out" if out else "")
+        multi = f"{out} left out" if out and not scored else multi
         rows.append([exam, e["n"], f"{_fmt(e['base']['acc'])} {_interval(e['base']['interval95'])}",
                      f"{_fmt(e['finetuned']['acc'])} {_interval(e['finetuned']['interval95'])}",
                      f"{_fmt(e['delta'], '+.3f')} {_interval(e['interval95']['delta'], '+.3f')}",

@@ -367,7 +367,7 @@ def test_generate_mode_reads_answers_past_b_ultrasound_letters(stub_generate_run
     assert lo <= -0.25 <= hi <= 0 and exam["mcnemar_p"] == pytest.approx(0.25)  # b = 3, c = 0
     row = table_rows(printed, "By exam:")[0]
     assert row[:2] == ["CMB-Exam", "12"] and row[2].startswith("1.000 [") and row[4].startswith("-0.250 [")
-    assert row[6:] == ["0.0%", "0.0%", "3 scored"]
+    assert row[6:] == ["0.0%", "0.0%", "3 scored: 1.000 / 0.000"]  # multiple-answer accuracy kept apart
     markdown = (run / "benchmark.md").read_text(encoding="utf-8")
     assert "| CMB-Exam |" in markdown and "ANOTHER model's published results" in markdown and "2412.18925" in markdown
 
