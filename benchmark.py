@@ -133,7 +133,7 @@ def choose_mode(cfg, run: dict) -> str:
     else:
         cfg.MODE = "loglikelihood"
         why = f"no settings.json beside {cfg.FINETUNED_PATH} says how it trained: the letter's likelihood (fast)"
-    cfg._origins["MODE"] = "auto: " + why.split(":")[0]
+    getattr(cfg, "_origins", {})["MODE"] = "auto: " + why.split(":")[0]  # for cfg.print()
     return why
 
 
