@@ -1,9 +1,10 @@
 """Exam tasks run through lm-evaluation-harness: the task folder, the model wrapper and one evaluation pass.
 
-Our tasks are the YAML files in eval_tasks/: two templates (_exam_loglikelihood.yaml, _exam_generate.yaml) and
-the group medical_zh.yaml. For a run, each task's data is checked and written as question/choices/label rows
-into a temporary folder, beside a copy of its template with the task name, the data file and the run's
-generation settings filled in; lm-eval reads that folder (TaskManager(include_path=...)). Names that are not
+Our tasks are the YAML files in eval_tasks/: two templates (_exam_loglikelihood.yaml, _exam_generate.yaml, whose
+filter is utils.read_letters, the answer reader) and the group medical_zh.yaml. For a run, each task's data is
+checked and written as question/choices/answer/label rows into a temporary folder, beside a YAML file that
+includes its template and sets the task name, the data file and the run's generation settings; lm-eval reads
+that folder (TaskManager(include_path=...)). Names that are not
 ours (e.g. lm-eval's own ceval-valid_anatomy) go to lm-eval's built-in tasks, which download their data.
 """
 import json
