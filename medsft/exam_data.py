@@ -69,6 +69,12 @@ def read_exam(path, exam_format: str = "auto") -> tuple[str, list[dict]]:
     if layout == "cmmlu":
         columns = _table_columns(path, rows[0][1])
         return layout, [_from_table_row(path, line, row, columns, unit) for line, row in rows]
+    if layout == "cmexam":  # CMExam leaves some questions without an answer; its own scripts skip them too
+        answered = [(line, row) for line, row in rows if str(row.get("Answer") or "").strip()]
+        if len(answered) < len(rows):
+            print(f"note: {path}: {len(rows) - len(answered)} question(s) without an Answer skipped, as CMExam's "
+                  "own scripts do")
+        rows = answered or rows
     read = {"options": _from_options_row, "cmb": _from_cmb_row, "cmexam": _from_cmexam_row,
             "medqa": _from_medqa_row}[layout]
     return layout, [read(path, line, row) for line, row in rows]

@@ -119,3 +119,9 @@ def test_lm_eval_filter_reads_with_the_answer_reader():
             {"choices": ["甲", "乙", "丙", "丁"]}]
     replies = [["<think>先看B超</think>首选B超检查。答案：A、C"], ["答案：D"], ["<think>维生素B12"]]
     assert read_letters(replies, docs) == [["AC"], ["D"], ["[invalid]"]]
+
+
+def test_cmexam_questions_without_an_answer_are_skipped_and_counted(tmp_path, capsys):
+    path = _cmexam(tmp_path / "c.csv", "A 甲\nB 乙", "")  # CMExam leaves some questions unanswered
+    assert [row["question"] for row in read_exam(path)[1]] == ["好的问题"]
+    assert f"note: {path}: 1 question(s) without an Answer skipped" in capsys.readouterr().out
