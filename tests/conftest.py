@@ -82,6 +82,23 @@ def short_data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def odd_val_data_dir(tmp_path_factory) -> Path:
+    """A split of 15 short rows (10 train, 5 val): two processes evaluate 3 and 2 of them. For the multi-process
+    runs, whose cost is their tokens: a sample row is cut to the 224 tokens of max_length, these have ~70."""
+    import json
+
+    import data
+
+    out = tmp_path_factory.mktemp("odd-val-split")
+    questions = SHORT_QUESTIONS + ["咳嗽有痰要吃抗生素吗？", "贫血吃什么补血？", "痛风发作能喝酒吗？"]
+    rows = [{"question": q, "think": f"用户问的是{q[:-1]}。\n需要先了解病史。", "answer": f"关于{q[:-1]}，建议及时就医。"}
+            for q in questions]
+    (out / "rows.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    data.main([f"--source={out / 'rows.jsonl'}", f"--data_dir={out}", "--val_fraction=0.33"])
+    return out
+
+
+@pytest.fixture(scope="session")
 def train_once(tmp_path_factory, tiny_model_dir):
     """train(version, data_dir, *extra) -> (OUTPUT_DIR, what main returned, what it printed): a FAST_TRAINING run
     of train_lora.py ("v1"), train_lora2.py ("v2") or train_lora3.py ("v3"), trained once per session for every
