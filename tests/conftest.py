@@ -66,19 +66,31 @@ def sample_data_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def short_data_dir(tmp_path_factory) -> Path:
-    """A split of 12 short rows (10 train, 2 val)."""
+def short_split(out: Path, questions: list[str], val_fraction: float) -> Path:
+    """data.py's split, in `out`, of one short row per question (~70 tokens each, think and answer included)."""
     import json
 
     import data
 
-    out = tmp_path_factory.mktemp("short-split")
     rows = [{"question": q, "think": f"用户问的是{q[:-1]}。\n需要先了解病史。", "answer": f"关于{q[:-1]}，建议及时就医。"}
-            for q in SHORT_QUESTIONS]
+            for q in questions]
     (out / "rows.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    data.main([f"--source={out / 'rows.jsonl'}", f"--data_dir={out}", "--val_fraction=0.15"])
+    data.main([f"--source={out / 'rows.jsonl'}", f"--data_dir={out}", f"--val_fraction={val_fraction}"])
     return out
+
+
+@pytest.fixture(scope="session")
+def short_data_dir(tmp_path_factory) -> Path:
+    """A split of 12 short rows (10 train, 2 val)."""
+    return short_split(tmp_path_factory.mktemp("short-split"), SHORT_QUESTIONS, 0.15)
+
+
+@pytest.fixture(scope="session")
+def odd_val_data_dir(tmp_path_factory) -> Path:
+    """A split of 15 short rows (10 train, 5 val): two processes evaluate 3 and 2 of them. For the multi-process
+    runs, whose cost is their tokens (the sample's rows are cut to max_length 320, these have ~70)."""
+    questions = SHORT_QUESTIONS + ["咳嗽有痰要吃抗生素吗？", "贫血吃什么补血？", "痛风发作能喝酒吗？"]
+    return short_split(tmp_path_factory.mktemp("odd-val-split"), questions, 0.33)
 
 
 @pytest.fixture(scope="session")

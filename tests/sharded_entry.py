@@ -1,5 +1,6 @@
-"""One rank of a sharded launch on CPU: the CPU-only enabling the product does not need on GPUs, then the
-script's main(), then what the test checks (the rank's trainable weights, gathered whole, and the sharding)."""
+"""One rank of a multi-process launch on CPU (sharded, or plain DDP under torchrun): the CPU-only enabling the
+product does not need on GPUs, then the script's main(), then what the test checks (the rank's trainable weights,
+gathered whole, and the sharding)."""
 import importlib
 import json
 import os
@@ -46,10 +47,17 @@ def whole_trainable_weights(trainer) -> dict:
 
 
 # argv: script, then its settings; RESUME_AT=N first trains to step N, then the same command continues the run
+# (the first run's summary is kept as first_summary.json beside the ranks' files, and a ruler marks where the
+# second run's output starts)
 script, settings = sys.argv[1], sys.argv[2:]
 main = importlib.import_module(script).main
+out = os.environ["RANK_WEIGHTS_DIR"]
 if os.environ.get("RESUME_AT"):
-    main(settings + [f"--max_steps={os.environ['RESUME_AT']}"])
+    first = main(settings + [f"--max_steps={os.environ['RESUME_AT']}"])
+    if first["trainer"].args.process_index == 0:
+        with open(os.path.join(out, "first_summary.json"), "w") as f:
+            json.dump(first["summary"], f)
+        print("==== the same command again ====", flush=True)
 result = main(settings)
 trainer = result["trainer"]
 if trainer.is_fsdp_enabled:  # FSDP2 leaves the units it does not reshard after forward (the tail) gathered
@@ -67,7 +75,6 @@ facts = {"deepspeed": trainer.is_deepspeed_enabled, "fsdp": trainer.is_fsdp_enab
          if trainer.is_deepspeed_enabled else None,
          "partitioned": sum(hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in trainer.model.parameters()),
          "parameters": sum(1 for _ in trainer.model.parameters())}
-out = os.environ["RANK_WEIGHTS_DIR"]
 torch.save(weights, os.path.join(out, f"rank{rank}.pt"))
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(facts, f)

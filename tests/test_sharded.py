@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2-QLoRA for real: `accelerate launch --config_file accelerate_configs/...`
 with 2 CPU processes over gloo, on the tiny Qwen3.
 
-Each launch trains to step 2, then the same command resumes it to step 3 (one launch, both runs: see
+Each launch trains to step 1, then the same command resumes it to step 2 (one launch, both runs: see
 tests/sharded_entry.py), and is checked against one process accumulating the same micro-batches. The CPU-only
 enabling lives in tests/sharded_entry.py and in `--mixed_precision no` below; the product's path is the GPU one.
 `pytest -m "not sharded"` skips the launches.
@@ -24,9 +24,10 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 # fp32 AdamW everywhere: 8-bit optimizer states are quantised in blocks, and ZeRO flattens the weights into other
 # blocks than one process does, so only an fp32 optimizer can be compared exactly; a constant lr, so that a run
-# resumed at step 2 makes the same step 3 as a straight one
-SETTINGS = ["--max_steps=3", "--eval_steps=2", "--save_steps=2", "--batch_size=2", "--lora_dropout=0",
-            "--log_steps=1", "--report_to=none", "--progress_bar=False", "--sample_max_new_tokens=8",
+# resumed at step 1 makes the same step 2 as a straight one. The first run ends off the 2-step schedule (its
+# evaluation and checkpoint are the end-of-run ones)
+SETTINGS = ["--max_steps=2", "--eval_steps=2", "--save_steps=2", "--batch_size=2", "--lora_dropout=0",
+            "--log_steps=1", "--report_to=none", "--progress_bar=False", "--sample_max_new_tokens=2",
             "--eval_batch_size=8", "--max_length=320", "--optim=adamw_torch", "--lr_scheduler=constant"]
 # the default EMBEDDING_MODE="tokens": only the rows of the data's tokens of the tied embedding trained
 V3 = ["--max_steps=-1", "--epochs=2", "--batch_size=5", "--mask_prob=0.5", "--eval_steps=1", "--save_steps=1"]
@@ -39,7 +40,7 @@ V3 = ["--max_steps=-1", "--epochs=2", "--batch_size=5", "--mask_prob=0.5", "--ev
 ATOL, RTOL, MEAN_ATOL = 2e-4, 1e-3, 1e-6
 
 
-def sharded_launch(config, script, data_dir, model_dir, tmp, *extra, resume_at=2):
+def sharded_launch(config, script, data_dir, model_dir, tmp, *extra, resume_at=1):
     """2 CPU processes under one of accelerate_configs/; the run stops at `resume_at` and is resumed to the end.
 
     `--mixed_precision no`: the product trains in bf16 only on CUDA (TrainingArguments bf16=False on CPU), and
@@ -77,9 +78,9 @@ def one_process(script, data_dir, model_dir, out, *extra):
 
 
 @pytest.fixture(scope="session")
-def lora_reference(tmp_path_factory, tiny_model_dir, sample_data_dir):
+def lora_reference(tmp_path_factory, tiny_model_dir, odd_val_data_dir):
     """train_lora.py in one process accumulating 2 micro-batches: what every 2-process launch must equal."""
-    return one_process("train_lora", sample_data_dir, tiny_model_dir, tmp_path_factory.mktemp("one-v1") / "out")
+    return one_process("train_lora", odd_val_data_dir, tiny_model_dir, tmp_path_factory.mktemp("one-v1") / "out")
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +89,7 @@ def v3_reference(tmp_path_factory, tiny_model_dir, short_data_dir):
                        *V3)
 
 
-def check_launch(out, done, tmp, sharded: dict, steps: int, resume_at=2):
+def check_launch(out, done, tmp, sharded: dict, steps: int, resume_at=1):
     """Sharding on, ranks identical, one set of outputs, and the run resumed at `resume_at` went on to the end."""
     facts = [json.loads((tmp / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rank in facts:
@@ -139,28 +140,27 @@ def check_against_one_process(out, reference):
 @pytest.mark.sharded
 @needs_deepspeed
 @pytest.mark.parametrize("config, stage", [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)])
-def test_deepspeed_zero_trains_train_lora_like_one_process(config, stage, tiny_model_dir, sample_data_dir,
+def test_deepspeed_zero_trains_train_lora_like_one_process(config, stage, tiny_model_dir, odd_val_data_dir,
                                                           lora_reference, tmp_path):
-    out, done = sharded_launch(config, "train_lora", sample_data_dir, tiny_model_dir, tmp_path)
-    summary, _ = check_launch(out, done, tmp_path, {"deepspeed": True, "zero_stage": stage}, steps=3)
+    out, done = sharded_launch(config, "train_lora", odd_val_data_dir, tiny_model_dir, tmp_path)
+    summary, _ = check_launch(out, done, tmp_path, {"deepspeed": True, "zero_stage": stage}, steps=2)
     if stage == 3:  # every weight, the 4-bit base's too, partitioned over the two processes
         facts = json.loads((tmp_path / "rank0.json").read_text())
         assert facts["partitioned"] == facts["parameters"] > 0
     assert summary["sharding"] == "deepspeed"
     check_against_one_process(out, lora_reference)
-    assert_evaluate_reproduces(out, tiny_model_dir, sample_data_dir, tmp_path)
+    assert_evaluate_reproduces(out, tiny_model_dir, odd_val_data_dir, tmp_path)
 
 
 @pytest.mark.sharded
 @pytest.mark.parametrize("script", ["train_lora", "train_lora3"])
-def test_fsdp2_qlora_trains_like_one_process(script, tiny_model_dir, sample_data_dir, short_data_dir, request,
+def test_fsdp2_qlora_trains_like_one_process(script, tiny_model_dir, odd_val_data_dir, short_data_dir, request,
                                             tmp_path):
     v3 = script == "train_lora3"
-    data_dir, extra = (short_data_dir, V3) if v3 else (sample_data_dir, [])
-    resume_at, steps = (1, 2) if v3 else (2, 3)  # v3: one step per epoch; resumed after epoch 1
-    out, done = sharded_launch("fsdp_qlora.yaml", script, data_dir, tiny_model_dir, tmp_path, *extra,
-                               resume_at=resume_at)
-    summary, _ = check_launch(out, done, tmp_path, {"fsdp": True, "fsdp_version": 2}, steps, resume_at)
+    data_dir, extra = (short_data_dir, V3) if v3 else (odd_val_data_dir, [])
+    # v3: one step per epoch; resumed after epoch 1
+    out, done = sharded_launch("fsdp_qlora.yaml", script, data_dir, tiny_model_dir, tmp_path, *extra)
+    summary, _ = check_launch(out, done, tmp_path, {"fsdp": True, "fsdp_version": 2}, steps=2)
     facts = json.loads((tmp_path / "rank0.json").read_text())
     assert facts["partitioned"] == facts["parameters"] > 0  # every weight a shard (DTensor)
     assert summary["sharding"] == "fsdp"
@@ -192,19 +192,19 @@ def assert_only_the_datas_rows_trained(adapter, model_dir):
 
 @pytest.mark.sharded
 @needs_deepspeed
-def test_deepspeed_zero3_trains_the_full_model_with_train_py(tiny_model_dir, sample_data_dir, tmp_path):
-    out, done = sharded_launch("deepspeed_zero3.yaml", "train", sample_data_dir, tiny_model_dir, tmp_path,
+def test_deepspeed_zero3_trains_the_full_model_with_train_py(tiny_model_dir, odd_val_data_dir, tmp_path):
+    out, done = sharded_launch("deepspeed_zero3.yaml", "train", odd_val_data_dir, tiny_model_dir, tmp_path,
                                "--learning_rate=1e-3", "--optim=adamw_torch_8bit")
-    summary, weights = check_launch(out, done, tmp_path, {"deepspeed": True, "zero_stage": 3}, steps=3)
+    summary, weights = check_launch(out, done, tmp_path, {"deepspeed": True, "zero_stage": 3}, steps=2)
     facts = json.loads((tmp_path / "rank0.json").read_text())
     assert facts["partitioned"] == facts["parameters"] == len(weights) > 10  # partitioned at load, all trained
     assert "optimizer is adamw_torch instead of adamw_torch_8bit" in done.stdout
     losses = [r["eval_loss"] for r in records(out) if "eval_loss" in r]
     assert losses[-1] < losses[0] < 11.94  # the loss falls
-    assert_evaluate_reproduces(out, tiny_model_dir, sample_data_dir, tmp_path, adapter=False)
+    assert_evaluate_reproduces(out, tiny_model_dir, odd_val_data_dir, tmp_path, adapter=False)
 
 
-def test_a_save_that_drops_a_tensor_stops_the_run(monkeypatch, tiny_model_dir, sample_data_dir, tmp_path):
+def test_a_save_that_drops_a_tensor_stops_the_run(monkeypatch, tiny_model_dir, odd_val_data_dir, tmp_path):
     import train_lora
     from safetensors.torch import save_file
 
@@ -222,7 +222,7 @@ def test_a_save_that_drops_a_tensor_stops_the_run(monkeypatch, tiny_model_dir, s
 
     monkeypatch.setattr(QLoRATrainer, "save_model", save_dropping_one)
     with pytest.raises(UserError) as e:
-        train_lora.main([f"--model_path={tiny_model_dir}", f"--data_dir={sample_data_dir}",
+        train_lora.main([f"--model_path={tiny_model_dir}", f"--data_dir={odd_val_data_dir}",
                          f"--output_dir={tmp_path}", *FAST_TRAINING])
     message = str(e.value)
     assert message.startswith(f"error: the saved weights in {tmp_path / 'best.tmp'} are incomplete: it lacks 1 of ")

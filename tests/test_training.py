@@ -219,9 +219,10 @@ def test_a_few_rows_lose_most_of_their_training_loss(tiny_model_dir, tmp_path):
     rows = [{"question": q, "think": f"用户问{q[:2]}。", "answer": f"{q[:2]}请及时就医。"} for q in SHORT_QUESTIONS[:10]]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     data.main([f"--source={tmp_path / 'rows.jsonl'}", f"--data_dir={tmp_path / 'd'}", "--val_fraction=0.2"])
-    run(train_lora2, tiny_model_dir, tmp_path / "d", tmp_path / "o", "--max_steps=30", "--batch_size=8",
+    # 20 steps: the loss falls by ~0.55 a step from ~12, under a quarter of it from step 18 (1.9 at step 20)
+    run(train_lora2, tiny_model_dir, tmp_path / "d", tmp_path / "o", "--max_steps=20", "--batch_size=8",
         "--gradient_accumulation=1", "--learning_rate=1e-2", "--lr_scheduler=constant", "--warmup_ratio=0",
-        "--lora_dropout=0", "--log_steps=1", "--eval_steps=30", "--save_steps=30")
+        "--lora_dropout=0", "--log_steps=1", "--eval_steps=20", "--save_steps=20")
     losses = [json.loads(l)["loss"] for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert losses[0] > 11 and losses[-1] < 0.25 * losses[0]
 
