@@ -12,7 +12,7 @@ import functools
 import json
 import math
 from dataclasses import dataclass, field
-from medsft.losses import EVAL_LOSS_CHUNK
+from medsft import losses
 
 GB = 1e9
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -182,41 +182,102 @@ def static_parts(config, cfg, layout: Layout, trained_rows: int | None = None) -
             "gradients": gradients}
 
 
-def activation_bytes(config, cfg, layout: Layout, tokens: int, checkpointing: bool) -> int:
-    """Activations kept for the backward pass (a formula, not measured): every layer's, or with checkpointing
-    each layer's input plus one layer recomputed at a time."""
-    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+def layer_activation_bytes(config, cfg, layout: Layout) -> int:
+    """Bytes one decoder layer keeps for the backward pass, per token, besides its input: what autograd saves in
+    PyTorch's own kernels (transformers' Qwen3 layer, PEFT's LoRA, bitsandbytes' Linear4bit, under autocast on CUDA).
+
+    Measured on CPU at Qwen3-1.7B's layer shapes (tests/test_memory_measured.py). What decides the bytes:
+    - QLoRA's residual stream is fp32 (the widened norms and embedding output), and Linear4bit returns its input's
+      dtype, so q/k/v and gate/up come out fp32 (236 KB a token at r=64 measured, not the 189 KB of a bf16 count);
+      we count that as it runs rather than cast those outputs to bf16 (not tried: it would change the losses);
+    - a frozen RMSNorm keeps only its fp32 input (the residual, for QLoRA) and one rsqrt a row;
+    - a frozen base weight keeps nothing of its input (bitsandbytes' 4-bit matmul, or a linear whose weight has no
+      gradient); the LoRA branch keeps its own: the dropout mask (1 byte on CUDA) and the dropout output, or, without
+      dropout, the input in the compute dtype (each target its own cast when the input is fp32);
+    - attention keeps q, k, v and its output in the compute dtype, and an fp32 log-sum-exp a head.
+    Liger's RMSNorm/RoPE/SwiGLU kernels keep somewhat less; they are not counted separately (the estimate errs high).
+    """
+    hidden, inter = config.hidden_size, config.intermediate_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     a, rs = layout.compute_bytes, layout.residual_bytes
     q, kv = heads * head_dim, kv_heads * head_dim
-    per_token = (2 * rs * hidden  # residual stream in, after attention
-                 + 2 * (4 * hidden + a * hidden)  # two RMSNorms: fp32 internals and output
-                 + a * (q + 2 * kv) + 2 * 4 * (q + kv) + a * (q + kv) + a * q  # q/k/v, q/k norms, rope, attention out
-                 + 4 * a * inter)  # gate, up, silu(gate), their product
-    lora = hasattr(cfg, "LORA_R")
-    if lora:
-        inputs = {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "o_proj": q, "gate_proj": hidden,
-                  "up_proj": hidden, "down_proj": inter}
-        targets = [t for t in cfg.TARGET_MODULES if t in inputs]
-        if cfg.LORA_DROPOUT > 0:  # each target's dropout makes its own copy of the input, and a mask
-            per_token += sum((a + 1) * inputs[t] for t in targets)
-        per_token += a * cfg.LORA_R * len(targets)
-    one_layer = tokens * per_token
+    full = layout.recipe == "full"
+    normed = rs  # a norm's output: the residual's dtype (QLoRA's norm weights are fp32, else the compute dtype)
+    # a projection's output: Linear4bit returns its input's dtype; a bf16 linear under autocast, the compute dtype
+    out = normed if layout.recipe == "qlora" else a
+    norm_copy = 0 if normed == 4 else 4  # RMSNorm works in fp32: a bf16 input is copied to fp32 and kept
+    per_token = (rs * hidden  # the residual after attention: the MLP norm's input
+                 + 4 * (2 + heads + kv_heads)  # each RMSNorm's rsqrt (input, post-attention, q and k norms)
+                 + 2 * norm_copy * hidden + norm_copy * (q + kv)
+                 + out * (q + kv)  # q and k, kept by their norms
+                 + a * (q + 2 * kv) + a * q + 4 * heads  # attention's inputs, output and log-sum-exp
+                 + 3 * out * inter)  # gate, silu(gate), up
+    if full:  # trained weights: every linear keeps its input, every norm its normalised output
+        per_token += 2 * normed * hidden + a * q + out * inter + 2 * a * hidden + a * (q + kv)
+        return per_token
+    inputs = {"q_proj": ("attn", hidden, normed), "k_proj": ("attn", hidden, normed),
+              "v_proj": ("attn", hidden, normed), "o_proj": ("o", q, a), "gate_proj": ("mlp", hidden, normed),
+              "up_proj": ("mlp", hidden, normed), "down_proj": ("down", inter, out)}
+    kept_once = set()
+    for target in cfg.TARGET_MODULES:
+        if target not in inputs:
+            continue
+        group, width, dtype = inputs[target]
+        if cfg.LORA_DROPOUT > 0:  # the mask (bool on CUDA; the input's dtype on CPU) and the dropout output
+            per_token += ((1 if layout.device == "cuda" else dtype) + (a if layout.device == "cuda" else dtype)) * width
+        elif dtype != a:  # autocast casts the fp32 input for lora_A, once per target
+            per_token += a * width
+        elif group not in kept_once:  # lora_A keeps the input itself, shared by the targets that read it
+            kept_once.add(group)
+            per_token += a * width
+        per_token += a * cfg.LORA_R  # lora_A's output, kept by lora_B
+    return per_token
+
+
+def lora_weight_casts(cfg, layout: Layout, params: list) -> int:
+    """Autocast's bf16 copies of one layer's fp32 LoRA weights, kept by their matmuls until the backward."""
+    if layout.device != "cuda" or not hasattr(cfg, "LORA_R"):
+        return 0
+    per_layer = sum(cfg.LORA_R * sum(shape) for name, _, shape, linear in params
+                    if linear and ".layers.0." in f".{name}." and name.rsplit(".", 2)[-2] in cfg.TARGET_MODULES)
+    return layout.compute_bytes * per_layer
+
+
+def activation_bytes(config, cfg, layout: Layout, tokens: int, checkpointing: bool) -> int:
+    """Activations kept for the backward pass: every layer's (layer_activation_bytes), or with checkpointing each
+    layer's input plus one layer recomputed at a time; and the final norm's and the lm_head's inputs."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    a, rs = layout.compute_bytes, layout.residual_bytes
+    params = tensor_table(config)[0]
+    casts = lora_weight_casts(cfg, layout, params)
+    one_layer = tokens * (rs * hidden + layer_activation_bytes(config, cfg, layout)) + casts
     head = tokens * hidden * (4 + a)  # the final norm and the lm_head input
+    # bitsandbytes dequantizes each 4-bit weight whole, in the compute dtype, for its matmul (forward and backward)
+    dequantized = a * max(numel for _, numel, _, linear in params if linear) if layout.recipe == "qlora" else 0
     if checkpointing:
-        return layers * tokens * hidden * rs + one_layer + head
-    return layers * one_layer + head
+        return layers * tokens * hidden * rs + one_layer + head + dequantized
+    return layers * one_layer + head + dequantized
 
 
 def logit_bytes(config, layout: Layout, tokens: int, liger: bool) -> int:
-    """The loss's logits: without Liger the whole [tokens, vocab] in the compute dtype, an fp32 copy and its
-    gradient; with Liger's fused linear cross-entropy one chunk of rows at a time, and the input's gradient."""
+    """The loss's logits. Without Liger, transformers' loss takes an fp32 copy of the [tokens, vocab] logits; its
+    backward then holds three fp32 [tokens, vocab] tensors at once: the saved log-softmax, the NLL gradient and the
+    log-softmax's gradient (measured: tests/test_memory_measured.py; the bf16 logits are gone by then). With Liger's
+    fused linear cross-entropy, one chunk of rows at a time, and the input's gradient."""
     vocab, hidden, a = config.vocab_size, config.hidden_size, layout.compute_bytes
     if not liger:
-        return tokens * vocab * (a + 4 + 4)
+        return tokens * vocab * 3 * 4
     chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / hidden)))))
     return chunk * vocab * (a + 4) + tokens * hidden * a
+
+
+def eval_logit_bytes(config, layout: Layout, positions: int) -> int:
+    """Evaluation's logits (medsft/losses.py): those of the trained positions in the compute dtype, then
+    EVAL_LOSS_CHUNK of them at a time as an fp32 copy and its log-softmax (measured as the loss above)."""
+    vocab, a = config.vocab_size, layout.compute_bytes
+    chunk = min(positions, losses.EVAL_LOSS_CHUNK)
+    return positions * vocab * a + chunk * vocab * max(a + 4, 4 + 4)
 
 
 def lm_head_trained(cfg, layout: Layout) -> bool:
@@ -253,8 +314,7 @@ def estimate_memory(config, cfg, device: str = "cuda", train_tokens: int = 0, ev
         parts["cuda context"] = CUDA_CONTEXT_BYTES
     # evaluation: no gradients, no activations kept; the logits of the trained positions, then an fp32 copy
     # and the log-softmax of EVAL_LOSS_CHUNK of them at a time (and in "tokens" mode one merged weight)
-    eval_transient = eval_tokens * vocab * layout.compute_bytes \
-        + min(eval_tokens, EVAL_LOSS_CHUNK) * vocab * (layout.compute_bytes + 4 + 4) \
+    eval_transient = eval_logit_bytes(config, layout, eval_tokens) \
         + (vocab * hidden * layout.embedding_bytes if trained_rows else 0)
     common = static["weights"] + static["trainable"] + static["optimizer"] + parts.get("cuda context", 0)
     return Estimate(parts, alternatives, notes, train_peak=sum(parts.values()), eval_peak=common + eval_transient,

@@ -1,0 +1,187 @@
+"""The estimate's transient parts against memory really allocated, on CPU, one loss or one layer at a time, at
+Qwen3-1.7B's shapes (151,936-token vocabulary; a 2,048-wide layer with 16 heads of 128, 8 KV heads, MLP 6,144).
+
+How it measures (`LiveBytes`): a TorchDispatchMode sees every tensor each aten operation returns, forward and
+backward (on CPU autograd runs the backward on the calling thread, inside the mode). A result whose storage is
+new (none of the operation's inputs has it) is counted with its storage's bytes until Python frees that storage
+(a weakref callback); the peak is the largest sum reached. That is what a caching allocator must hold at least
+(CUDA's rounds each block up to 512 bytes), without the cache's slack. Tensors made before the mode started
+(weights, the layer's input) are not counted, so each figure is what the step adds.
+
+CUDA is emulated where CPU runs differently, each named where it is done: bf16 autocast (torch.autocast("cpu")),
+PEFT's question whether autocast is on (it asks about CUDA's), and dropout's fused kernel (CUDA keeps a bool
+mask, CPU's dropout a mask in the input's dtype).
+"""
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import train_lora
+from medsft.memory_estimate import (Layout, activation_bytes, eval_logit_bytes, layer_activation_bytes,
+                                    logit_bytes, lora_weight_casts, tensor_table)
+from medsft.settings import parse_settings
+from tests.test_memory_estimate import QWEN3_1_7B
+
+VOCAB, HIDDEN = QWEN3_1_7B["vocab_size"], QWEN3_1_7B["hidden_size"]
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages that operations allocate while the mode is on: `now`, and the `peak`."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes, self.refs, self.now, self.peak = {}, {}, 0, 0
+
+    def _freed(self, key):
+        self.now -= self.sizes.pop(key)
+        self.refs.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = id(storage)
+            if key in inputs or key in self.sizes:  # a view, an in-place result, or one already counted
+                continue
+            self.sizes[key] = storage.nbytes()
+            self.refs[key] = weakref.ref(storage, lambda _, k=key: self._freed(k))
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+        return out
+
+
+def qwen3_config(**changes):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**{**{k: v for k, v in QWEN3_1_7B.items() if k not in ("architectures", "model_type")},
+                          **changes})
+
+
+def test_the_no_liger_loss_holds_three_fp32_logit_tensors_at_real_vocabulary():
+    """transformers' own causal-LM loss on bf16 logits, as a CUDA step without Liger runs it: forward and backward.
+    The backward holds the saved log-softmax, the NLL gradient and its result, each [tokens, vocab] in fp32."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    tokens = 256
+    labels = torch.randint(0, VOCAB, (1, tokens))
+    with LiveBytes() as tracker:
+        logits = torch.randn(1, tokens, VOCAB, dtype=torch.bfloat16).requires_grad_()  # the lm_head's output
+        base = tracker.now
+        loss = ForCausalLMLoss(logits, labels, VOCAB, num_items_in_batch=torch.tensor(tokens))
+        del logits  # the Trainer drops the model's outputs before the backward: only what autograd saved is left
+        loss.backward()
+    measured = tracker.peak - base
+    estimated = logit_bytes(qwen3_config(), Layout("cuda", "qlora"), tokens, liger=False)
+    print(f"no-Liger loss at {tokens} x {VOCAB:,}: measured {measured / tokens / VOCAB:.2f} bytes a logit, "
+          f"estimated {estimated / tokens / VOCAB:.2f}")
+    assert estimated == pytest.approx(measured, rel=0.05)
+    assert measured > 11.5 * tokens * VOCAB  # three fp32 copies, not two
+
+
+def test_the_eval_loss_holds_the_bf16_logits_and_one_fp32_chunk(monkeypatch):
+    """medsft/losses.py token_losses: the bf16 logits of the trained positions, then EVAL_LOSS_CHUNK of them at a
+    time in fp32 (a smaller chunk here, so that three chunks run quickly)."""
+    from types import SimpleNamespace
+
+    from medsft import losses
+
+    chunk, positions = 96, 250
+    monkeypatch.setattr(losses, "EVAL_LOSS_CHUNK", chunk)
+
+    class LogitsOnly(torch.nn.Module):  # the model's forward, reduced to the bf16 logits of the kept positions
+        def forward(self, logits_to_keep, **_):
+            return SimpleNamespace(logits=torch.randn(1, len(logits_to_keep), VOCAB, dtype=torch.bfloat16))
+
+    labels = torch.full((1, positions + 1), -100)
+    labels[0, 1:] = torch.randint(0, VOCAB, (positions,))
+    batch = {"input_ids": torch.zeros(1, positions + 1, dtype=torch.long), "labels": labels}
+    with torch.no_grad(), LiveBytes() as tracker:
+        losses.token_losses(LogitsOnly(), batch)
+    estimated = eval_logit_bytes(qwen3_config(), Layout("cuda", "qlora"), positions)
+    print(f"eval loss, {positions} positions in chunks of {chunk}: measured {tracker.peak / 1e6:.0f} MB, "
+          f"estimated {estimated / 1e6:.0f} MB")
+    assert estimated == pytest.approx(tracker.peak, rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def qlora_layer(tmp_path_factory):
+    """One Qwen3-1.7B decoder layer (vocabulary cut to 1,024: the embedding plays no part here) loaded in NF4 the
+    way training loads it, with v1's LoRA (r=64 on all seven projections)."""
+    from peft import get_peft_model
+
+    from medsft.model_loading import load_base_model
+    from medsft.training import build_lora_config
+
+    from transformers import Qwen3ForCausalLM
+
+    folder = tmp_path_factory.mktemp("qwen3-1.7b-one-layer")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(qwen3_config(num_hidden_layers=1, vocab_size=1024))
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.02)
+    model.save_pretrained(folder)
+    model = load_base_model(str(folder), load_in_4bit=True)
+    cfg = parse_settings(vars(train_lora), ["--lora_dropout=0.05"])
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, build_lora_config(cfg, tied=True, token_indices=None))
+    model.train()
+    return model, cfg
+
+
+def cuda_like(monkeypatch):
+    """bf16 autocast, PEFT told that it is on (it asks `torch.is_autocast_enabled()`, which means CUDA's), and
+    dropout as CUDA's fused kernel runs it (aten.native_dropout: a bool mask)."""
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: torch.is_autocast_cpu_enabled())
+    monkeypatch.setattr(torch.nn.functional, "dropout",
+                        lambda x, p=0.5, training=True, inplace=False:
+                        torch.ops.aten.native_dropout(x, p, training)[0] if training and 0 < p < 1 else x)
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_one_qlora_layer_at_1_7b_shapes_keeps_what_the_estimate_counts(qlora_layer, checkpointing, monkeypatch):
+    """Forward then backward of one NF4 layer with r=64 LoRA on a fp32 residual stream. Without checkpointing the
+    layer keeps its activations until the backward; with it, only its input, and the backward recomputes them."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, cfg = qlora_layer
+    inner = model.base_model.model.model
+    layer, tokens = inner.layers[0], 64
+    config, layout = qwen3_config(), Layout("cuda", "qlora")
+    residual = torch.randn(1, tokens, HIDDEN, requires_grad=True)  # fp32: QLoRA's widened embedding output
+    position_ids = torch.arange(tokens)[None]
+    rope = inner.rotary_emb(residual, position_ids)
+
+    def run(x):
+        return layer(x, position_embeddings=rope, position_ids=position_ids)
+
+    with LiveBytes() as tracker:
+        with cuda_like(monkeypatch):  # as the Trainer runs it: autocast around the forward only
+            out = checkpoint(run, residual, use_reentrant=False) if checkpointing else run(residual)
+        kept = tracker.now  # after the forward: the saved activations and the output (the next layer's input)
+        out.backward(torch.ones_like(out))
+    assert out.dtype == torch.float32  # Linear4bit hands back its input's dtype: the residual stays fp32
+    casts = lora_weight_casts(cfg, layout, tensor_table(config)[0])
+    one_layer = tokens * (layout.residual_bytes * HIDDEN + layer_activation_bytes(config, cfg, layout)) + casts
+    if checkpointing:  # the output only; the peak is the recomputed layer, during its backward
+        assert kept == tokens * HIDDEN * 4
+        # the estimate over 28 layers: each input, one layer recomputed (and the head), all measured here but the head
+        # (and one 4-bit weight dequantized for its matmul: 25 MB for gate, up or down at 1.7B)
+        estimated = activation_bytes(config, cfg, layout, tokens, True) - 27 * tokens * HIDDEN * 4 \
+            - tokens * HIDDEN * (4 + 2)
+        measured = tracker.peak
+    else:
+        estimated, measured = one_layer, kept
+    print(f"one QLoRA layer, {tokens} tokens, checkpointing {checkpointing}: measured {measured / tokens / 1e3:.1f} "
+          f"KB a token, estimated {estimated / tokens / 1e3:.1f} KB")
+    assert estimated == pytest.approx(measured, rel=0.05)
