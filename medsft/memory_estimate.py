@@ -17,8 +17,9 @@ from medsft import losses
 GB = 1e9
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CUDA_CONTEXT_BYTES = int(0.5 * GB)  # CUDA context and allocator slack: outside torch's count, typically 0.3-0.6 GB
-TOKENS_MODE_COPIES = 3  # "tokens": the merged weight kept for lm_head's backward, its gradient, the embedding's gradient
+TOKENS_MODE_COPIES = 2  # "tokens", measured: the merged weight lm_head keeps for its backward, and its gradient
 BNB_MIN_8BIT_SIZE, OPTIMIZER_BLOCK = 4096, 256  # bitsandbytes and torchao: smaller tensors keep 32-bit states
+PAGED_MIN_SIZE = 100_000  # bitsandbytes' paged optimizers page every state tensor of at least this many elements
 
 
 @dataclass
@@ -59,13 +60,26 @@ class Estimate:
     parts: dict  # name -> bytes, each counted in the peak
     alternatives: dict = field(default_factory=dict)  # name -> bytes of what the other setting would take
     notes: list = field(default_factory=list)
-    train_peak: int = 0
+    train_peak: int = 0  # device total of the training step: every part, paged states and CUDA context included
     eval_peak: int = 0
     eval_transient: int = 0
+    paged: int = 0  # of parts["optimizer"]: the states a paged optimizer keeps in CUDA managed memory
+    outside_torch: int = 0  # the paged states and the CUDA context: what torch's memory counters never see
+    typical: dict = field(default_factory=dict)  # the dry run's: "p50"/"p90" -> {tokens, torch_peak, device_total}
 
     @property
     def peak(self) -> int:
+        """The device total: what the whole GPU holds at the peak (torch-visible + paged states + CUDA context)."""
         return max(self.train_peak, self.eval_peak)
+
+    @property
+    def device_total(self) -> int:
+        return self.peak
+
+    @property
+    def torch_peak(self) -> int:
+        """The torch-visible peak: the figure to hold against torch.cuda.max_memory_reserved()."""
+        return self.peak - self.outside_torch
 
 
 def recipe_of(cfg) -> str:
@@ -135,21 +149,39 @@ def _bnb_8bit(optim: str) -> bool:
     return "8bit" in optim and optim not in ("adamw_torch_8bit",)
 
 
+def paged_state_bytes(optim: str, numel: int, embedding: bool) -> int:
+    """The part of one parameter's optimizer state that a paged bitsandbytes optimizer puts in CUDA managed memory
+    (get_state_buffer: every state tensor of at least 1e5 elements; the 8-bit absmax stay ordinary tensors).
+    torch's memory counters never see it; under memory pressure the driver moves it to host memory."""
+    if "paged" not in optim or numel < PAGED_MIN_SIZE:
+        return 0
+    states = 1 if "lion" in optim else 3 if "ademamix" in optim else 2
+    eight_bit = _bnb_8bit(optim) and not embedding and numel >= BNB_MIN_8BIT_SIZE
+    return states * numel * (1 if eight_bit else 4)
+
+
 def static_parts(config, cfg, layout: Layout, trained_rows: int | None = None) -> dict:
     """{weights, trainable, optimizer, gradients} in bytes, from the meta model and the settings."""
+    return _static(config, cfg, layout, trained_rows)[0]
+
+
+def _static(config, cfg, layout: Layout, trained_rows: int | None = None) -> tuple[dict, int]:
+    """(static_parts, bytes of the optimizer states a paged optimizer keeps in managed memory, on CUDA)."""
     params, buffers = tensor_table(config)
     hidden, vocab = config.hidden_size, config.vocab_size
     tied = bool(getattr(config, "tie_word_embeddings", False))
     embedding_modules = {"embed_tokens"} | (set() if tied else {"lm_head"})
-    weights = trainable = optimizer = gradients = 0
+    weights = trainable = optimizer = gradients = paged = 0
     states_32bit_shared = 0
     optim = cfg.OPTIM
 
     def add_trainable(numel, nbytes, embedding=False):
-        nonlocal trainable, optimizer, gradients
+        nonlocal trainable, optimizer, gradients, paged
         trainable += numel * nbytes
         gradients += numel * nbytes
         optimizer += optimizer_state_bytes(optim, numel, nbytes, embedding)
+        if layout.device == "cuda":  # on CPU bitsandbytes runs a paged optimizer unpaged
+            paged += paged_state_bytes(optim, numel, embedding)
 
     weights += 4 * sum(buffers)  # rotary inverse frequencies: fp32
     for name, numel, shape, linear in params:
@@ -179,7 +211,7 @@ def static_parts(config, cfg, layout: Layout, trained_rows: int | None = None) -
     if _bnb_8bit(optim):
         states_32bit_shared = 2 * 256 * 4  # bitsandbytes' two quantisation maps, shared by every parameter
     return {"weights": weights, "trainable": trainable, "optimizer": optimizer + states_32bit_shared,
-            "gradients": gradients}
+            "gradients": gradients}, paged
 
 
 def layer_activation_bytes(config, cfg, layout: Layout) -> int:
@@ -289,7 +321,7 @@ def estimate_memory(config, cfg, device: str = "cuda", train_tokens: int = 0, ev
     """The estimate for one GPU (each DDP process holds the same): static parts, then the larger of the
     training step's and the evaluation's transient memory."""
     layout = Layout(device, recipe_of(cfg), 4 if getattr(cfg, "FP32_WEIGHTS", False) else 2)
-    static = static_parts(config, cfg, layout, trained_rows)
+    static, paged = _static(config, cfg, layout, trained_rows)
     liger = cfg.USE_LIGER_KERNEL and device == "cuda"
     checkpointing = cfg.GRADIENT_CHECKPOINTING
     vocab, hidden = config.vocab_size, config.hidden_size
@@ -302,8 +334,8 @@ def estimate_memory(config, cfg, device: str = "cuda", train_tokens: int = 0, ev
     if trained_rows:
         parts["merged rows"] = TOKENS_MODE_COPIES * vocab * hidden * layout.embedding_bytes
         notes.append(f"embedding_mode='tokens': PEFT builds the merged [{vocab:,} x {hidden:,}] weight on every "
-                     f"access; counted {TOKENS_MODE_COPIES} copies (the one lm_head keeps for backward and two "
-                     "gradients)")
+                     f"access; counted {TOKENS_MODE_COPIES} copies at once, as measured on CPU (the one lm_head "
+                     "keeps for its backward, and its gradient)")
     if liger and lm_head_trained(cfg, layout):
         # the gradient has the dtype of the weight Liger is handed: the merged copy ("tokens"), the fp32
         # trainable copy ("full"), or train.py's own weight
@@ -318,7 +350,7 @@ def estimate_memory(config, cfg, device: str = "cuda", train_tokens: int = 0, ev
         + (vocab * hidden * layout.embedding_bytes if trained_rows else 0)
     common = static["weights"] + static["trainable"] + static["optimizer"] + parts.get("cuda context", 0)
     return Estimate(parts, alternatives, notes, train_peak=sum(parts.values()), eval_peak=common + eval_transient,
-                    eval_transient=eval_transient)
+                    eval_transient=eval_transient, paged=paged, outside_torch=paged + parts.get("cuda context", 0))
 
 
 def gpu_memory_budget(setting: float) -> float:
@@ -392,110 +424,8 @@ def batch_tokens(lengths: tuple[list[int], list[int]], cfg) -> tuple[int, int]:
     return train, evaluation
 
 
-def _with(cfg, **changes):
-    from medsft.settings import Settings
+def print_memory_estimate(model_path: str, cfg, data):
+    """The dry run's report: medsft/memory_report.py."""
+    from medsft.memory_report import print_memory_estimate as report
 
-    return Settings(**{**vars(cfg), **changes})
-
-
-def fixes(cfg) -> list[tuple[str, dict]]:
-    """Settings that lower the peak, in the order to try them: the cheapest in speed and quality first."""
-    options = []
-    if not cfg.USE_LIGER_KERNEL:
-        options.append(("--use_liger_kernel=True", {"USE_LIGER_KERNEL": True}))
-    if not cfg.GRADIENT_CHECKPOINTING:
-        options.append(("--gradient_checkpointing=True", {"GRADIENT_CHECKPOINTING": True}))
-    if getattr(cfg, "EMBEDDING_MODE", None) == "full" and cfg.MODULES_TO_SAVE:
-        options.append(("--embedding_mode=tokens", {"EMBEDDING_MODE": "tokens"}))
-    if hasattr(cfg, "LORA_R") and not cfg.LOAD_IN_4BIT:
-        options.append(("--load_in_4bit=True", {"LOAD_IN_4BIT": True}))
-    batch, accumulation = cfg.BATCH_SIZE, cfg.GRADIENT_ACCUMULATION
-    while batch > 1:
-        batch, accumulation = batch // 2, accumulation * 2
-        options.append((f"--batch_size={batch} --gradient_accumulation={accumulation}",
-                        {"BATCH_SIZE": batch, "GRADIENT_ACCUMULATION": accumulation}))
-    size = cfg.EVAL_BATCH_SIZE
-    while size > 1:
-        size //= 2
-        options.append((f"--eval_batch_size={size}", {"EVAL_BATCH_SIZE": size}))
-    return options
-
-
-def print_memory_estimate(model_path: str, cfg, data) -> Estimate:
-    """The dry run's answer to "will it fit?", for one CUDA GPU, and the first setting to change if not."""
-    from transformers import AutoConfig
-
-    from medsft.training import trained_token_indices
-
-    config = AutoConfig.from_pretrained(model_path)
-    budget = gpu_memory_budget(getattr(cfg, "GPU_MEMORY_GB", 0))
-    tokens_mode = hasattr(cfg, "EMBEDDING_MODE") and bool(cfg.MODULES_TO_SAVE)
-    # the rows "tokens" would train (counted once: v3 tokenises every question masked), also for a "full" run
-    token_rows = len(trained_token_indices(data, _with(cfg, EMBEDDING_MODE="tokens"))) if tokens_mode else None
-    rows = token_rows if getattr(cfg, "EMBEDDING_MODE", None) == "tokens" else None
-
-    lengths = example_lengths(data)
-
-    def estimate(settings):
-        train, evaluation = batch_tokens(lengths, settings)
-        trained = token_rows if getattr(settings, "EMBEDDING_MODE", None) == "tokens" else None
-        return estimate_memory(config, settings, "cuda", train, evaluation, trained), train, evaluation
-
-    result, train, evaluation = estimate(cfg)
-    recipe = {"qlora": "QLoRA (4-bit NF4 base, fp32 LoRA)", "bf16_lora": "LoRA on a bf16 base",
-              "full": f"full fine-tuning ({'fp32' if getattr(cfg, 'FP32_WEIGHTS', False) else 'bf16'} weights)"}
-    parameters = sum(numel for _, numel, _, _ in tensor_table(config)[0])
-    print("==== will it fit? estimated peak memory of one CUDA GPU (bf16 compute), before any weight loads ====")
-    print(f"{getattr(config, 'model_type', 'model')}: {parameters:,} parameters, {config.num_hidden_layers} layers, "
-          f"hidden {config.hidden_size:,}, vocabulary {config.vocab_size:,}; {recipe[recipe_of(cfg)]}, "
-          f"optim {cfg.OPTIM}")
-    print(f"longest micro-batch the data can give: {train:,} tokens ({cfg.BATCH_SIZE} longest examples, "
-          f"{'packed' if cfg.PACKING else 'padded'}); longest eval micro-batch: {evaluation:,} trained positions")
-    gb = lambda n: f"{n / GB:6.2f} GB"  # noqa: E731
-    parts, other = result.parts, result.alternatives
-    checkpointing = "on" if cfg.GRADIENT_CHECKPOINTING else "off"
-    liger = "Liger fused loss" if cfg.USE_LIGER_KERNEL else "full logits, --use_liger_kernel=False"
-    lines = [
-        ("weights (frozen)" if recipe_of(cfg) != "full" else "weights (frozen buffers)", parts["weights"], ""),
-        ("adapter and trainable rows" if recipe_of(cfg) != "full" else "trained weights", parts["trainable"],
-         f"{rows:,} embedding rows" if rows else ""),
-        ("optimizer states", parts["optimizer"],
-         "32-bit states for the embedding: bitsandbytes" if "8bit" in cfg.OPTIM and cfg.OPTIM != "adamw_torch_8bit"
-         and getattr(cfg, "EMBEDDING_MODE", None) == "full" and cfg.MODULES_TO_SAVE else ""),
-        ("gradients", parts["gradients"], ""),
-        (f"activations (checkpointing {checkpointing})", parts["activations"],
-         f"{'off' if cfg.GRADIENT_CHECKPOINTING else 'on'}: {other['activations'] / GB:.2f} GB"),
-        (f"logits ({liger})", parts["logits"],
-         f"{'without' if cfg.USE_LIGER_KERNEL else 'with'} Liger: {other['logits'] / GB:.2f} GB"),
-    ]
-    if "merged rows" in parts:
-        lines.append(("merged embedding copies (tokens mode)", parts["merged rows"], f"{TOKENS_MODE_COPIES} x vocab x hidden"))
-    if "liger lm_head grad" in parts:
-        lines.append(("Liger's lm_head gradient", parts["liger lm_head grad"], "vocab x hidden"))
-    lines += [("CUDA context", parts["cuda context"], "outside torch's count"),
-              ("training step peak", result.train_peak, ""),
-              ("evaluation peak", result.eval_peak, "no gradients; logits of the trained positions")]
-    for name, value, note in lines:
-        print(f"  {name:<48} {gb(value)}" + (f"   ({note})" if note else ""))
-    for note in result.notes:
-        print(f"  note: {note}")
-    verdict = "fits" if result.peak <= budget * GB else "does NOT fit"
-    print(f"estimated peak {result.peak / GB:.2f} GB of {budget:.1f} GB (gpu_memory_gb): {verdict}. Weights, "
-          "optimizer states and gradients are counted exactly; activations and logits are a formula, not measured")
-    if result.peak > budget * GB:
-        chosen, settings = [], cfg
-        for flag, change in fixes(cfg):
-            settings = _with(settings, **change)
-            chosen.append(flag)
-            after, _, _ = estimate(settings)
-            if after.peak <= budget * GB:
-                print(f"to fit, change first: {chosen[0]}"
-                      + (f"; then {', '.join(chosen[1:])}" if len(chosen) > 1 else "")
-                      + f" (estimated {after.peak / GB:.2f} GB)")
-                break
-        else:
-            advice = ("use train_lora.py (QLoRA), or a smaller model" if recipe_of(cfg) == "full"
-                      else "lower --max_length, or use a smaller model")
-            print(f"even with {', '.join(chosen) or 'the current settings'} it does not fit: {advice}")
-    print("====", flush=True)
-    return result
+    return report(model_path, cfg, data)

@@ -383,7 +383,7 @@ def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
     """final/ (the best adapter, tokenizer, settings), summary.json and loss.png in OUTPUT_DIR (main process)."""
     import torch
 
-    from medsft.trainer import check_saved_weights
+    from medsft.trainer import LoggingCallback, check_saved_weights
 
     out = Path(cfg.OUTPUT_DIR)
     best = trainer.restore_best()
@@ -400,6 +400,9 @@ def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
         "processes": trainer.args.world_size, "sharding": sharding() or ("ddp" if trainer.args.world_size > 1 else None),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+        # device-wide (mem_get_info at each logging step): with a paged optimizer's states and the CUDA context
+        "peak_gpu_device_used_gib": max((c.device_used_max for c in trainer.callback_handler.callbacks
+                                         if isinstance(c, LoggingCallback) and c.device_used_max), default=None),
         "trainable_params": getattr(trainer.model, "trainable_params", None),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "model_path": cfg.MODEL_PATH, "final_dir": str(final),

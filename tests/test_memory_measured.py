@@ -185,3 +185,43 @@ def test_one_qlora_layer_at_1_7b_shapes_keeps_what_the_estimate_counts(qlora_lay
     print(f"one QLoRA layer, {tokens} tokens, checkpointing {checkpointing}: measured {measured / tokens / 1e3:.1f} "
           f"KB a token, estimated {estimated / tokens / 1e3:.1f} KB")
     assert estimated == pytest.approx(measured, rel=0.05)
+
+
+def test_tokens_mode_holds_two_merged_vocabulary_copies(tiny_model_dir, short_data_dir, tokenizer):
+    """EMBEDDING_MODE="tokens" on the tied tiny model (the real 151,936-row vocabulary, hidden 64): PEFT merges the
+    trained rows into a full [vocab, hidden] weight on each access. Counted: how many storages of exactly that size
+    live at once during a forward and backward without Liger (the merged weight lm_head keeps for its backward,
+    then its gradient). Liger's fused loss (CUDA only, not run here) adds its own lm_head gradient, counted apart."""
+    import train_lora2
+    from medsft.memory_estimate import TOKENS_MODE_COPIES
+    from medsft.training import load_lora_model
+    from medsft.training_data import load_training_data
+
+    cfg = parse_settings(vars(train_lora2), [f"--model_path={tiny_model_dir}", f"--data_dir={short_data_dir}"])
+    model = load_lora_model(str(tiny_model_dir), cfg, load_training_data(cfg, tokenizer))
+    model.train()
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    copy = vocab * hidden * 4  # fp32 on CPU
+    ids = torch.tensor([tokenizer("头痛三天，伴有发热，怎么办？")["input_ids"]])
+
+    class Copies(LiveBytes):
+        def __init__(self):
+            super().__init__()
+            self.copies = self.most = 0
+
+        def _freed(self, key):
+            self.copies -= self.sizes.get(key) == copy
+            super()._freed(key)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            before = set(self.sizes)
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            self.copies += sum(self.sizes[k] == copy for k in set(self.sizes) - before)
+            self.most = max(self.most, self.copies)
+            return out
+
+    with Copies() as tracker:
+        model(input_ids=ids, labels=ids).loss.backward()
+    print(f"tokens mode: at most {tracker.most} [{vocab:,} x {hidden}] copies at once; peak {tracker.peak / copy:.2f} "
+          "copies' bytes (with the logits of a few tokens)")
+    assert tracker.most == TOKENS_MODE_COPIES
