@@ -5,8 +5,10 @@ run will hold is counted in the dtype it will have there: the frozen weights (4-
 state, or bf16), the trainable weights (LoRA, embedding rows, or all of them for train.py), the optimizer's
 states (bitsandbytes keeps 32-bit states for small tensors and for every nn.Embedding, 8-bit for the rest;
 torchao likewise), and the gradients. Those static parts are checked against the bytes of real tensors on CPU
-(tests/test_memory_estimate.py). Activations and logits are a formula from the longest packed micro-batch the
-data can give; they are not measured yet.
+(tests/test_memory_estimate.py). Activations and logits are formulas of the micro-batch's tokens, each checked
+against the memory really allocated on CPU, one loss or one layer at a time at Qwen3-1.7B's shapes
+(tests/test_memory_measured.py); not yet on a GPU. Two totals: the torch-visible peak (what torch's allocator
+holds) and the device total (plus a paged optimizer's states in CUDA managed memory, and the CUDA context).
 """
 import functools
 import json
@@ -220,8 +222,10 @@ def layer_activation_bytes(config, cfg, layout: Layout) -> int:
 
     Measured on CPU at Qwen3-1.7B's layer shapes (tests/test_memory_measured.py). What decides the bytes:
     - QLoRA's residual stream is fp32 (the widened norms and embedding output), and Linear4bit returns its input's
-      dtype, so q/k/v and gate/up come out fp32 (236 KB a token at r=64 measured, not the 189 KB of a bf16 count);
-      we count that as it runs rather than cast those outputs to bf16 (not tried: it would change the losses);
+      dtype, so q/k and gate/up come out fp32 and are kept in fp32. v1's layer (r=64, dropout 0.05) keeps 171 KB a
+      token with its input, measured, plus 5.0 MB of autocast's bf16 LoRA weight copies. We count that as it runs:
+      casting those outputs to bf16 would save about 43 KB a token (25%), but changes the numbers the model
+      computes, and its effect on the loss has not been measured;
     - a frozen RMSNorm keeps only its fp32 input (the residual, for QLoRA) and one rsqrt a row;
     - a frozen base weight keeps nothing of its input (bitsandbytes' 4-bit matmul, or a linear whose weight has no
       gradient); the LoRA branch keeps its own: the dropout mask (1 byte on CUDA) and the dropout output, or, without
@@ -246,7 +250,8 @@ def layer_activation_bytes(config, cfg, layout: Layout) -> int:
                  + a * (q + 2 * kv) + a * q + 4 * heads  # attention's inputs, output and log-sum-exp
                  + 3 * out * inter)  # gate, silu(gate), up
     if full:  # trained weights: every linear keeps its input, every norm its normalised output
-        per_token += 2 * normed * hidden + a * q + out * inter + 2 * a * hidden + a * (q + kv)
+        # (o_proj's input is attention's output itself, whose layout makes the transpose free: counted above)
+        per_token += 2 * normed * hidden + out * inter + 2 * a * hidden + a * (q + kv)
         return per_token
     inputs = {"q_proj": ("attn", hidden, normed), "k_proj": ("attn", hidden, normed),
               "v_proj": ("attn", hidden, normed), "o_proj": ("o", q, a), "gate_proj": ("mlp", hidden, normed),
@@ -261,8 +266,8 @@ def layer_activation_bytes(config, cfg, layout: Layout) -> int:
         elif dtype != a:  # autocast casts the fp32 input for lora_A, once per target
             per_token += a * width
         elif group not in kept_once:  # lora_A keeps the input itself, shared by the targets that read it
-            kept_once.add(group)
-            per_token += a * width
+            kept_once.add(group)  # (o_proj's is attention's output, counted above)
+            per_token += a * width if group != "o" else 0
         per_token += a * cfg.LORA_R  # lora_A's output, kept by lora_B
     return per_token
 

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from medsft.chat_format import split_conversation
-from medsft.distributed import (check_sharding_is_on, is_main_process, launch_problems, optimizer_for_launcher,
-                                shard_tied_token_rows, sharding, use_liger_kernel, world_size)
+from medsft.distributed import (check_sharding_is_on, fsdp_activation_checkpointing, is_main_process, launch_problems,
+                                optimizer_for_launcher, shard_tied_token_rows, sharding, use_liger_kernel, world_size)
 from medsft.errors import UserError, exit_on_interrupt
 from medsft.records import read_jsonl, write_files_atomically
 from medsft.resume import last_complete_checkpoint, remove_incomplete_checkpoints
@@ -92,6 +92,10 @@ def _lora_problems(cfg) -> list[str]:
         # skips accelerate's loading of a bf16 model from rank 0 (the other ranks hold empty weights until then)
         problems.append("embedding_mode 'tokens' under FSDP needs load_in_4bit=True (QLoRA); pass "
                         "--embedding_mode=full for a bf16 LoRA (or launch with DDP or DeepSpeed)")
+    if fsdp_activation_checkpointing() and cfg.GRADIENT_CHECKPOINTING:
+        # the Trainer refuses both (a ValueError): FSDP's own checkpointing does the recomputing
+        problems.append("the accelerate config sets fsdp_activation_checkpointing: true, which recomputes the "
+                        "activations itself; pass --gradient_checkpointing=False with it")
     if not getattr(cfg, "EMBEDDING_LEARNING_RATE", 1) > 0:
         problems.append(f"embedding_learning_rate must be positive, not {cfg.EMBEDDING_LEARNING_RATE}")
     return problems

@@ -225,3 +225,37 @@ def test_tokens_mode_holds_two_merged_vocabulary_copies(tiny_model_dir, short_da
     print(f"tokens mode: at most {tracker.most} [{vocab:,} x {hidden}] copies at once; peak {tracker.peak / copy:.2f} "
           "copies' bytes (with the logits of a few tokens)")
     assert tracker.most == TOKENS_MODE_COPIES
+
+
+@pytest.mark.parametrize("recipe, dropout", [("bf16_lora", 0.05), ("bf16_lora", 0.0), ("full", 0.0)])
+def test_one_layer_of_the_other_recipes_keeps_what_the_estimate_counts_on_cpu(recipe, dropout):
+    """bf16 LoRA and train.py's layer as they run on CPU (fp32, no autocast: the estimator's "cpu" layout), at a
+    small width (the shapes' roles are what these check; the QLoRA test above has the real ones)."""
+    import train
+    from peft import get_peft_model
+    from transformers import Qwen3ForCausalLM
+
+    from medsft.training import build_lora_config
+
+    config = qwen3_config(hidden_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=64, intermediate_size=768, vocab_size=512)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    if recipe == "full":
+        cfg = parse_settings(vars(train), [])
+    else:
+        cfg = parse_settings(vars(train_lora), ["--load_in_4bit=False", f"--lora_dropout={dropout}"])
+        model.requires_grad_(False)
+        model = get_peft_model(model, build_lora_config(cfg, tied=True, token_indices=None))
+    model.train()
+    inner = model.model if recipe == "full" else model.base_model.model.model
+    tokens = 64
+    residual = torch.randn(1, tokens, 256, requires_grad=True)
+    position_ids = torch.arange(tokens)[None]
+    with LiveBytes() as tracker:
+        out = inner.layers[0](residual, position_embeddings=inner.rotary_emb(residual, position_ids),
+                              position_ids=position_ids)
+        kept = tracker.now  # the saved activations and the output, which the graph keeps until the backward
+    assert out.requires_grad
+    estimated = tokens * (4 * 256 + layer_activation_bytes(config, cfg, Layout("cpu", recipe)))
+    assert estimated == pytest.approx(kept, rel=0.05), (estimated / tokens, kept / tokens)

@@ -1,0 +1,51 @@
+"""One rank of a 2-process FSDP2 launch on CPU that builds the v2 trainer (EMBEDDING_MODE="tokens": the FSDP2 units
+are made by medsft/distributed.py, shard_tied_token_rows), trains one step, and writes how often each decoder
+layer's forward ran: twice (the forward, then its recomputation in the backward) when activation checkpointing is
+on, once when it is off."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.getcwd())
+os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+
+
+
+def enable_fsdp_on_cpu():
+    """As tests/sharded_entry.py does it (that file runs a whole script when imported): accelerate turns FSDP on
+    for GPU setups only, so a CPU process group over gloo is presented as a GPU one while AcceleratorState decides."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        state = PartialState(**{k: v for k, v in kwargs.items() if k in ("cpu", "backend")})
+        if state.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU) and state.num_processes > 1:
+            state.distributed_type = DistributedType.MULTI_GPU
+        original(self, *args, **kwargs)
+
+    AcceleratorState.__init__ = init
+
+
+enable_fsdp_on_cpu()
+
+import train_lora2  # noqa: E402
+from medsft.model_loading import load_tokenizer  # noqa: E402
+from medsft.settings import parse_settings  # noqa: E402
+from medsft.training import build_trainer, load_lora_model  # noqa: E402
+from medsft.training_data import load_training_data  # noqa: E402
+
+cfg = parse_settings(vars(train_lora2), sys.argv[1:])
+tokenizer = load_tokenizer(cfg.MODEL_PATH)
+data = load_training_data(cfg, tokenizer)
+model = load_lora_model(cfg.MODEL_PATH, cfg, data)
+calls = {}
+for index, layer in enumerate(model.base_model.model.model.layers):
+    layer.register_forward_hook(lambda module, args, out, i=index: calls.__setitem__(i, calls.get(i, 0) + 1))
+trainer = build_trainer(cfg, model, tokenizer, data)
+trainer.train()
+facts = {"fsdp": trainer.is_fsdp_enabled, "steps": trainer.state.global_step, "layer_forwards": calls,
+         "checkpoint_wrappers": sum(type(m).__name__ == "CheckpointWrapper" for m in trainer.model.modules())}
+with open(os.path.join(os.environ["RANK_WEIGHTS_DIR"], f"rank{trainer.args.process_index}.json"), "w") as f:
+    json.dump(facts, f)
