@@ -153,10 +153,11 @@ def shard_tied_token_rows(trainer) -> None:
     if plugin.activation_checkpointing:
         # accelerate applies FSDP's activation checkpointing only to a model it has not seen sharded (accelerator.py,
         # _prepare_fsdp2: `not isinstance(model, FSDPModule)`): the model sharded here would train without any.
-        # Its own function, before sharding, as it does it: each transformer layer in a checkpoint wrapper
-        from accelerate.utils.fsdp_utils import fsdp2_apply_ac
-
-        fsdp2_apply_ac(accelerator, model)
+        # So the same layers are checkpointed here, before sharding, with transformers' own checkpointing (torch's
+        # non-reentrant checkpoint). Not accelerate's fsdp2_apply_ac: its CheckpointWrapper puts
+        # `_checkpoint_wrapped_module` into every layer's parameter names, and the adapter saved from the gathered
+        # state lacked all 28 LoRA tensors of the tiny model's layers (tried; check_saved_weights stopped the run)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     is_layer = fsdp2_prepare_auto_wrap_policy(plugin, model) or (lambda module: False)
     for module in get_module_children_bottom_up(model)[:-1]:
         if is_layer(module):

@@ -46,6 +46,8 @@ for index, layer in enumerate(model.base_model.model.model.layers):
 trainer = build_trainer(cfg, model, tokenizer, data)
 trainer.train()
 facts = {"fsdp": trainer.is_fsdp_enabled, "steps": trainer.state.global_step, "layer_forwards": calls,
-         "checkpoint_wrappers": sum(type(m).__name__ == "CheckpointWrapper" for m in trainer.model.modules())}
+         "checkpointed_layers": sum(bool(getattr(layer, "gradient_checkpointing", False))
+                                    for layer in model.base_model.model.model.layers),
+         "saved": sorted(p.name for p in trainer.best_dir.iterdir()) if trainer.best_dir.exists() else []}
 with open(os.path.join(os.environ["RANK_WEIGHTS_DIR"], f"rank{trainer.args.process_index}.json"), "w") as f:
     json.dump(facts, f)

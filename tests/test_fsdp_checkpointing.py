@@ -22,7 +22,7 @@ def test_fsdp_activation_checkpointing_is_on_when_token_rows_are_sharded_first(t
     for rank in (0, 1):
         facts = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert facts["fsdp"] and facts["steps"] == 1, done.stdout[-2000:]
-        assert facts["checkpoint_wrappers"] == 2  # the tiny model's two layers
+        assert facts["checkpointed_layers"] == 2  # the tiny model's two layers
         assert set(facts["layer_forwards"].values()) == {2}, facts  # forward, and its recomputation
 
 

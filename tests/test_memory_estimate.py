@@ -115,6 +115,12 @@ def test_over_budget_names_the_setting_to_change_first(qwen3_1_7b_config_only, s
     assert full.device_total > 7 * GB > full.device_total - full.paged and full.paged > 2.4 * GB
     assert "fits, but the paged optimizer states (2.62 GB) spill to host memory: slower steps, not an out-of-memory" \
         in out and "to fit" not in out
+    # the seeds' v2 settings: the typical micro-batches' figures beside the worst case's (README, "The seeds' 14.2 GB")
+    for name in ("p50", "p90"):
+        typical = full.typical[name]
+        assert 0 < typical["tokens"] <= 291 and typical["torch_peak"] < typical["device_total"] <= full.device_total
+        assert f"typical micro-batch {name}, {typical['tokens']:,} tokens: torch-visible " \
+               f"{typical['torch_peak'] / GB:.2f} GB, device total {typical['device_total'] / GB:.2f} GB" in out
     full, out = estimate("--embedding_mode=full", "--use_liger_kernel=False", "--gpu_memory_gb=4")
     assert "logits (full logits, --use_liger_kernel=False)" in out and "does NOT fit" in out
     assert "to fit, change first: --use_liger_kernel=True" in out
