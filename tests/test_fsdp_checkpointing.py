@@ -1,6 +1,7 @@
 """FSDP2 with EMBEDDING_MODE="tokens": the model is sharded by medsft/distributed.py (shard_tied_token_rows) before
 accelerate sees it, and accelerate applies FSDP's activation checkpointing only to a model not yet sharded. The
-checkpointing must still be on: each decoder layer's forward runs twice in a step (the recomputation)."""
+checkpointing must still be on: each decoder layer runs twice in a step (the recomputation), and the adapter saved
+keeps every tensor's name."""
 import json
 import sys
 
@@ -23,7 +24,8 @@ def test_fsdp_activation_checkpointing_is_on_when_token_rows_are_sharded_first(t
         facts = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert facts["fsdp"] and facts["steps"] == 1, done.stdout[-2000:]
         assert facts["checkpointed_layers"] == 2  # the tiny model's two layers
-        assert set(facts["layer_forwards"].values()) == {2}, facts  # forward, and its recomputation
+        assert set(facts["layer_forwards"].values()) == {2}, facts  # forward, and its recomputation (off: 1)
+        assert "adapter_model.safetensors" in facts["saved"]  # with every LoRA tensor (check_saved_weights)
 
 
 def test_fsdp_checkpointing_beside_gradient_checkpointing_is_one_line(monkeypatch, tmp_path, short_data_dir):
