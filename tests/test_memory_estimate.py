@@ -121,7 +121,7 @@ def test_over_budget_names_the_setting_to_change_first(qwen3_1_7b_config_only, s
         assert 0 < typical["tokens"] <= 291 and typical["torch_peak"] < typical["device_total"] <= full.device_total
         assert f"typical micro-batch {name}, {typical['tokens']:,} tokens: torch-visible " \
                f"{typical['torch_peak'] / GB:.2f} GB, device total {typical['device_total'] / GB:.2f} GB" in out
-    full, out = estimate("--embedding_mode=full", "--use_liger_kernel=False", "--gpu_memory_gb=4")
+    full, out = estimate("--embedding_mode=full", "--use_liger_kernel=False", "--gpu_memory_gb=5.5")
     assert "logits (full logits, --use_liger_kernel=False)" in out and "does NOT fit" in out
     assert "to fit, change first: --use_liger_kernel=True" in out
     assert "32-bit states for the embedding" in out
