@@ -1,7 +1,7 @@
 """One rank of a 2-process FSDP2 launch on CPU that builds the v2 trainer (EMBEDDING_MODE="tokens": the FSDP2 units
 are made by medsft/distributed.py, shard_tied_token_rows), trains one step, and writes how often each decoder
-layer's first norm ran in it: twice (the forward, then its recomputation in the backward) when activation checkpointing is
-on, once when it is off."""
+layer's first norm ran in it: twice (the forward, then its recomputation in the backward) when activation
+checkpointing is on, once when it is off."""
 import json
 import os
 import sys
