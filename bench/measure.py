@@ -123,15 +123,21 @@ def estimate_peak_memory(settings, model_dir, data, runner: str) -> dict:
     """The training scripts' --dry_run estimate of the training step's peak (medsft/memory_estimate.py), from the
     config and the same data, before the model loads; report.py puts it beside the measured peak."""
     if runner == "trl":
-        return {"estimated_peak_gib": None, "how": "not estimated: the estimate models our scripts, not TRL's"}
+        return {"estimated_peak_gib": None, "estimated_device_total_gib": None,
+                "how": "not estimated: the estimate models our scripts, not TRL's"}
     from medsft.memory_estimate import print_memory_estimate
 
     try:
         estimate = print_memory_estimate(str(model_dir), settings, data)
     except (Exception, UserError) as e:
-        return {"estimated_peak_gib": None, "how": f"the estimate failed: {type(e).__name__}: {str(e)[:200]}"}
-    return {"estimated_peak_gib": round(estimate.train_peak / 2**30, 3),
-            "how": "--dry_run's estimate of the training step (CUDA context included)"}
+        return {"estimated_peak_gib": None, "estimated_device_total_gib": None,
+                "how": f"the estimate failed: {type(e).__name__}: {str(e)[:200]}"}
+    # two figures, each compared with its own measurement (report.py): the torch-visible peak with
+    # max_memory_reserved, the device total (+ paged optimizer states + CUDA context) with mem_get_info's used
+    return {"estimated_peak_gib": round((estimate.train_peak - estimate.outside_torch) / 2**30, 3),
+            "estimated_device_total_gib": round(estimate.train_peak / 2**30, 3),
+            "how": "--dry_run's estimate of the training step: torch-visible peak, and device total (with the "
+                   "paged optimizer states and the CUDA context)"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,8 +165,9 @@ def measure_training(cfg, name: str, model_dir, paths, tokenizer=None) -> dict:
               "gradient_checkpointing": settings.GRADIENT_CHECKPOINTING,
               "modules_to_save": getattr(settings, "MODULES_TO_SAVE", None),
               "embedding_mode": getattr(settings, "EMBEDDING_MODE", None),
-              "peak_reserved_gib": None, "peak_allocated_gib": None, "estimated_peak_gib": None, "how": None}
-    trainer = None
+              "peak_reserved_gib": None, "peak_allocated_gib": None, "peak_device_used_gib": None,
+              "estimated_peak_gib": None, "estimated_device_total_gib": None, "how": None}
+    trainer = timer = None
     try:
         tokenizer = tokenizer or load_bench_tokenizer(model_dir)
         data = load_recipe_data(settings, tokenizer)
@@ -190,6 +197,7 @@ def measure_training(cfg, name: str, model_dir, paths, tokenizer=None) -> dict:
     if cuda:
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        result["peak_device_used_gib"] = round(max(getattr(timer, "device_used", 0), _device_used_bytes()) / 2**30, 3)
     del trainer
     gc.collect()
     if cuda:
@@ -198,6 +206,17 @@ def measure_training(cfg, name: str, model_dir, paths, tokenizer=None) -> dict:
               if result["ok"] else f"FAILED: {result['error']}")
     print(f"config {name}: {status}", flush=True)
     return result
+
+
+def _device_used_bytes() -> int:
+    """What the whole GPU holds (torch.cuda.mem_get_info: total - free): torch's reserved memory, the CUDA context
+    and a paged optimizer's managed memory, which torch's counters never see; 0 without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    free, total = torch.cuda.mem_get_info()
+    return total - free
 
 
 def step_timer(trainer):
@@ -211,6 +230,7 @@ def step_timer(trainer):
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.steps, self.start, self.tokens = [], 0.0, 0  # steps: (seconds, tokens) per optimizer step
+            self.device_used = 0  # the most the whole GPU held at a step's end (mem_get_info), in bytes
 
         def on_step_begin(self, args, state, control, **kwargs):
             _synchronize()
@@ -219,6 +239,7 @@ def step_timer(trainer):
         def on_step_end(self, args, state, control, **kwargs):
             _synchronize()
             self.steps.append((time.perf_counter() - self.start, trainer.state.num_input_tokens_seen - self.tokens))
+            self.device_used = max(self.device_used, _device_used_bytes())
             control.should_evaluate = control.should_save = False
             return control
 

@@ -150,6 +150,14 @@ def shard_tied_token_rows(trainer) -> None:
     unit = {"offload_policy": plugin.cpu_offload, "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
             "mesh": mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None}
     plugin.set_auto_wrap_policy(model)
+    if plugin.activation_checkpointing:
+        # accelerate applies FSDP's activation checkpointing only to a model it has not seen sharded (accelerator.py,
+        # _prepare_fsdp2: `not isinstance(model, FSDPModule)`): the model sharded here would train without any.
+        # So the same layers are checkpointed here, before sharding, with transformers' own checkpointing (torch's
+        # non-reentrant checkpoint). Not accelerate's fsdp2_apply_ac: its CheckpointWrapper puts
+        # `_checkpoint_wrapped_module` into every layer's parameter names, and the adapter saved from the gathered
+        # state lacked all 28 LoRA tensors of the tiny model's layers (tried; check_saved_weights stopped the run)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     is_layer = fsdp2_prepare_auto_wrap_policy(plugin, model) or (lambda module: False)
     for module in get_module_children_bottom_up(model)[:-1]:
         if is_layer(module):
@@ -159,6 +167,12 @@ def shard_tied_token_rows(trainer) -> None:
     for wrapper in wrappers:
         if wrapper.token_adapter.tied_adapter is not None:
             wrapper.register_state_dict_post_hook(_without_tied_copy)
+
+
+def fsdp_activation_checkpointing() -> bool:
+    """The accelerate config's fsdp_activation_checkpointing (FSDP's own, applied when the model is prepared)."""
+    return sharding() == "fsdp" and \
+        os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() in ("1", "true", "yes")
 
 
 def _without_tied_copy(module, state_dict, prefix, local_metadata) -> None:

@@ -38,6 +38,22 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
 
 
+def hub_offline() -> str:
+    """'HF_HUB_OFFLINE=1' (or the older TRANSFORMERS_OFFLINE) when the user's setting keeps huggingface_hub to its
+    cache, as the library reads it; else ''."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = os.environ.get(name, "").strip()
+        if value.upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{name}={value}"
+    return ""
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
 def _import_modelscope():
     for name, value in _MODELSCOPE_BOUNDS.items():
         os.environ.setdefault(name, str(value))
@@ -128,7 +144,11 @@ def download_model(model_id: str, allow_patterns: list[str]) -> str:
         print(f"downloading {model_id} from the Hugging Face Hub ...", flush=True)
         return _hub_snapshot(model_id, allow_patterns)
     except Exception as e:
-        errors.append(_one_line("the Hugging Face Hub", hub_endpoint(), what, e))
+        if hub_offline():  # the library looked in its cache only, and did not find it there
+            errors.append(f"the Hugging Face Hub was not asked: {hub_offline()} is set (offline mode), and its cache "
+                          f"({_hub_cache()}) has no {what}; unset {hub_offline().split('=')[0]} to download it")
+        else:
+            errors.append(_one_line("the Hugging Face Hub", hub_endpoint(), what, e))
     raise UserError(f"error: could not get {what}: " + "; ".join(errors)
                     + ". Check the spelling, or download it yourself and pass its folder: --model_path=/path/to/model")
 

@@ -5,20 +5,23 @@ run will hold is counted in the dtype it will have there: the frozen weights (4-
 state, or bf16), the trainable weights (LoRA, embedding rows, or all of them for train.py), the optimizer's
 states (bitsandbytes keeps 32-bit states for small tensors and for every nn.Embedding, 8-bit for the rest;
 torchao likewise), and the gradients. Those static parts are checked against the bytes of real tensors on CPU
-(tests/test_memory_estimate.py). Activations and logits are a formula from the longest packed micro-batch the
-data can give; they are not measured yet.
+(tests/test_memory_estimate.py). Activations and logits are formulas of the micro-batch's tokens, each checked
+against the memory really allocated on CPU, one loss or one layer at a time at Qwen3-1.7B's shapes
+(tests/test_memory_measured.py); not yet on a GPU. Two totals: the torch-visible peak (what torch's allocator
+holds) and the device total (plus a paged optimizer's states in CUDA managed memory, and the CUDA context).
 """
 import functools
 import json
 import math
 from dataclasses import dataclass, field
-from medsft.losses import EVAL_LOSS_CHUNK
+from medsft import losses
 
 GB = 1e9
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CUDA_CONTEXT_BYTES = int(0.5 * GB)  # CUDA context and allocator slack: outside torch's count, typically 0.3-0.6 GB
-TOKENS_MODE_COPIES = 3  # "tokens": the merged weight kept for lm_head's backward, its gradient, the embedding's gradient
+TOKENS_MODE_COPIES = 2  # "tokens", measured: the merged weight lm_head keeps for its backward, and its gradient
 BNB_MIN_8BIT_SIZE, OPTIMIZER_BLOCK = 4096, 256  # bitsandbytes and torchao: smaller tensors keep 32-bit states
+PAGED_MIN_SIZE = 100_000  # bitsandbytes' paged optimizers page every state tensor of at least this many elements
 
 
 @dataclass
@@ -59,13 +62,26 @@ class Estimate:
     parts: dict  # name -> bytes, each counted in the peak
     alternatives: dict = field(default_factory=dict)  # name -> bytes of what the other setting would take
     notes: list = field(default_factory=list)
-    train_peak: int = 0
+    train_peak: int = 0  # device total of the training step: every part, paged states and CUDA context included
     eval_peak: int = 0
     eval_transient: int = 0
+    paged: int = 0  # of parts["optimizer"]: the states a paged optimizer keeps in CUDA managed memory
+    outside_torch: int = 0  # the paged states and the CUDA context: what torch's memory counters never see
+    typical: dict = field(default_factory=dict)  # the dry run's: "p50"/"p90" -> {tokens, torch_peak, device_total}
 
     @property
     def peak(self) -> int:
+        """The device total: what the whole GPU holds at the peak (torch-visible + paged states + CUDA context)."""
         return max(self.train_peak, self.eval_peak)
+
+    @property
+    def device_total(self) -> int:
+        return self.peak
+
+    @property
+    def torch_peak(self) -> int:
+        """The torch-visible peak: the figure to hold against torch.cuda.max_memory_reserved()."""
+        return self.peak - self.outside_torch
 
 
 def recipe_of(cfg) -> str:
@@ -135,21 +151,39 @@ def _bnb_8bit(optim: str) -> bool:
     return "8bit" in optim and optim not in ("adamw_torch_8bit",)
 
 
+def paged_state_bytes(optim: str, numel: int, embedding: bool) -> int:
+    """The part of one parameter's optimizer state that a paged bitsandbytes optimizer puts in CUDA managed memory
+    (get_state_buffer: every state tensor of at least 1e5 elements; the 8-bit absmax stay ordinary tensors).
+    torch's memory counters never see it; under memory pressure the driver moves it to host memory."""
+    if "paged" not in optim or numel < PAGED_MIN_SIZE:
+        return 0
+    states = 1 if "lion" in optim else 3 if "ademamix" in optim else 2
+    eight_bit = _bnb_8bit(optim) and not embedding and numel >= BNB_MIN_8BIT_SIZE
+    return states * numel * (1 if eight_bit else 4)
+
+
 def static_parts(config, cfg, layout: Layout, trained_rows: int | None = None) -> dict:
     """{weights, trainable, optimizer, gradients} in bytes, from the meta model and the settings."""
+    return _static(config, cfg, layout, trained_rows)[0]
+
+
+def _static(config, cfg, layout: Layout, trained_rows: int | None = None) -> tuple[dict, int]:
+    """(static_parts, bytes of the optimizer states a paged optimizer keeps in managed memory, on CUDA)."""
     params, buffers = tensor_table(config)
     hidden, vocab = config.hidden_size, config.vocab_size
     tied = bool(getattr(config, "tie_word_embeddings", False))
     embedding_modules = {"embed_tokens"} | (set() if tied else {"lm_head"})
-    weights = trainable = optimizer = gradients = 0
+    weights = trainable = optimizer = gradients = paged = 0
     states_32bit_shared = 0
     optim = cfg.OPTIM
 
     def add_trainable(numel, nbytes, embedding=False):
-        nonlocal trainable, optimizer, gradients
+        nonlocal trainable, optimizer, gradients, paged
         trainable += numel * nbytes
         gradients += numel * nbytes
         optimizer += optimizer_state_bytes(optim, numel, nbytes, embedding)
+        if layout.device == "cuda":  # on CPU bitsandbytes runs a paged optimizer unpaged
+            paged += paged_state_bytes(optim, numel, embedding)
 
     weights += 4 * sum(buffers)  # rotary inverse frequencies: fp32
     for name, numel, shape, linear in params:
@@ -179,44 +213,108 @@ def static_parts(config, cfg, layout: Layout, trained_rows: int | None = None) -
     if _bnb_8bit(optim):
         states_32bit_shared = 2 * 256 * 4  # bitsandbytes' two quantisation maps, shared by every parameter
     return {"weights": weights, "trainable": trainable, "optimizer": optimizer + states_32bit_shared,
-            "gradients": gradients}
+            "gradients": gradients}, paged
 
 
-def activation_bytes(config, cfg, layout: Layout, tokens: int, checkpointing: bool) -> int:
-    """Activations kept for the backward pass (a formula, not measured): every layer's, or with checkpointing
-    each layer's input plus one layer recomputed at a time."""
-    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+def layer_activation_bytes(config, cfg, layout: Layout) -> int:
+    """Bytes one decoder layer keeps for the backward pass, per token, besides its input: what autograd saves in
+    PyTorch's own kernels (transformers' Qwen3 layer, PEFT's LoRA, bitsandbytes' Linear4bit, under autocast on CUDA).
+
+    Measured on CPU at Qwen3-1.7B's layer shapes (tests/test_memory_measured.py). What decides the bytes:
+    - QLoRA's residual stream is fp32 (the widened norms and embedding output), and Linear4bit returns its input's
+      dtype, so q/k and gate/up come out fp32 and are kept in fp32. v1's layer (r=64, dropout 0.05) keeps 171 KB a
+      token with its input, measured, plus 5.0 MB of autocast's bf16 LoRA weight copies. We count that as it runs:
+      casting those outputs to bf16 would save about 43 KB a token (25%), but changes the numbers the model
+      computes, and its effect on the loss has not been measured;
+    - a frozen RMSNorm keeps only its fp32 input (the residual, for QLoRA) and one rsqrt a row;
+    - a frozen base weight keeps nothing of its input (bitsandbytes' 4-bit matmul, or a linear whose weight has no
+      gradient); the LoRA branch keeps its own: the dropout mask (1 byte on CUDA) and the dropout output, or, without
+      dropout, the input in the compute dtype (each target its own cast when the input is fp32);
+    - attention keeps q, k, v and its output in the compute dtype, and an fp32 log-sum-exp a head.
+    Liger's RMSNorm/RoPE/SwiGLU kernels keep somewhat less; they are not counted separately (the estimate errs high).
+    """
+    hidden, inter = config.hidden_size, config.intermediate_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     a, rs = layout.compute_bytes, layout.residual_bytes
     q, kv = heads * head_dim, kv_heads * head_dim
-    per_token = (2 * rs * hidden  # residual stream in, after attention
-                 + 2 * (4 * hidden + a * hidden)  # two RMSNorms: fp32 internals and output
-                 + a * (q + 2 * kv) + 2 * 4 * (q + kv) + a * (q + kv) + a * q  # q/k/v, q/k norms, rope, attention out
-                 + 4 * a * inter)  # gate, up, silu(gate), their product
-    lora = hasattr(cfg, "LORA_R")
-    if lora:
-        inputs = {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "o_proj": q, "gate_proj": hidden,
-                  "up_proj": hidden, "down_proj": inter}
-        targets = [t for t in cfg.TARGET_MODULES if t in inputs]
-        if cfg.LORA_DROPOUT > 0:  # each target's dropout makes its own copy of the input, and a mask
-            per_token += sum((a + 1) * inputs[t] for t in targets)
-        per_token += a * cfg.LORA_R * len(targets)
-    one_layer = tokens * per_token
+    full = layout.recipe == "full"
+    normed = rs  # a norm's output: the residual's dtype (QLoRA's norm weights are fp32, else the compute dtype)
+    # a projection's output: Linear4bit returns its input's dtype; a bf16 linear under autocast, the compute dtype
+    out = normed if layout.recipe == "qlora" else a
+    norm_copy = 0 if normed == 4 else 4  # RMSNorm works in fp32: a bf16 input is copied to fp32 and kept
+    per_token = (rs * hidden  # the residual after attention: the MLP norm's input
+                 + 4 * (2 + heads + kv_heads)  # each RMSNorm's rsqrt (input, post-attention, q and k norms)
+                 + 2 * norm_copy * hidden + norm_copy * (q + kv)
+                 + out * (q + kv)  # q and k, kept by their norms
+                 + a * (q + 2 * kv) + a * q + 4 * heads  # attention's inputs, output and log-sum-exp
+                 + 3 * out * inter)  # gate, silu(gate), up
+    if full:  # trained weights: every linear keeps its input, every norm its normalised output
+        # (o_proj's input is attention's output itself, whose layout makes the transpose free: counted above)
+        per_token += 2 * normed * hidden + out * inter + 2 * a * hidden + a * (q + kv)
+        return per_token
+    inputs = {"q_proj": ("attn", hidden, normed), "k_proj": ("attn", hidden, normed),
+              "v_proj": ("attn", hidden, normed), "o_proj": ("o", q, a), "gate_proj": ("mlp", hidden, normed),
+              "up_proj": ("mlp", hidden, normed), "down_proj": ("down", inter, out)}
+    kept_once = set()
+    for target in cfg.TARGET_MODULES:
+        if target not in inputs:
+            continue
+        group, width, dtype = inputs[target]
+        if cfg.LORA_DROPOUT > 0:  # the mask (bool on CUDA; the input's dtype on CPU) and the dropout output
+            per_token += ((1 if layout.device == "cuda" else dtype) + (a if layout.device == "cuda" else dtype)) * width
+        elif dtype != a:  # autocast casts the fp32 input for lora_A, once per target
+            per_token += a * width
+        elif group not in kept_once:  # lora_A keeps the input itself, shared by the targets that read it
+            kept_once.add(group)  # (o_proj's is attention's output, counted above)
+            per_token += a * width if group != "o" else 0
+        per_token += a * cfg.LORA_R  # lora_A's output, kept by lora_B
+    return per_token
+
+
+def lora_weight_casts(cfg, layout: Layout, params: list) -> int:
+    """Autocast's bf16 copies of one layer's fp32 LoRA weights, kept by their matmuls until the backward."""
+    if layout.device != "cuda" or not hasattr(cfg, "LORA_R"):
+        return 0
+    per_layer = sum(cfg.LORA_R * sum(shape) for name, _, shape, linear in params
+                    if linear and ".layers.0." in f".{name}." and name.rsplit(".", 2)[-2] in cfg.TARGET_MODULES)
+    return layout.compute_bytes * per_layer
+
+
+def activation_bytes(config, cfg, layout: Layout, tokens: int, checkpointing: bool) -> int:
+    """Activations kept for the backward pass: every layer's (layer_activation_bytes), or with checkpointing each
+    layer's input plus one layer recomputed at a time; and the final norm's and the lm_head's inputs."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    a, rs = layout.compute_bytes, layout.residual_bytes
+    params = tensor_table(config)[0]
+    casts = lora_weight_casts(cfg, layout, params)
+    one_layer = tokens * (rs * hidden + layer_activation_bytes(config, cfg, layout)) + casts
     head = tokens * hidden * (4 + a)  # the final norm and the lm_head input
+    # bitsandbytes dequantizes each 4-bit weight whole, in the compute dtype, for its matmul (forward and backward)
+    dequantized = a * max(numel for _, numel, _, linear in params if linear) if layout.recipe == "qlora" else 0
     if checkpointing:
-        return layers * tokens * hidden * rs + one_layer + head
-    return layers * one_layer + head
+        return layers * tokens * hidden * rs + one_layer + head + dequantized
+    return layers * one_layer + head + dequantized
 
 
 def logit_bytes(config, layout: Layout, tokens: int, liger: bool) -> int:
-    """The loss's logits: without Liger the whole [tokens, vocab] in the compute dtype, an fp32 copy and its
-    gradient; with Liger's fused linear cross-entropy one chunk of rows at a time, and the input's gradient."""
+    """The loss's logits. Without Liger, transformers' loss takes an fp32 copy of the [tokens, vocab] logits; its
+    backward then holds three fp32 [tokens, vocab] tensors at once: the saved log-softmax, the NLL gradient and the
+    log-softmax's gradient (measured: tests/test_memory_measured.py; the bf16 logits are gone by then). With Liger's
+    fused linear cross-entropy, one chunk of rows at a time, and the input's gradient."""
     vocab, hidden, a = config.vocab_size, config.hidden_size, layout.compute_bytes
     if not liger:
-        return tokens * vocab * (a + 4 + 4)
+        return tokens * vocab * 3 * 4
     chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / hidden)))))
     return chunk * vocab * (a + 4) + tokens * hidden * a
+
+
+def eval_logit_bytes(config, layout: Layout, positions: int) -> int:
+    """Evaluation's logits (medsft/losses.py): those of the trained positions in the compute dtype, then
+    EVAL_LOSS_CHUNK of them at a time as an fp32 copy and its log-softmax (measured as the loss above)."""
+    vocab, a = config.vocab_size, layout.compute_bytes
+    chunk = min(positions, losses.EVAL_LOSS_CHUNK)
+    return positions * vocab * a + chunk * vocab * max(a + 4, 4 + 4)
 
 
 def lm_head_trained(cfg, layout: Layout) -> bool:
@@ -228,7 +326,7 @@ def estimate_memory(config, cfg, device: str = "cuda", train_tokens: int = 0, ev
     """The estimate for one GPU (each DDP process holds the same): static parts, then the larger of the
     training step's and the evaluation's transient memory."""
     layout = Layout(device, recipe_of(cfg), 4 if getattr(cfg, "FP32_WEIGHTS", False) else 2)
-    static = static_parts(config, cfg, layout, trained_rows)
+    static, paged = _static(config, cfg, layout, trained_rows)
     liger = cfg.USE_LIGER_KERNEL and device == "cuda"
     checkpointing = cfg.GRADIENT_CHECKPOINTING
     vocab, hidden = config.vocab_size, config.hidden_size
@@ -241,8 +339,8 @@ def estimate_memory(config, cfg, device: str = "cuda", train_tokens: int = 0, ev
     if trained_rows:
         parts["merged rows"] = TOKENS_MODE_COPIES * vocab * hidden * layout.embedding_bytes
         notes.append(f"embedding_mode='tokens': PEFT builds the merged [{vocab:,} x {hidden:,}] weight on every "
-                     f"access; counted {TOKENS_MODE_COPIES} copies (the one lm_head keeps for backward and two "
-                     "gradients)")
+                     f"access; counted {TOKENS_MODE_COPIES} copies at once, as measured on CPU (the one lm_head "
+                     "keeps for its backward, and its gradient)")
     if liger and lm_head_trained(cfg, layout):
         # the gradient has the dtype of the weight Liger is handed: the merged copy ("tokens"), the fp32
         # trainable copy ("full"), or train.py's own weight
@@ -253,12 +351,11 @@ def estimate_memory(config, cfg, device: str = "cuda", train_tokens: int = 0, ev
         parts["cuda context"] = CUDA_CONTEXT_BYTES
     # evaluation: no gradients, no activations kept; the logits of the trained positions, then an fp32 copy
     # and the log-softmax of EVAL_LOSS_CHUNK of them at a time (and in "tokens" mode one merged weight)
-    eval_transient = eval_tokens * vocab * layout.compute_bytes \
-        + min(eval_tokens, EVAL_LOSS_CHUNK) * vocab * (layout.compute_bytes + 4 + 4) \
+    eval_transient = eval_logit_bytes(config, layout, eval_tokens) \
         + (vocab * hidden * layout.embedding_bytes if trained_rows else 0)
     common = static["weights"] + static["trainable"] + static["optimizer"] + parts.get("cuda context", 0)
     return Estimate(parts, alternatives, notes, train_peak=sum(parts.values()), eval_peak=common + eval_transient,
-                    eval_transient=eval_transient)
+                    eval_transient=eval_transient, paged=paged, outside_torch=paged + parts.get("cuda context", 0))
 
 
 def gpu_memory_budget(setting: float) -> float:
@@ -332,110 +429,8 @@ def batch_tokens(lengths: tuple[list[int], list[int]], cfg) -> tuple[int, int]:
     return train, evaluation
 
 
-def _with(cfg, **changes):
-    from medsft.settings import Settings
+def print_memory_estimate(model_path: str, cfg, data):
+    """The dry run's report: medsft/memory_report.py."""
+    from medsft.memory_report import print_memory_estimate as report
 
-    return Settings(**{**vars(cfg), **changes})
-
-
-def fixes(cfg) -> list[tuple[str, dict]]:
-    """Settings that lower the peak, in the order to try them: the cheapest in speed and quality first."""
-    options = []
-    if not cfg.USE_LIGER_KERNEL:
-        options.append(("--use_liger_kernel=True", {"USE_LIGER_KERNEL": True}))
-    if not cfg.GRADIENT_CHECKPOINTING:
-        options.append(("--gradient_checkpointing=True", {"GRADIENT_CHECKPOINTING": True}))
-    if getattr(cfg, "EMBEDDING_MODE", None) == "full" and cfg.MODULES_TO_SAVE:
-        options.append(("--embedding_mode=tokens", {"EMBEDDING_MODE": "tokens"}))
-    if hasattr(cfg, "LORA_R") and not cfg.LOAD_IN_4BIT:
-        options.append(("--load_in_4bit=True", {"LOAD_IN_4BIT": True}))
-    batch, accumulation = cfg.BATCH_SIZE, cfg.GRADIENT_ACCUMULATION
-    while batch > 1:
-        batch, accumulation = batch // 2, accumulation * 2
-        options.append((f"--batch_size={batch} --gradient_accumulation={accumulation}",
-                        {"BATCH_SIZE": batch, "GRADIENT_ACCUMULATION": accumulation}))
-    size = cfg.EVAL_BATCH_SIZE
-    while size > 1:
-        size //= 2
-        options.append((f"--eval_batch_size={size}", {"EVAL_BATCH_SIZE": size}))
-    return options
-
-
-def print_memory_estimate(model_path: str, cfg, data) -> Estimate:
-    """The dry run's answer to "will it fit?", for one CUDA GPU, and the first setting to change if not."""
-    from transformers import AutoConfig
-
-    from medsft.training import trained_token_indices
-
-    config = AutoConfig.from_pretrained(model_path)
-    budget = gpu_memory_budget(getattr(cfg, "GPU_MEMORY_GB", 0))
-    tokens_mode = hasattr(cfg, "EMBEDDING_MODE") and bool(cfg.MODULES_TO_SAVE)
-    # the rows "tokens" would train (counted once: v3 tokenises every question masked), also for a "full" run
-    token_rows = len(trained_token_indices(data, _with(cfg, EMBEDDING_MODE="tokens"))) if tokens_mode else None
-    rows = token_rows if getattr(cfg, "EMBEDDING_MODE", None) == "tokens" else None
-
-    lengths = example_lengths(data)
-
-    def estimate(settings):
-        train, evaluation = batch_tokens(lengths, settings)
-        trained = token_rows if getattr(settings, "EMBEDDING_MODE", None) == "tokens" else None
-        return estimate_memory(config, settings, "cuda", train, evaluation, trained), train, evaluation
-
-    result, train, evaluation = estimate(cfg)
-    recipe = {"qlora": "QLoRA (4-bit NF4 base, fp32 LoRA)", "bf16_lora": "LoRA on a bf16 base",
-              "full": f"full fine-tuning ({'fp32' if getattr(cfg, 'FP32_WEIGHTS', False) else 'bf16'} weights)"}
-    parameters = sum(numel for _, numel, _, _ in tensor_table(config)[0])
-    print("==== will it fit? estimated peak memory of one CUDA GPU (bf16 compute), before any weight loads ====")
-    print(f"{getattr(config, 'model_type', 'model')}: {parameters:,} parameters, {config.num_hidden_layers} layers, "
-          f"hidden {config.hidden_size:,}, vocabulary {config.vocab_size:,}; {recipe[recipe_of(cfg)]}, "
-          f"optim {cfg.OPTIM}")
-    print(f"longest micro-batch the data can give: {train:,} tokens ({cfg.BATCH_SIZE} longest examples, "
-          f"{'packed' if cfg.PACKING else 'padded'}); longest eval micro-batch: {evaluation:,} trained positions")
-    gb = lambda n: f"{n / GB:6.2f} GB"  # noqa: E731
-    parts, other = result.parts, result.alternatives
-    checkpointing = "on" if cfg.GRADIENT_CHECKPOINTING else "off"
-    liger = "Liger fused loss" if cfg.USE_LIGER_KERNEL else "full logits, --use_liger_kernel=False"
-    lines = [
-        ("weights (frozen)" if recipe_of(cfg) != "full" else "weights (frozen buffers)", parts["weights"], ""),
-        ("adapter and trainable rows" if recipe_of(cfg) != "full" else "trained weights", parts["trainable"],
-         f"{rows:,} embedding rows" if rows else ""),
-        ("optimizer states", parts["optimizer"],
-         "32-bit states for the embedding: bitsandbytes" if "8bit" in cfg.OPTIM and cfg.OPTIM != "adamw_torch_8bit"
-         and getattr(cfg, "EMBEDDING_MODE", None) == "full" and cfg.MODULES_TO_SAVE else ""),
-        ("gradients", parts["gradients"], ""),
-        (f"activations (checkpointing {checkpointing})", parts["activations"],
-         f"{'off' if cfg.GRADIENT_CHECKPOINTING else 'on'}: {other['activations'] / GB:.2f} GB"),
-        (f"logits ({liger})", parts["logits"],
-         f"{'without' if cfg.USE_LIGER_KERNEL else 'with'} Liger: {other['logits'] / GB:.2f} GB"),
-    ]
-    if "merged rows" in parts:
-        lines.append(("merged embedding copies (tokens mode)", parts["merged rows"], f"{TOKENS_MODE_COPIES} x vocab x hidden"))
-    if "liger lm_head grad" in parts:
-        lines.append(("Liger's lm_head gradient", parts["liger lm_head grad"], "vocab x hidden"))
-    lines += [("CUDA context", parts["cuda context"], "outside torch's count"),
-              ("training step peak", result.train_peak, ""),
-              ("evaluation peak", result.eval_peak, "no gradients; logits of the trained positions")]
-    for name, value, note in lines:
-        print(f"  {name:<48} {gb(value)}" + (f"   ({note})" if note else ""))
-    for note in result.notes:
-        print(f"  note: {note}")
-    verdict = "fits" if result.peak <= budget * GB else "does NOT fit"
-    print(f"estimated peak {result.peak / GB:.2f} GB of {budget:.1f} GB (gpu_memory_gb): {verdict}. Weights, "
-          "optimizer states and gradients are counted exactly; activations and logits are a formula, not measured")
-    if result.peak > budget * GB:
-        chosen, settings = [], cfg
-        for flag, change in fixes(cfg):
-            settings = _with(settings, **change)
-            chosen.append(flag)
-            after, _, _ = estimate(settings)
-            if after.peak <= budget * GB:
-                print(f"to fit, change first: {chosen[0]}"
-                      + (f"; then {', '.join(chosen[1:])}" if len(chosen) > 1 else "")
-                      + f" (estimated {after.peak / GB:.2f} GB)")
-                break
-        else:
-            advice = ("use train_lora.py (QLoRA), or a smaller model" if recipe_of(cfg) == "full"
-                      else "lower --max_length, or use a smaller model")
-            print(f"even with {', '.join(chosen) or 'the current settings'} it does not fit: {advice}")
-    print("====", flush=True)
-    return result
+    return report(model_path, cfg, data)

@@ -49,6 +49,9 @@ def load_tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if not tokenizer.chat_template:  # a base model's folder: transformers would stop with a ValueError later
+        raise UserError(f"error: the tokenizer in {model_path} has no chat template; pass a folder whose tokenizer "
+                        "has Qwen3's chat template (e.g. Qwen/Qwen3-1.7B)")
     prompt, reply = render_training_text(tokenizer, "问", "想", "答")
     expected = tokenizer.apply_chat_template(build_messages("问", reply=format_reply("想", "答")), tokenize=False)
     if prompt + reply != expected or "<think>" not in tokenizer.get_vocab():

@@ -211,6 +211,19 @@ class LoggingCallback(TrainerCallback):
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.device_used_max = None  # GiB the whole GPU holds (torch.cuda.mem_get_info), the most seen at a log
+
+    def sample_device_memory(self) -> float | None:
+        """Device-wide used memory on CUDA: torch's own, plus what its counters never see (a paged optimizer's
+        managed memory, the CUDA context; and any other process on that GPU)."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, total = torch.cuda.mem_get_info()
+        used = round((total - free) / 2**30, 3)
+        self.device_used_max = max(self.device_used_max or 0.0, used)
+        return used
 
     def truncate_after(self, step: int) -> None:
         """Keep the records up to `step` (a torn last line from a kill is dropped too)."""
@@ -233,6 +246,9 @@ class LoggingCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
+        used = self.sample_device_memory()
+        if used is not None:
+            record["gpu_device_used_gib"] = used
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with interrupts_held(), self.path.open("a", encoding="utf-8") as f:  # a Ctrl-C waits for the whole line
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

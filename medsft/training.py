@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from medsft.chat_format import split_conversation
-from medsft.distributed import (check_sharding_is_on, is_main_process, launch_problems, optimizer_for_launcher,
-                                shard_tied_token_rows, sharding, use_liger_kernel, world_size)
+from medsft.distributed import (check_sharding_is_on, fsdp_activation_checkpointing, is_main_process, launch_problems,
+                                optimizer_for_launcher, shard_tied_token_rows, sharding, use_liger_kernel, world_size)
 from medsft.errors import UserError, exit_on_interrupt
 from medsft.records import read_jsonl, write_files_atomically
 from medsft.resume import last_complete_checkpoint, remove_incomplete_checkpoints
@@ -92,6 +92,10 @@ def _lora_problems(cfg) -> list[str]:
         # skips accelerate's loading of a bf16 model from rank 0 (the other ranks hold empty weights until then)
         problems.append("embedding_mode 'tokens' under FSDP needs load_in_4bit=True (QLoRA); pass "
                         "--embedding_mode=full for a bf16 LoRA (or launch with DDP or DeepSpeed)")
+    if fsdp_activation_checkpointing() and cfg.GRADIENT_CHECKPOINTING:
+        # the Trainer refuses both (a ValueError): FSDP's own checkpointing does the recomputing
+        problems.append("the accelerate config sets fsdp_activation_checkpointing: true, which recomputes the "
+                        "activations itself; pass --gradient_checkpointing=False with it")
     if not getattr(cfg, "EMBEDDING_LEARNING_RATE", 1) > 0:
         problems.append(f"embedding_learning_rate must be positive, not {cfg.EMBEDDING_LEARNING_RATE}")
     return problems
@@ -383,7 +387,7 @@ def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
     """final/ (the best adapter, tokenizer, settings), summary.json and loss.png in OUTPUT_DIR (main process)."""
     import torch
 
-    from medsft.trainer import check_saved_weights
+    from medsft.trainer import LoggingCallback, check_saved_weights
 
     out = Path(cfg.OUTPUT_DIR)
     best = trainer.restore_best()
@@ -400,6 +404,9 @@ def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
         "processes": trainer.args.world_size, "sharding": sharding() or ("ddp" if trainer.args.world_size > 1 else None),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+        # device-wide (mem_get_info at each logging step): with a paged optimizer's states and the CUDA context
+        "peak_gpu_device_used_gib": max((c.device_used_max for c in trainer.callback_handler.callbacks
+                                         if isinstance(c, LoggingCallback) and c.device_used_max), default=None),
         "trainable_params": getattr(trainer.model, "trainable_params", None),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "model_path": cfg.MODEL_PATH, "final_dir": str(final),

@@ -35,6 +35,8 @@ def test_qlora_run_on_cuda_records_peak_memory(tiny_model_dir, sample_data_dir, 
                      *FAST_TRAINING])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["device"] != "cpu" and summary["peak_gpu_mem_gib"] > 0 and summary["peak_gpu_reserved_gib"] > 0
+    # device-wide (mem_get_info): torch's reserved memory, the CUDA context and bitsandbytes' paged states
+    assert summary["peak_gpu_device_used_gib"] > summary["peak_gpu_reserved_gib"]
     assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["best_val_loss"])
 
 

@@ -52,9 +52,11 @@ def standin(tiny_model_dir):
 
 def run(args, standin, cache, settings=None, **popen):
     """A script in a fresh process, with the SDKs' settings pointing at the stand-in and a cache under `cache`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELSCOPE_", "HF_"))}  # none of the caller's
+    # none of the caller's: an offline cluster's HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1, which huggingface_hub
+    # reads too) would keep the Hub to its cache; these tests go online unless a test says otherwise
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELSCOPE_", "HF_", "TRANSFORMERS_OFFLINE"))}
     env |= {**standin.env(), "MODELSCOPE_CACHE": str(cache / "modelscope"), "HF_HOME": str(cache / "hf"),
-            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(settings or {})}
+            "HF_HUB_OFFLINE": "0", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(settings or {})}
     env = {k: v for k, v in env.items() if v is not None}
     command = [sys.executable, *args]
     if popen:
@@ -131,6 +133,16 @@ def test_a_model_id_downloads_only_what_training_needs_from_modelscope_then_the_
     assert log[0]["path"] == "/api/v1/models/Qwen/TinyOnHubOnly/repo/files" and log[0]["status"] == 404
     fetched = {r["path"].rsplit("/", 1)[-1] for r in log if "/resolve/" in r["path"] and r["method"] == "GET"}
     assert fetched == TRAINING_FILES
+
+
+def test_hf_hub_offline_is_named_when_it_kept_the_hub_to_an_empty_cache(standin, tmp_path):
+    start = len(standin.log)
+    result = run(["-c", RESOLVE, "Qwen/TinyOnHubOnly"], standin, tmp_path, {"HF_HUB_OFFLINE": "1"})
+    line = error_line(result)
+    assert "ModelScope" in line and "has no model 'Qwen/TinyOnHubOnly'" in line  # asked, and it has none
+    assert "the Hugging Face Hub was not asked: HF_HUB_OFFLINE=1 is set (offline mode)" in line
+    assert "unset HF_HUB_OFFLINE to download it" in line
+    assert not [r for r in standin.log[start:] if r["path"].startswith("/api/models/")]  # the Hub was not asked
 
 
 def test_an_unanswering_modelscope_ends_in_one_line_after_bounded_tries(tmp_path):

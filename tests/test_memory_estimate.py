@@ -90,7 +90,8 @@ def test_dry_run_on_a_config_only_qwen3_1_7b_folder_estimates_v1_and_train_py(qw
     assert estimate.parts["trainable"] == 69_730_304 * 4  # v1's LoRA in fp32 (tests/test_training.py's count)
     assert estimate.parts["weights"] == pytest.approx(1.35 * GB, rel=0.01)  # NF4 layers + bf16 embedding + norms
     for line in ("weights (frozen)", "optimizer states", "gradients", "activations (checkpointing on)",
-                 "(off: ", "logits (Liger fused loss)", "(without Liger: ", "evaluation peak"):
+                 "(off: ", "logits (Liger fused loss)", "(without Liger: ", "evaluation step", "torch-visible peak",
+                 "paged optimizer states", "device total", "typical micro-batch p50"):
         assert line in out
 
     estimate, out = dry_run(train, qwen3_1_7b_config_only, short_data_dir, tmp_path, capsys)
@@ -110,7 +111,17 @@ def test_over_budget_names_the_setting_to_change_first(qwen3_1_7b_config_only, s
         return result, capsys.readouterr().out
 
     full, out = estimate("--embedding_mode=full", "--use_liger_kernel=False", "--gpu_memory_gb=7")
-    print(out)
+    print(out)  # the device total is over 7 GB only by the paged states: they spill to host memory
+    assert full.device_total > 7 * GB > full.device_total - full.paged and full.paged > 2.4 * GB
+    assert "fits, but the paged optimizer states (2.62 GB) spill to host memory: slower steps, not an out-of-memory" \
+        in out and "to fit" not in out
+    # the seeds' v2 settings: the typical micro-batches' figures beside the worst case's (README, "The seeds' 14.2 GB")
+    for name in ("p50", "p90"):
+        typical = full.typical[name]
+        assert 0 < typical["tokens"] <= 291 and typical["torch_peak"] < typical["device_total"] <= full.device_total
+        assert f"typical micro-batch {name}, {typical['tokens']:,} tokens: torch-visible " \
+               f"{typical['torch_peak'] / GB:.2f} GB, device total {typical['device_total'] / GB:.2f} GB" in out
+    full, out = estimate("--embedding_mode=full", "--use_liger_kernel=False", "--gpu_memory_gb=5.5")
     assert "logits (full logits, --use_liger_kernel=False)" in out and "does NOT fit" in out
     assert "to fit, change first: --use_liger_kernel=True" in out
     assert "32-bit states for the embedding" in out
@@ -151,35 +162,50 @@ def test_the_default_install_brings_liger_on_linux():
 
 README_TOKENS = 4 * 2048  # a training micro-batch of 4 x MAX_LENGTH packed: the most the defaults allow
 README_EVAL_POSITIONS = 4 * 1443  # an eval micro-batch of 4 p99-long examples, every position trained (an upper bound)
+SEEDS_TYPICAL = {"4 median examples (4 × 763)": 4 * 763, "4 p90 examples (4 × 996)": 4 * 996,
+                 "worst case (4 × 2,048)": README_TOKENS}  # the dataset's example lengths (README, "The dataset")
+
+
+def _qwen3_1_7b():
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**{k: v for k, v in QWEN3_1_7B.items() if k not in ("architectures", "model_type")})
 
 
 def readme_memory_table() -> str:
-    """The README's table, from the estimator: Qwen3-1.7B on one CUDA GPU, every recipe with its defaults."""
-    from transformers import Qwen3Config
-
-    config = Qwen3Config(**{k: v for k, v in QWEN3_1_7B.items() if k not in ("architectures", "model_type")})
+    """The README's tables, from the estimator: Qwen3-1.7B on one CUDA GPU, every recipe with its defaults; then
+    the seeds' v2 settings at typical and worst-case micro-batches."""
+    config = _qwen3_1_7b()
     recipes = {"v1": (train_lora, []), "v2/v3 (`tokens`)": (train_lora2, []),
                "v2/v3 (`full`)": (train_lora2, ["--embedding_mode=full"]),
                "bf16 LoRA": (train_lora, ["--load_in_4bit=False"]), "`train.py`": (train, [])}
-    rows = {name: [] for name in ("weights (frozen)", "adapter / trained weights", "optimizer states", "gradients",
-                                  "activations (checkpointing)", "logits (Liger)", "logits without Liger",
-                                  "merged embedding copies / Liger's lm_head gradient", "CUDA context",
-                                  "**training step peak**", "evaluation peak")}
+    rows = {name: [] for name in ("weights (frozen)", "adapter / trained weights",
+                                  "optimizer states (torch-visible)", "gradients", "activations (checkpointing)",
+                                  "logits (Liger)", "logits without Liger",
+                                  "merged embedding copies / Liger's lm_head gradient",
+                                  "**torch-visible peak** (training step)", "paged optimizer states",
+                                  "CUDA context", "**device total** (training step)", "evaluation, device total")}
     for script, extra in recipes.values():
         cfg = parse_settings(vars(script), extra)
         rows_trained = 10_000 if script is train_lora2 and not extra else None  # assumed; the dry run counts the data's
         e = estimate_memory(config, cfg, "cuda", README_TOKENS, README_EVAL_POSITIONS, rows_trained)
         off = estimate_memory(config, parse_settings(vars(script), [*extra, "--use_liger_kernel=False"]), "cuda",
                               README_TOKENS, README_EVAL_POSITIONS, rows_trained)
-        values = [e.parts["weights"], e.parts["trainable"], e.parts["optimizer"], e.parts["gradients"],
+        values = [e.parts["weights"], e.parts["trainable"], e.parts["optimizer"] - e.paged, e.parts["gradients"],
                   e.parts["activations"], e.parts["logits"], off.parts["logits"],
-                  e.parts.get("merged rows", 0) + e.parts.get("liger lm_head grad", 0), e.parts["cuda context"],
-                  e.train_peak, e.eval_peak]
+                  e.parts.get("merged rows", 0) + e.parts.get("liger lm_head grad", 0),
+                  e.train_peak - e.outside_torch, e.paged, e.parts["cuda context"], e.train_peak, e.eval_peak]
         for name, value in zip(rows, values):
             rows[name].append(f"{value / GB:.2f}")
     lines = ["| GB, estimated | " + " | ".join(recipes) + " |", "|---" * (len(recipes) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"**{v}**" if name.startswith("**") else v for v in values) + " |"
               for name, values in rows.items()]
+    seeds = parse_settings(vars(train_lora2), ["--embedding_mode=full", "--use_liger_kernel=False"])
+    lines += ["", "| seeds' v2 settings, GB, estimated | micro-batch tokens | torch-visible peak | device total |",
+              "|---|---|---|---|"]
+    for name, tokens in SEEDS_TYPICAL.items():
+        e = estimate_memory(config, seeds, "cuda", tokens, README_EVAL_POSITIONS)
+        lines.append(f"| {name} | {tokens:,} | {e.torch_peak / GB:.2f} | {e.device_total / GB:.2f} |")
     return "\n".join(lines)
 
 

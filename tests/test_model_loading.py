@@ -76,3 +76,23 @@ def test_the_cpu_warning_names_nf4_only_when_loading_in_4_bit(monkeypatch, capsy
     four_bit, plain = capsys.readouterr().out.splitlines()
     assert "no CUDA GPU found" in four_bit and "NF4" in four_bit
     assert "no CUDA GPU found" in plain and "NF4" not in plain and "float32" in plain
+
+
+def test_a_base_model_folder_without_a_chat_template_gets_one_line(tiny_model_dir, sample_data_dir, tmp_path):
+    """A base model's folder: its tokenizer has no chat template (transformers would end in a ValueError)."""
+    import json
+    import shutil
+
+    import train_lora
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base, ignore=shutil.ignore_patterns("*.safetensors", "chat_template.jinja"))
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as e:
+        train_lora.main([f"--model_path={base}", f"--data_dir={sample_data_dir}", f"--output_dir={tmp_path / 'out'}",
+                         "--dry_run=True"])
+    assert str(e.value) == (f"error: the tokenizer in {base} has no chat template; pass a folder whose tokenizer has "
+                            "Qwen3's chat template (e.g. Qwen/Qwen3-1.7B)")
+    assert not (tmp_path / "out").exists()
