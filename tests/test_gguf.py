@@ -142,3 +142,20 @@ def test_only_the_converter_is_unpacked_from_the_sdist_with_its_llama_cpp_commit
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "COMMIT", "LICENSE", "conversion/qwen.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
     assert gguf_export.converter_commit(out) == "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+
+
+def test_merge_help_lists_exactly_the_settings_block_each_with_a_one_line_comment(capsys):
+    """Names imported into merge_lora.py (MERGE_TARGETS once) must not show up as settings."""
+    from tests.conftest import ROOT
+
+    with pytest.raises(SystemExit) as exit_:
+        merge_lora.main(["--help"])
+    assert exit_.value.code == 0
+    shown = [line.split("=")[0].strip()[2:] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("  --")]
+    block = (ROOT / "merge_lora.py").read_text(encoding="utf-8").split("# ----")[1].splitlines()
+    settings = [line for line in block if line[:1].isupper()]
+    assert shown == [line.split("=")[0].strip().lower() for line in settings]
+    assert "gguf" in shown and "llama_cpp" in shown and "merge_targets" not in shown
+    assert all(" # " in line for line in settings)  # each with its comment on its own line, no continuation lines
+    assert not [line for line in block if line.strip().startswith("#") and not line.startswith("# ")]
