@@ -6,7 +6,7 @@
     python merge_lora.py --model_path=/models/Qwen3-1.7B --adapter_path=... --device=cpu   # a local base, no GPU
     python merge_lora.py --adapter_path=... --output_dir=... --merge_into=dequantized_nf4   # the base QLoRA trained on
     python merge_lora.py --adapter_path=output/qwen3-1.7b-qlora-v3/final --gguf=q8_0   # + a checked GGUF for llama.cpp
-    python merge_lora.py --adapter_path=... --gguf=bf16 --llama_cpp=~/llama.cpp          # with your llama.cpp checkout
+    python merge_lora.py --adapter_path=... --gguf=bf16 --llama_cpp=llama.cpp           # with your llama.cpp checkout
     python inference_lora.py --model_path=output/qwen3-1.7b-medical-v3 --adapter_path= -q "什么是高血压？"
 
 The base loads in bf16 (or, with MERGE_INTO="dequantized_nf4", as the NF4 weights a QLoRA adapter trained
@@ -75,8 +75,7 @@ def main(argv=None):
         cfg.DEVICE not in ("auto", "cpu", "cuda") and f"device must be 'auto', 'cpu' or 'cuda', not {cfg.DEVICE!r}",
         cfg.DEVICE == "cuda" and not _cuda() and "device is 'cuda' but there is no CUDA GPU",
         cfg.MERGE_INTO not in model_export.MERGE_TARGETS and f"merge_into must be one of "
-        f"{', '.join(model_export.MERGE_TARGETS)}, not "
-        f"{cfg.MERGE_INTO!r}",
+        f"{', '.join(model_export.MERGE_TARGETS)}, not {cfg.MERGE_INTO!r}",
         cfg.MERGE_INTO == "dequantized_nf4" and trained.get("LOAD_IN_4BIT") is False and f"merge_into is "
         f"'dequantized_nf4' but {cfg.ADAPTER_PATH} was trained on a bf16 base (load_in_4bit False); merge it into bf16",
         cfg.MEASURE_EXAMPLES < -1 and f"measure_examples must be -1 (auto), 0 (none) or more, not "

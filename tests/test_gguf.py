@@ -87,8 +87,7 @@ def test_the_merged_tokenizer_is_in_the_form_transformers_4_reads(gguf_merges, t
         == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
 
 
-def test_a_gguf_with_one_tensor_changed_fails_the_logit_check_and_nothing_is_written(adapter, gguf_merges, tmp_path,
-                                                                                    monkeypatch):
+def test_a_gguf_with_one_tensor_changed_fails_the_logit_check_and_nothing_is_written(adapter, tmp_path, monkeypatch):
     """The embedding rows shifted by one (every token id read as its neighbour): the file converts, its template
     and tokens are right, and only the logits show it."""
     from gguf import GGUFReader
@@ -111,7 +110,7 @@ def test_a_gguf_with_one_tensor_changed_fails_the_logit_check_and_nothing_is_wri
     assert list(tmp_path.iterdir()) == []  # neither a GGUF nor the merged folder, nor a temporary one
 
 
-def test_gguf_settings_are_checked_before_any_model_loads(adapter, gguf_merges, tmp_path):
+def test_gguf_settings_are_checked_before_any_model_loads(adapter, tmp_path):
     def refused(*argv):
         with pytest.raises(UserError) as e:
             merge_lora.main([f"--adapter_path={adapter}", f"--output_dir={tmp_path / 'model'}", *argv])
