@@ -87,27 +87,35 @@ def test_the_merged_tokenizer_is_in_the_form_transformers_4_reads(gguf_merges, t
         == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
 
 
-def test_a_gguf_with_one_tensor_changed_fails_the_logit_check_and_nothing_is_written(adapter, tmp_path, monkeypatch):
-    """The embedding rows shifted by one (every token id read as its neighbour): the file converts, its template
-    and tokens are right, and only the logits show it."""
-    from gguf import GGUFReader
+def test_a_gguf_with_one_tensor_changed_fails_the_logit_check_in_one_line_and_is_not_kept(gguf_merges, tmp_path,
+                                                                                          monkeypatch):
+    """The converter's Q8_0 file with its embedding rows shifted by one (every token id read as its neighbour): its
+    template and tokens are right, and only the logits show it. merge_lora.py runs this step inside staged_gguf."""
+    import shutil
 
-    convert = gguf_export.convert
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from medsft.model_export import check_examples
+
+    folder, _ = gguf_merges["q8_0"]
+    exported = folder.parent / "model-Q8_0.gguf"
 
     def convert_then_shift_the_embedding(folder, outfile, *args):
-        convert(folder, outfile, *args)
+        shutil.copyfile(exported, outfile)  # what the converter wrote for this folder, then one tensor changed
         tensor = next(t for t in GGUFReader(str(outfile), "r+").tensors if t.name == "token_embd.weight")
         tensor.data[:] = tensor.data[[-1, *range(len(tensor.data) - 1)]]
         tensor.data.flush()
 
     monkeypatch.setattr(gguf_export, "convert", convert_then_shift_the_embedding)
-    with pytest.raises(UserError) as e:
-        merge_lora.main([f"--adapter_path={adapter}", f"--output_dir={tmp_path / 'model'}", "--gguf=q8_0",
-                         "--measure_examples=0"])
+    examples, _ = check_examples(AutoTokenizer.from_pretrained(str(folder)), "", count=2, max_tokens=64)
+    final = tmp_path / "model-Q8_0.gguf"
+    with pytest.raises(UserError) as e, gguf_export.staged_gguf(final) as temp:
+        gguf_export.write_checked_gguf(folder, temp, final, "q8_0", gguf_export.find_converter(""), examples, "cpu")
     message = str(e.value)
     assert message.startswith("error: the GGUF failed its logits check: its logits differ from the merged folder's")
     assert "tolerance 2% for q8_0" in message and "\n" not in message
-    assert list(tmp_path.iterdir()) == []  # neither a GGUF nor the merged folder, nor a temporary one
+    assert list(tmp_path.iterdir()) == []  # no GGUF, not even under its temporary name
 
 
 def test_gguf_settings_are_checked_before_any_model_loads(adapter, tmp_path):
