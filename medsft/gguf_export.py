@@ -274,8 +274,12 @@ def _logit_check(reader, folder, gguf_type: str, examples, device: str) -> dict:
     problem = load_gguf_tensors(reader, model)
     tolerance = GGUF_TOLERANCE[gguf_type]
     scale = max(r.abs().max().item() for r in reference)
+    types = [t.tensor_type.name for t in reader.tensors]
     result = {"passed": False, "tolerance": tolerance, "max_abs_logit": scale, "examples": len(examples),
-              "tokens_compared": sum(len(ids) for ids in examples)}
+              "tokens_compared": sum(len(ids) for ids in examples),
+              "tensor_types": {name: types.count(name) for name in sorted(set(types))},
+              "embedding_type": next((t.tensor_type.name for t in reader.tensors if t.name == "token_embd.weight"),
+                                     None), "has_output_tensor": any(t.name == "output.weight" for t in reader.tensors)}
     if problem:
         return result | {"problem": problem}
     difference, same_top, positions = 0.0, 0, 0
