@@ -204,8 +204,9 @@ def write_checked_gguf(folder, outfile, final_path, gguf_type: str, converter: P
           f"{logits['top_token_agreement']}", flush=True)
     failed = [name for name, check in checks.items() if not check["passed"]]
     if failed:
-        raise UserError(f"error: the GGUF failed its {failed[0].replace('_', ' ')} check: {checks[failed[0]]['problem']}"
-                        "; no GGUF and no merged folder were written")
+        name = failed[0]
+        raise UserError(f"error: the GGUF failed its {name.replace('_', ' ')} check: {checks[name]['problem']}; "
+                        "no GGUF and no merged folder were written")
     return {"file": str(final_path), "type": GGUF_TYPES[gguf_type],
             "bytes": Path(outfile).stat().st_size, "converter": "llama.cpp convert_hf_to_gguf.py",
             "llama_cpp_commit": commit, "converter_source": str(converter), "checks": checks,
