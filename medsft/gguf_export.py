@@ -197,11 +197,12 @@ def write_checked_gguf(folder, outfile, final_path, gguf_type: str, converter: P
     convert(folder, outfile, gguf_type, converter, model_name)
     checks = check_gguf(outfile, folder, gguf_type, examples, device)
     logits = checks["logits"]
+    figures = (f"largest difference from the merged folder {logits['max_abs_logit_difference']:.4g} "
+               f"({100 * logits['relative_difference']:.3f}% of the largest logit; tolerance "
+               f"{100 * logits['tolerance']:g}%), top token the same at {logits['top_token_agreement']}"
+               if "max_abs_logit_difference" in logits else logits["problem"])
     print(f"GGUF check: chat template {_verdict(checks['chat_template'])}, tokens and special ids "
-          f"{_verdict(checks['tokens'])}; logits on {logits['examples']} examples: largest difference from the "
-          f"merged folder {logits['max_abs_logit_difference']:.4g} ({100 * logits['relative_difference']:.3f}% of "
-          f"the largest logit; tolerance {100 * logits['tolerance']:g}%), top token the same at "
-          f"{logits['top_token_agreement']}", flush=True)
+          f"{_verdict(checks['tokens'])}; logits on {logits['examples']} examples: {figures}", flush=True)
     failed = [name for name, check in checks.items() if not check["passed"]]
     if failed:
         name = failed[0]
