@@ -268,16 +268,30 @@ def thinking_generation_config(tokenizer, base_config=None):
 
 
 def save_model_files(folder, model, tokenizer, settings: dict | None = None, max_shard_size: str = "2GB") -> None:
-    """Weights as bf16 safetensors shards, config.json, generation_config.json, the tokenizer with its chat
-    template (chat_template.jinja) and, if given, settings.json."""
+    """Weights as bf16 safetensors (one model.safetensors up to max_shard_size, else shards and an index),
+    config.json, generation_config.json, the tokenizer with its chat template (chat_template.jinja) and, if
+    given, settings.json."""
     import torch
 
     model.to(torch.bfloat16)
     model.generation_config = thinking_generation_config(tokenizer, getattr(model, "generation_config", None))
     model.save_pretrained(str(folder), max_shard_size=max_shard_size, safe_serialization=True)
-    tokenizer.save_pretrained(str(folder))
+    save_tokenizer(folder, tokenizer)
     if settings is not None:
         write_json(Path(folder) / "settings.json", settings)
+
+
+def save_tokenizer(folder, tokenizer) -> None:
+    """tokenizer.save_pretrained, in the form transformers 4.x and 5.x (and llama.cpp's converter under either)
+    both read: transformers 5 writes the extra special tokens as an `extra_special_tokens` list, which 4.x takes
+    for a {name: token} dict and fails on ('list' object has no attribute 'keys'); Qwen3's own files, which both
+    read, name that list `additional_special_tokens`."""
+    tokenizer.save_pretrained(str(folder))
+    path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("extra_special_tokens"), list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+        write_json(path, config)
 
 
 @contextlib.contextmanager

@@ -346,7 +346,7 @@ def test_the_modelfile_uses_the_training_prompt_both_end_tokens_and_thinking_sam
     assert f'SYSTEM """{SYSTEM_PROMPT}"""' in text
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     for piece in ("<|im_start|>system\n{{ .System }}<|im_end|>\n", "<|im_start|>user\n{{ .Content }}<|im_end|>\n",
-                  "<|im_start|>assistant\n{{ end }}"):
+                  "<|im_start|>assistant\n{{ if and $.IsThinkSet (not $.Think) }}<think>\n\n</think>\n\n{{ end }}"):
         assert piece in template
 
 
@@ -421,46 +421,78 @@ import (
 	"text/template"
 )
 
-type Message struct{ Role, Content string }
+// the fields Ollama passes its templates (server/template: Values, api.Message)
+type Message struct{ Role, Content, Thinking string }
 type Values struct {
-	System   string
-	Messages []Message
+	System            string
+	Messages          []Message
+	Think, IsThinkSet bool
 }
 
 func main() {
 	source, _ := os.ReadFile(os.Args[1])
-	var values Values
-	if err := json.NewDecoder(os.Stdin).Decode(&values); err != nil {
+	tmpl := template.Must(template.New("t").Parse(string(source)))
+	var cases []Values
+	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
 		panic(err)
 	}
-	if err := template.Must(template.New("t").Parse(string(source))).Execute(os.Stdout, values); err != nil {
-		panic(err)
+	var rendered []string
+	for _, values := range cases {
+		var out bytes.Buffer
+		if err := tmpl.Execute(&out, values); err != nil {
+			panic(err)
+		}
+		rendered = append(rendered, out.String())
 	}
+	json.NewEncoder(os.Stdout).Encode(rendered)
 }
-"""
+""".replace('"encoding/json"', '"bytes"\n\t"encoding/json"')
+
+# (history as (question, think, answer), question, Ollama's think setting: None = not set, True, False)
+MODELFILE_CASES = [
+    ([], "胸痛持续了3天，需要立即就医吗？", None),
+    ([("糖尿病人可以吃水果吗？", "", "可以少量吃低糖水果。")], "那苹果呢？", None),
+    ([("糖尿病人可以吃水果吗？", "用户问糖尿病与水果。\n要看血糖控制。", "可以少量吃低糖水果。")], "那苹果呢？", None),
+    ([("糖尿病人可以吃水果吗？", "用户问糖尿病与水果。", "可以少量吃低糖水果。")], "那苹果呢？", True),
+    ([], "胸痛持续了3天，需要立即就医吗？", False),
+    ([("糖尿病人可以吃水果吗？", "用户问糖尿病与水果。", "可以少量吃低糖水果。")], "那苹果呢？", False),
+]
 
 
 @pytest.mark.skipif(shutil.which("go") is None, reason="needs Go (Ollama's templates are Go text/template)")
 def test_the_modelfile_template_renders_what_qwen3s_chat_template_renders(tokenizer, tmp_path):
-    """Go's text/template, which Ollama uses, on the template's data as Ollama passes it: .System and .Messages."""
+    """Go's text/template, which Ollama uses, on the data Ollama passes (.System, .Messages with each reply's think
+    apart in .Thinking, .Think and .IsThinkSet), against apply_chat_template on the same chat: earlier replies'
+    thinks dropped, and Ollama's think setting off rendered as enable_thinking=False."""
     import subprocess
 
-    from medsft.chat_format import SYSTEM_PROMPT, render_prompt
+    from medsft.chat_format import SYSTEM_PROMPT, format_reply
 
     text = (ROOT / "deploy" / "Modelfile").read_text(encoding="utf-8")
     (tmp_path / "template.txt").write_text(text.split('TEMPLATE """', 1)[1].split('"""', 1)[0], encoding="utf-8")
     (tmp_path / "render.go").write_text(GO_RENDER)
-    history = [("糖尿病人可以吃水果吗？", "可以少量吃低糖水果。")]
-    for past, question in (([], "胸痛持续了3天，需要立即就医吗？"), (history, "那苹果呢？")):
-        messages = [{"Role": "system", "Content": SYSTEM_PROMPT}]
-        for q, a in past:
-            messages += [{"Role": "user", "Content": q}, {"Role": "assistant", "Content": a}]
-        messages.append({"Role": "user", "Content": question})
-        rendered = subprocess.run(["go", "run", "render.go", "template.txt"], cwd=tmp_path, capture_output=True,
-                                  text=True, timeout=300, env={**os.environ, "GOCACHE": str(tmp_path / "cache")},
-                                  input=json.dumps({"System": SYSTEM_PROMPT, "Messages": messages}))
-        assert rendered.returncode == 0, rendered.stderr
-        assert rendered.stdout == render_prompt(tokenizer, question, SYSTEM_PROMPT, past)
+    cases, expected = [], []
+    for history, question, think in MODELFILE_CASES:
+        ollama = [{"Role": "system", "Content": SYSTEM_PROMPT}]
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+        for q, t, a in history:
+            ollama += [{"Role": "user", "Content": q}, {"Role": "assistant", "Content": a, "Thinking": t}]
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": format_reply(t, a)}]
+        ollama.append({"Role": "user", "Content": question})
+        messages.append({"role": "user", "content": question})
+        cases.append({"System": SYSTEM_PROMPT, "Messages": ollama, "Think": bool(think), "IsThinkSet": think is not None})
+        expected.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                      enable_thinking=think is not False))
+    rendered = subprocess.run(["go", "run", "render.go", "template.txt"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "GOCACHE": str(tmp_path / "cache")},
+                              input=json.dumps(cases))
+    assert rendered.returncode == 0, rendered.stderr
+    outputs = json.loads(rendered.stdout)
+    for case, output, wanted in zip(MODELFILE_CASES, outputs, expected):
+        assert output == wanted, case
+    assert "用户问糖尿病与水果" not in outputs[2] and "用户问糖尿病与水果" in format_reply("用户问糖尿病与水果。", "")
+    assert outputs[4].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking off: the empty block
+    assert outputs[0].endswith("<|im_start|>assistant\n") and outputs[3] == outputs[2]  # on, or unset: the model thinks
 
 
 @gpu
