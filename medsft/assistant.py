@@ -23,6 +23,7 @@ from pathlib import Path
 
 from medsft.chat_format import SYSTEM_PROMPT, encode_prompt, format_reply, render_prompt, turn_thinks
 from medsft.errors import DataError, UserError, interrupts_held
+from medsft.model_loading import adapter_path_hint
 from medsft.generation import Reply, generate_from_prompts, prepare_for_generation
 from medsft.records import read_jsonl
 
@@ -120,10 +121,8 @@ def check_adapter_path(adapter_path) -> None:
         hint = "train one (python train_lora3.py), or pass --adapter_path= (empty) for the bare base model"
         raise UserError(f"error: adapter path {str(path)!r} not found; {hint}")
     if not (path / "adapter_config.json").is_file():
-        final = path / "final" / "adapter_config.json"
-        hint = f"; did you mean {path / 'final'}?" if final.is_file() else ""
         raise UserError(f"error: adapter path {str(path)!r} has no adapter_config.json, so it is not a LoRA "
-                        f"adapter{hint}")
+                        f"adapter{adapter_path_hint(path)}")
 
 
 def load_model(base_model_path: str, adapter_path=None, load_in_4bit: bool = False):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from medsft.chat_format import SYSTEM_PROMPT, render_training_text
 from medsft.errors import UserError
+from medsft.model_loading import adapter_path_hint
 from medsft.records import make_shareable, read_jsonl
 
 # Qwen3's thinking-mode sampling, written to generation_config.json so vLLM, SGLang and transformers use it
@@ -63,8 +64,8 @@ def adapter_problems(adapter_path) -> list[str]:
     if not path.exists():
         return [f"adapter_path {path} not found; name the adapter to merge (OUTPUT_DIR/final of a training run)"]
     if not (path / "adapter_config.json").is_file():
-        hint = f"; did you mean {path / 'final'}?" if (path / "final" / "adapter_config.json").is_file() else ""
-        return [f"adapter_path {path} has no adapter_config.json, so it is not a LoRA adapter{hint}"]
+        return [f"adapter_path {path} has no adapter_config.json, so it is not a LoRA adapter"
+                f"{adapter_path_hint(path, merging=True)}"]
     return []
 
 

@@ -44,6 +44,28 @@ def check_model_folder(folder: str, tokenizer_only: bool = False) -> str:
     return folder
 
 
+def run_folder_hint(path) -> str:
+    """"; did you mean RUN/final?" when `path` is a training run's folder (its adapter or model is in final/), else "".
+
+    The end of a "not an adapter / not a model" error, the same in every script that takes a trained model.
+    """
+    final = Path(path) / "final"
+    if (final / "adapter_config.json").is_file() or (final / "config.json").is_file():
+        return f"; did you mean {final}?"
+    return ""
+
+
+def adapter_path_hint(path, merging: bool = False) -> str:
+    """The end of a "not a LoRA adapter" error: the run folder's final/, or, for a base, merged or full model
+    folder, how to use it alone (`--model_path=X --adapter_path=`); "" when neither fits."""
+    hint = run_folder_hint(path)
+    if hint or not (Path(path) / "config.json").is_file():
+        return hint
+    if merging:
+        return f"; {path} is a whole model folder (base, merged or full), which has nothing to merge"
+    return f"; {path} is a whole model folder (base, merged or full): pass --model_path={path} --adapter_path="
+
+
 def load_tokenizer(model_path: str):
     """The model's tokenizer, checked to render our chat format as Qwen3 does."""
     from transformers import AutoTokenizer
