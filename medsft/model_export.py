@@ -120,8 +120,10 @@ def load_base_and_adapter(model_path: str, adapter_path, device: str, merge_into
     from transformers import AutoModelForCausalLM
 
     from medsft.assistant import attach_adapter
+    from medsft.distributed import import_deepspeed_only_when_launched
     from medsft.model_loading import load_base_model
 
+    import_deepspeed_only_when_launched()
     if merge_into == "dequantized_nf4":
         base = load_base_model(model_path, load_in_4bit=True)
         base.dequantize()  # every Linear4bit becomes an nn.Linear; the config loses its quantization_config

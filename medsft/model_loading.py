@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 from medsft.chat_format import build_messages, format_reply, render_training_text
-from medsft.distributed import check_zero3_partitioned, local_rank, sharding
+from medsft.distributed import check_zero3_partitioned, import_deepspeed_only_when_launched, local_rank, sharding
 from medsft.errors import UserError
 from medsft.hub_download import download_model
 
@@ -66,6 +66,15 @@ def adapter_path_hint(path, merging: bool = False) -> str:
     return f"; {path} is a whole model folder (base, merged or full): pass --model_path={path} --adapter_path="
 
 
+def report_folder(trained_path, data_dir) -> Path:
+    """Where a script's report goes by default: the training run's folder (beside final/) when `trained_path` is
+    a run's final/ or best/ (its parent holds the run's settings.json), else `data_dir`; never the working folder."""
+    trained = Path(trained_path) if trained_path else None
+    if trained is not None and trained.is_dir() and (trained.parent / "settings.json").is_file():
+        return trained.parent
+    return Path(data_dir)
+
+
 def load_tokenizer(model_path: str):
     """The model's tokenizer, checked to render our chat format as Qwen3 does."""
     from transformers import AutoTokenizer
@@ -99,6 +108,7 @@ def load_base_model(model_path: str, load_in_4bit: bool, attn_implementation: st
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    import_deepspeed_only_when_launched()
     kwargs = {"dtype": dtype or compute_dtype(), "attn_implementation": attn_implementation}
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
