@@ -66,7 +66,7 @@ NO_THINK_CHECK_TOKENS = 8                            # new tokens per reply: eno
 BATCH_SIZE = 8                                       # answers generated at once
 SEED = 42                                            # sampling seed
 # output
-REPORT_PATH = ""                                      # every number, as JSON (also printed as a table); "" =
+REPORT_PATH = ""                                     # every number, as JSON (also printed as a table); "" =
                                                      # eval_report.json in the run's folder (beside final/), else
                                                      # in DATA_DIR, or beside PREDICTIONS when only scoring them
 # -----------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from medsft.chat_format import SYSTEM_PROMPT, encode_prompt, format_reply, render_prompt, turn_thinks
 from medsft.errors import DataError, UserError, interrupts_held
-from medsft.model_loading import adapter_path_hint
 from medsft.generation import Reply, generate_from_prompts, prepare_for_generation
+from medsft.model_loading import adapter_path_hint
 from medsft.records import read_jsonl
 
 
