@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from medsft import chat_format
-from medsft.assistant import final_folder_hint
 from medsft.errors import UserError
+from medsft.model_loading import run_folder_hint
 from medsft.settings import check_settings, parse_settings, use_run_settings
 
 # -----------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def main(argv=None):
         cfg.FINETUNED_PATH and not finetuned.is_dir() and f"finetuned_path {finetuned}: no such folder (train one "
         "first, e.g. python train_lora3.py, or python demo.py for demo_output/train-v3/final)",
         finetuned.is_dir() and finetuned_kind(finetuned) is None and f"finetuned_path {finetuned}: neither an "
-        f"adapter (adapter_config.json) nor a model folder (config.json){final_folder_hint(finetuned)}",
+        f"adapter (adapter_config.json) nor a model folder (config.json){run_folder_hint(finetuned)}",
         *[f"exam_file {path}: no such file" for path in exam_files(cfg) if not Path(path).is_file()],
         cfg.EXAM_DIR and not Path(cfg.EXAM_DIR).is_dir() and f"exam_dir {cfg.EXAM_DIR}: no such folder",
         cfg.MAX_NEW_TOKENS < 1 and "max_new_tokens must be at least 1",

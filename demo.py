@@ -65,13 +65,20 @@ def main(argv=None):
           f"training run:     {train_dir}/ (summary.json, metrics.jsonl, loss.png)\n"
           f"trained adapter:  {adapter_dir}/\n"
           f"answer above:     {reply.finish_reason}, {reply.new_tokens} new tokens\n\n"
-          f"next, on the demo's adapter (its base, data and prompt come from the run):\n"
-          f"  python evaluate.py --adapter_path={adapter_dir}\n"
-          f"  python inference_lora.py --adapter_path={adapter_dir} -q \"{cfg.QUESTION}\"\n\n"
-          f"{_NOTICE}\nFor the real model: python data.py && python train_lora3.py && python inference_lora.py",
+          f"next, on the demo's adapter (its base, data and prompt come from the run; the tiny model never stops\n"
+          f"on its own, so each command keeps the demo's lengths):\n"
+          + "".join(f"  {command}\n" for command in follow_up_commands(cfg, adapter_dir))
+          + f"\n{_NOTICE}\nFor the real model: python data.py && python train_lora3.py && python inference_lora.py",
           flush=True)
     return {"data_dir": data_dir, "model_dir": model_dir, "train_dir": train_dir, "adapter_dir": adapter_dir,
             "reply": reply}
+
+
+def follow_up_commands(cfg, adapter_dir) -> list[str]:
+    """What to run next on the demo's adapter, with the demo's own lengths: the README shows the same commands."""
+    return [f"python evaluate.py --adapter_path={adapter_dir} --max_length={cfg.MAX_LENGTH}",
+            f"python inference_lora.py --adapter_path={adapter_dir} -q \"{cfg.QUESTION}\" "
+            f"--max_new_tokens={cfg.MAX_NEW_TOKENS}"]
 
 
 if __name__ == "__main__":

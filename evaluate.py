@@ -33,6 +33,7 @@ from pathlib import Path
 from medsft import chat_format
 from medsft.assistant import check_adapter_path
 from medsft.errors import Interrupted, UserError, exit_on_interrupt
+from medsft.model_loading import report_folder
 from medsft.records import read_jsonl, write_files_atomically
 from medsft.settings import check_settings, parse_settings, use_run_settings
 
@@ -65,7 +66,9 @@ NO_THINK_CHECK_TOKENS = 8                            # new tokens per reply: eno
 BATCH_SIZE = 8                                       # answers generated at once
 SEED = 42                                            # sampling seed
 # output
-REPORT_PATH = "eval_report.json"                     # every number, as JSON; also printed as a table
+REPORT_PATH = ""                                     # every number, as JSON (also printed as a table); "" =
+                                                     # eval_report.json in the run's folder (beside final/), else
+                                                     # in DATA_DIR, or beside PREDICTIONS when only scoring them
 # -----------------------------------------------------------------------------
 
 
@@ -77,10 +80,14 @@ def main(argv=None):
         print(f"note: load_in_4bit = False: {cfg.MODEL_PATH} is a whole trained model (merged or full), scored in "
               "bf16 as it ships")
         cfg.LOAD_IN_4BIT, cfg._origins["LOAD_IN_4BIT"] = False, "a whole trained model: bf16, as it ships"
-    cfg.print("evaluate.py settings")
     redteam, redteam_problem = redteam_choice(cfg)
     generating = cfg.GENERATE > 0 or redteam
     score_only = bool(cfg.PREDICTIONS) and not generating
+    if not cfg.REPORT_PATH:  # never the working folder
+        folder = Path(cfg.PREDICTIONS).parent if score_only else report_folder(
+            cfg.ADAPTER_PATH or (cfg.MODEL_PATH if run else ""), cfg.DATA_DIR)
+        cfg.REPORT_PATH, cfg._origins["REPORT_PATH"] = str(folder / "eval_report.json"), "default"
+    cfg.print("evaluate.py settings")
     report_path = Path(cfg.REPORT_PATH)
     check_settings([
         redteam_problem,

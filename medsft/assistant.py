@@ -24,6 +24,7 @@ from pathlib import Path
 from medsft.chat_format import SYSTEM_PROMPT, encode_prompt, format_reply, render_prompt, turn_thinks
 from medsft.errors import DataError, UserError, interrupts_held
 from medsft.generation import Reply, generate_from_prompts, prepare_for_generation
+from medsft.model_loading import adapter_path_hint
 from medsft.records import read_jsonl
 
 
@@ -114,13 +115,6 @@ def thinking_note(reply: Reply, question: str, history=(), thinking: bool = True
 # loading
 
 
-def final_folder_hint(path, holds=("adapter_config.json", "config.json")) -> str:
-    """"; did you mean RUN/final?" when `path` is a training run's folder whose final/ holds one of `holds` (an
-    adapter, or a whole model), else "": for every script that is given a run's OUTPUT_DIR instead of its final/."""
-    final = Path(path) / "final"
-    return f"; did you mean {final}?" if any((final / name).is_file() for name in holds) else ""
-
-
 def check_adapter_path(adapter_path) -> None:
     path = Path(adapter_path)
     if not path.exists():
@@ -128,7 +122,7 @@ def check_adapter_path(adapter_path) -> None:
         raise UserError(f"error: adapter path {str(path)!r} not found; {hint}")
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"error: adapter path {str(path)!r} has no adapter_config.json, so it is not a LoRA "
-                        f"adapter{final_folder_hint(path, holds=('adapter_config.json',))}")
+                        f"adapter{adapter_path_hint(path)}")
 
 
 def load_model(base_model_path: str, adapter_path=None, load_in_4bit: bool = False):

@@ -11,8 +11,8 @@ from pathlib import Path
 from medsft.chat_format import clean_think, normalise_text
 from medsft.errors import DataError, UserError
 from medsft.records import SUPPORTED_SUFFIXES, read_rows
-from medsft.schemas import (RowProblem, conversation, opening_question, reader_for, replies, single_turn,
-                            text_field)
+from medsft.schemas import (RowProblem, check_turn_keys, conversation, opening_question, reader_for, replies,
+                            single_turn, text_field)
 
 _NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
@@ -92,6 +92,7 @@ def read_source(paths: list[Path], on_bad_row: str, schema: str = "auto", mappin
         raws = read_rows(path)
         columns = set().union(*(raw.keys() for _, raw in raws))
         schemas[str(path)], reader = reader_for(path, columns, schema, mapping)
+        check_turn_keys(path, schemas[str(path)], raws)
         for number, raw in raws:
             try:
                 row, reason, message = reader(raw), None, None

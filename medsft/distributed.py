@@ -29,6 +29,29 @@ def sharding() -> str | None:
     return None
 
 
+def import_deepspeed_only_when_launched() -> None:
+    """Keep DeepSpeed unimported unless `accelerate launch` asked for it.
+
+    accelerate's extract_model_from_parallel (save_pretrained, the Trainer) imports deepspeed whenever it is
+    installed, only to ask whether the model is a DeepSpeedEngine; that import takes seconds and prints
+    "[WARNING] ... Setting accelerator to CPU" on a machine without a GPU. A model can only be a DeepSpeedEngine
+    once deepspeed is imported, so the question is asked only then. Called before a model loads or is built.
+    """
+    if sharding() == "deepspeed":
+        return
+    from accelerate.utils import other
+
+    installed = other.is_deepspeed_available
+    if getattr(installed, "only_when_imported", False):
+        return
+
+    def deepspeed_in_use() -> bool:
+        return "deepspeed" in sys.modules and installed()
+
+    deepspeed_in_use.only_when_imported = True
+    other.is_deepspeed_available = deepspeed_in_use
+
+
 def quiet_other_ranks() -> None:
     """Only the main process prints; the others keep stderr, so their errors still show."""
     if not is_main_process():

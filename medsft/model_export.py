@@ -16,6 +16,7 @@ from pathlib import Path
 
 from medsft.chat_format import SYSTEM_PROMPT, render_training_text
 from medsft.errors import UserError
+from medsft.model_loading import adapter_path_hint
 from medsft.records import make_shareable, read_jsonl
 
 # Qwen3's thinking-mode sampling, written to generation_config.json so vLLM, SGLang and transformers use it
@@ -63,10 +64,8 @@ def adapter_problems(adapter_path) -> list[str]:
     if not path.exists():
         return [f"adapter_path {path} not found; name the adapter to merge (OUTPUT_DIR/final of a training run)"]
     if not (path / "adapter_config.json").is_file():
-        from medsft.assistant import final_folder_hint
-
-        hint = final_folder_hint(path, holds=("adapter_config.json",))
-        return [f"adapter_path {path} has no adapter_config.json, so it is not a LoRA adapter{hint}"]
+        return [f"adapter_path {path} has no adapter_config.json, so it is not a LoRA adapter"
+                f"{adapter_path_hint(path, merging=True)}"]
     return []
 
 
@@ -121,8 +120,10 @@ def load_base_and_adapter(model_path: str, adapter_path, device: str, merge_into
     from transformers import AutoModelForCausalLM
 
     from medsft.assistant import attach_adapter
+    from medsft.distributed import import_deepspeed_only_when_launched
     from medsft.model_loading import load_base_model
 
+    import_deepspeed_only_when_launched()
     if merge_into == "dequantized_nf4":
         base = load_base_model(model_path, load_in_4bit=True)
         base.dequantize()  # every Linear4bit becomes an nn.Linear; the config loses its quantization_config

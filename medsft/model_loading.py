@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 from medsft.chat_format import build_messages, format_reply, render_training_text
-from medsft.distributed import check_zero3_partitioned, local_rank, sharding
+from medsft.distributed import check_zero3_partitioned, import_deepspeed_only_when_launched, local_rank, sharding
 from medsft.errors import UserError
 from medsft.hub_download import download_model
 
@@ -44,6 +44,37 @@ def check_model_folder(folder: str, tokenizer_only: bool = False) -> str:
     return folder
 
 
+def run_folder_hint(path) -> str:
+    """"; did you mean RUN/final?" when `path` is a training run's folder (its adapter or model is in final/), else "".
+
+    The end of a "not an adapter / not a model" error, the same in every script that takes a trained model.
+    """
+    final = Path(path) / "final"
+    if (final / "adapter_config.json").is_file() or (final / "config.json").is_file():
+        return f"; did you mean {final}?"
+    return ""
+
+
+def adapter_path_hint(path, merging: bool = False) -> str:
+    """The end of a "not a LoRA adapter" error: the run folder's final/, or, for a base, merged or full model
+    folder, how to use it alone (`--model_path=X --adapter_path=`); "" when neither fits."""
+    hint = run_folder_hint(path)
+    if hint or not (Path(path) / "config.json").is_file():
+        return hint
+    if merging:
+        return f"; {path} is a whole model folder (base, merged or full), which has nothing to merge"
+    return f"; {path} is a whole model folder (base, merged or full): pass --model_path={path} --adapter_path="
+
+
+def report_folder(trained_path, data_dir) -> Path:
+    """Where a script's report goes by default: the training run's folder (beside final/) when `trained_path` is
+    a run's final/ or best/ (its parent holds the run's settings.json), else `data_dir`; never the working folder."""
+    trained = Path(trained_path) if trained_path else None
+    if trained is not None and trained.is_dir() and (trained.parent / "settings.json").is_file():
+        return trained.parent
+    return Path(data_dir)
+
+
 def load_tokenizer(model_path: str):
     """The model's tokenizer, checked to render our chat format as Qwen3 does."""
     from transformers import AutoTokenizer
@@ -80,6 +111,7 @@ def load_base_model(model_path: str, load_in_4bit: bool, attn_implementation: st
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    import_deepspeed_only_when_launched()
     kwargs = {"dtype": dtype or compute_dtype(), "attn_implementation": attn_implementation}
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(

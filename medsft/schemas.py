@@ -251,6 +251,33 @@ def reader_for(path, columns: set, schema: str, mapping: dict | None):
     return name, reader
 
 
+# the keys each conversation schema reads in its turns: (list column, {key: what it holds})
+TURN_KEYS = {"sharegpt": ("conversations", ("from", "value")), "openai": ("messages", ("role", "content"))}
+
+
+def check_turn_keys(path, name: str, raws) -> None:
+    """A turn key that no turn of the file has is a schema problem, not one per row: one line naming the key
+    the turns have instead and the one expected."""
+    if name not in TURN_KEYS:
+        return
+    column, expected = TURN_KEYS[name]
+    turns = [turn for _, raw in raws if isinstance(raw.get(column), list) for turn in raw[column]
+             if isinstance(turn, dict)]
+    if not turns:
+        return
+    keys = set().union(*(turn.keys() for turn in turns))
+    for key in expected:
+        if key in keys:
+            continue
+        unknown = sorted(k for k in keys - set(expected) - {"reasoning_content"}
+                         if all(k in turn for turn in turns))
+        found = difflib.get_close_matches(key, unknown, n=1, cutoff=0.0) if len(unknown) > 1 else unknown
+        instead = f"they have '{found[0]}' instead" if found else f"their keys: {', '.join(sorted(keys))}"
+        rename = f"rename '{found[0]}' to '{key}'" if found else f"give each turn a '{key}'"
+        raise UserError(f"error: {path}: schema {name}: no turn in '{column}' has the key '{key}' ({instead}); "
+                        f"{rename} in every turn (turn keys have no --columns mapping)")
+
+
 def _closest_schema(columns: set) -> str:
     """"; closest: ..." naming the known schema whose needed columns the found ones nearly match, if any."""
     best = (0, "", [])

@@ -26,6 +26,9 @@ def build_tiny_qwen3(out_dir, layers: int = 2, hidden: int = 64, heads: int = 4,
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
+    from medsft.distributed import import_deepspeed_only_when_launched
+
+    import_deepspeed_only_when_launched()  # save_pretrained would import it, for a warning and nothing else
     out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
     config = Qwen3Config(

@@ -96,3 +96,36 @@ def test_a_base_model_folder_without_a_chat_template_gets_one_line(tiny_model_di
     assert str(e.value) == (f"error: the tokenizer in {base} has no chat template; pass a folder whose tokenizer has "
                             "Qwen3's chat template (e.g. Qwen/Qwen3-1.7B)")
     assert not (tmp_path / "out").exists()
+def _refusal(script: str, args: list[str]) -> str:
+    import importlib
+
+    with pytest.raises(UserError) as e:
+        importlib.import_module(script).main(args)
+    return str(e.value)
+
+
+def test_a_run_folder_for_the_trained_model_gets_the_same_final_hint_in_every_script(trained_adapter, tmp_path):
+    """OUTPUT_DIR instead of OUTPUT_DIR/final: "did you mean …/final?", from medsft.model_loading.run_folder_hint."""
+    from medsft.model_loading import run_folder_hint
+
+    run = trained_adapter.parent
+    hint = f"did you mean {run / 'final'}?"
+    assert run_folder_hint(run) == f"; {hint}" and run_folder_hint(trained_adapter) == ""
+    for script, args in (("inference_lora", ["-q", "问"]), ("evaluate", [f"--report_path={tmp_path / 'r.json'}"]),
+                         ("web_demo", []), ("merge_lora", [f"--output_dir={tmp_path / 'merged'}"])):
+        message = _refusal(script, [f"--adapter_path={run}", *args])
+        assert hint in message and "not a LoRA adapter" in message, (script, message)
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written
+
+
+def test_a_whole_model_folder_given_as_the_adapter_suggests_it_as_model_path(tiny_model_dir, sample_data_dir,
+                                                                             tmp_path):
+    """A base, merged or full model folder passed as --adapter_path: use it alone, or (merge) nothing to merge."""
+    hint = f"pass --model_path={tiny_model_dir} --adapter_path="
+    for script, args in (("inference_lora", ["-q", "问"]), ("web_demo", []),
+                         ("evaluate", [f"--data_dir={sample_data_dir}", f"--report_path={tmp_path / 'r.json'}"])):
+        message = _refusal(script, [f"--model_path={tiny_model_dir}", f"--adapter_path={tiny_model_dir}", *args])
+        assert hint in message and "not a LoRA adapter" in message, (script, message)
+    message = _refusal("merge_lora", [f"--adapter_path={tiny_model_dir}", f"--output_dir={tmp_path / 'merged'}"])
+    assert f"{tiny_model_dir} is a whole model folder" in message and "nothing to merge" in message
+    assert list(tmp_path.iterdir()) == []

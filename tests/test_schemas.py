@@ -225,3 +225,16 @@ def test_stratify_by_keeps_each_strata_share_within_one_row(tmp_path):
 def test_each_shipped_example_gives_a_split(tmp_path, name, extra):
     manifest = data.main([f"--source={EXAMPLES / name}", f"--data_dir={tmp_path}", *extra])
     assert manifest["counts"]["val"] >= 1 and manifest["counts"]["train"] >= 8 and not manifest["dropped"]
+
+
+def test_a_sharegpt_turn_key_wrong_in_every_row_is_one_line_naming_both_keys(tmp_path):
+    rows = [{"conversations": [{"from": "human", "text": f"问{i}"}, {"from": "gpt", "text": f"答{i}"}]}
+            for i in range(30)]
+    source = write_jsonl(tmp_path / "text.jsonl", rows)
+    for skip in ("", "--on_bad_row=skip"):
+        with pytest.raises(UserError) as e:
+            data.main([f"--source={source}", f"--data_dir={tmp_path / 'none'}", *filter(None, [skip])])
+        message = str(e.value)
+        assert "\n" not in message and str(source) in message and not (tmp_path / "none").exists()
+        assert "no turn in 'conversations' has the key 'value' (they have 'text' instead)" in message
+        assert "rename 'text' to 'value'" in message
