@@ -49,7 +49,8 @@ TEMPERATURE = 1.0                          # sample the policy itself (DAPO, R1)
 TOP_P = 1.0                                # temperature, and Qwen3's 0.6/0.95/20 would explore less;
 TOP_K = 0                                  # 0 = no top-k (Qwen3's chat setting is 20)
 BETA = 0.0                                 # KL to the start: 0 holds no reference model (DAPO, Dr. GRPO; TRL's default)
-LOSS_TYPE = "dapo"                         # TRL's default: token-level, no length bias; cut-off answers are masked out
+LOSS_TYPE = "dapo"                         # TRL's default: token-level, no length bias (DAPO)
+MASK_TRUNCATED_COMPLETIONS = True          # answers cut off at max_completion_length teach nothing (DAPO)
 USE_VLLM = False                           # CUDA + `pip install vllm`: colocated generation, sleep mode (unverified)
 VLLM_GPU_MEMORY_UTILIZATION = 0.3          # the share of the GPU vLLM may take in colocate mode
 # optimisation

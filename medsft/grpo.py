@@ -195,7 +195,7 @@ def grpo_arguments(cfg, reward_weights: list[float]):
         # GRPO
         num_generations=cfg.NUM_GENERATIONS, max_completion_length=cfg.MAX_COMPLETION_LENGTH,
         temperature=cfg.TEMPERATURE, top_p=cfg.TOP_P, top_k=cfg.TOP_K, beta=cfg.BETA, loss_type=cfg.LOSS_TYPE,
-        mask_truncated_completions=True, reward_weights=reward_weights,
+        mask_truncated_completions=cfg.MASK_TRUNCATED_COMPLETIONS, reward_weights=reward_weights,
         chat_template_kwargs={"enable_thinking": True}, log_completions=False, **vllm,
     )
 
@@ -252,7 +252,7 @@ class GRPOExamTrainer:
                                                 max_new_tokens=self.args.max_completion_length, temperature=0)
                 for row, reply in zip(batch, replies):
                     cut = reply.finish_reason != "stop"
-                    counts += torch.tensor([float(not cut and is_correct(reply.text, frozenset(row["answer"]))),
+                    counts += torch.tensor([float(not cut and is_correct(reply.text, row["answer"])),
                                             float(read_answer(reply.text) is None), float(cut), 1.0],
                                            dtype=torch.float64)
             model.train(was_training)

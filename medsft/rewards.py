@@ -58,7 +58,7 @@ def correct_reward(completions, answer, completion_ids=None, log_metric=None, **
     """
     ids = completion_ids or [None] * len(completions)
     texts = [_text(c) for c in completions]
-    scores = [0.0 if _cut_off(i) else float(is_correct(t, frozenset(a))) for t, a, i in zip(texts, answer, ids)]
+    scores = [0.0 if _cut_off(i) else float(is_correct(t, a)) for t, a, i in zip(texts, answer, ids)]
     if log_metric is not None:  # TRL: averaged into each logging step's record beside the rewards
         log_metric("unparsed", sum(read_answer(t) is None for t in texts) / max(1, len(texts)))
     return scores
