@@ -45,14 +45,19 @@ def take_sft_run_settings(cfg) -> dict:
         if "SYSTEM_PROMPT" in run and "SYSTEM_PROMPT" not in cfg._given:
             cfg.SYSTEM_PROMPT = run["SYSTEM_PROMPT"]
         cfg.MODEL_PATH = cfg.SFT_ADAPTER  # the merged model is the base of the fresh LoRA
+    origins = getattr(cfg, "_origins", None)
     for name in ("DATA_DIR", "MAX_LENGTH", "LONG_EXAMPLES"):  # evaluate.py and benchmark.py read these from the run
         if name in run:
             setattr(cfg, name, run[name])
+            if origins is not None:
+                origins[name] = "from the SFT run"
     sft = None if kind == "base" else {"path": cfg.SFT_ADAPTER, "version": run.get("VERSION"),
                                        "output_dir": run.get("OUTPUT_DIR")}
     cfg.CHAIN = [{"stage": "base", "path": cfg.MODEL_PATH if kind != "model" else run.get("MODEL_PATH")},
                  *([{"stage": "sft", **sft}] if sft else []),
                  {"stage": "grpo", "path": str(Path(cfg.OUTPUT_DIR) / "final")}]
+    if origins is not None:
+        origins["CHAIN"] = "base -> SFT run -> this run"
     return run
 
 
@@ -140,6 +145,7 @@ def load_policy_model(model_path: str, cfg):
         model = get_peft_model(model, build_lora_config(cfg, tied=tied))
     if cfg.LOAD_IN_4BIT and torch.cuda.is_available():
         model.get_input_embeddings().register_forward_hook(_widen_to_fp32)
+    keep_sft_rows(model)
     keep_trainable_fp32(model)
     if not cfg.LOAD_IN_4BIT and not torch.cuda.is_available():
         model.to(torch.float32)  # bf16 matmuls are slow on CPU
@@ -150,6 +156,23 @@ def load_policy_model(model_path: str, cfg):
              "; a fresh LoRA"), flush=True)
     model.trainable_params = trainable
     return model
+
+
+def keep_sft_rows(model) -> None:
+    """An SFT adapter's trained embedding rows (v2/v3, EMBEDDING_MODE="tokens") are kept as SFT left them: merged
+    into the embedding in memory and frozen, while its LoRA trains on. TRL's fused LM head reads lm_head.weight
+    directly, which would be the rows before SFT; merged, generation and the loss see the same model. They are
+    saved unchanged with the adapter."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
+    for layer in layers:
+        layer.merge()
+        for param in layer.trainable_tokens_delta.parameters():
+            param.requires_grad = False
+    head = model.get_output_embeddings()
+    if layers and not hasattr(head, "bias"):
+        head.bias = None  # Qwen3's lm_head has none; PEFT's wrapper does not say so, and TRL asks
 
 
 def keep_trainable_fp32(model) -> None:
