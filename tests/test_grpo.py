@@ -18,7 +18,7 @@ EXAMS = ROOT / "data" / "exam_sample.jsonl"
 FAST_GRPO = ["--max_steps=2", "--num_generations=2", "--max_completion_length=16", "--think_budget=8",
              "--batch_size=2", "--gradient_accumulation=1", "--eval_steps=1", "--save_steps=1", "--eval_batch_size=8",
              "--report_to=none", "--progress_bar=False", "--sample_max_new_tokens=4", "--learning_rate=1e-2",
-             "--mask_truncated_completions=False"]  # 16 tokens cut every reply: masked, nothing would be trained
+             "--mask_truncated_completions=False", "--warmup_ratio=0"]  # 16 tokens cut every reply: masked, nothing would be trained
 
 
 def think(text="先分析病史和检查结果。", answer="答案：B"):
