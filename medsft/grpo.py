@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from medsft.distributed import is_main_process, optimizer_for_launcher, use_liger_kernel
+from medsft.distributed import optimizer_for_launcher, use_liger_kernel
 from medsft.errors import UserError, interrupts_held
 from medsft.records import read_jsonl, write_files_atomically
 from medsft.trainer import LoggingCallback, QLoRATrainer
@@ -121,7 +121,6 @@ def load_policy_model(model_path: str, cfg):
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
-    from medsft.assistant import attach_adapter  # noqa: F401  (the same adapter checks inference makes)
     from medsft.model_loading import compute_dtype, load_base_model
     from medsft.training import _widen_to_fp32, build_lora_config
 
@@ -462,7 +461,3 @@ def grpo_data_fingerprint(cfg) -> str:
     for path in [*cfg.EXAM_FILE, "--", *cfg.BENCHMARK_FILE]:
         digest.update(path.encode() if path == "--" else Path(path).read_bytes())
     return digest.hexdigest()
-
-
-def is_main() -> bool:
-    return is_main_process()

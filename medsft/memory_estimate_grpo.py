@@ -11,8 +11,6 @@ optimizer states and gradients) exactly from the meta model; the rest a formula,
 - the greedy held-out evaluation: EVAL_BATCH_SIZE sequences' KV cache.
 The peak is the static parts plus the largest of the three phases (each frees its memory before the next).
 """
-import math
-
 from medsft.memory_estimate import (CUDA_CONTEXT_BYTES, GB, Layout, activation_bytes, gpu_memory_budget,
                                     logit_bytes, static_parts)
 
@@ -124,7 +122,3 @@ def print_grpo_memory_estimate(model_path: str, cfg, prompt_tokens: int) -> dict
         print(f"to fit, change first: {advice[largest]}")
     print("====", flush=True)
     return result
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)
