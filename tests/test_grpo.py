@@ -264,3 +264,33 @@ def test_grpo_raises_a_learnable_toy_reward_well_beyond_its_noise(tiny_model_dir
     late = sum(rewards_per_step[-4:]) / 4  # 64 replies
     noise = (p0 * (1 - p0) / 64) ** 0.5
     assert late - p0 > 4 * noise, (p0, rewards_per_step)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the dry run
+
+
+def test_the_dry_run_prints_a_prompt_the_rewards_and_an_estimate_that_fits_16_gb_at_1_7b(tmp_path, capsys):
+    """Qwen3-1.7B at the defaults, from its config.json alone (no weights): the estimate fits a 16 GB card."""
+    import train_grpo
+    from test_memory_estimate import QWEN3_1_7B
+
+    from medsft.tiny_model import qwen3_tokenizer_dir
+
+    folder = tmp_path / "qwen3-1.7b"
+    folder.mkdir()
+    for file in qwen3_tokenizer_dir().iterdir():
+        if file.is_file():
+            shutil.copy(file, folder / file.name)
+    (folder / "config.json").write_text(json.dumps(QWEN3_1_7B))
+    result = train_grpo.main([f"--model_path={folder}", "--sft_adapter=", f"--output_dir={tmp_path / 'out'}",
+                              "--dry_run=True"])
+    printed = capsys.readouterr().out
+    assert "以下是单项选择题" in printed and "correct_reward 1.00" in printed and "estimated peak" in printed
+    assert result["rewards"] == {"correct_reward": 1.0, "format_reward": 1.0, "language_reward": 1.0,
+                                 "think_budget_reward": 1.0}
+    estimate = result["estimate"]
+    # the KV cache of 2 questions x 8 generations, each prompt + 1,024 tokens: 28 layers x 8 KV heads x 128 x 2 x 2 bytes
+    assert estimate["phases"]["generation"] >= 16 * estimate["sequence"] * 28 * 8 * 128 * 2 * 2
+    assert estimate["peak"] < 16e9
+    assert not (tmp_path / "out").exists()
