@@ -3,14 +3,20 @@
     python benchmark.py --exam_dir=exams                                  # medical_zh: CMMLU + C-Eval medical subjects
     python benchmark.py --exam_dir=exams --mode=generate                  # the models think, then answer
     python benchmark.py --exam_file=data/exam_sample.jsonl                # your own questions (JSONL or CMMLU CSV)
+    python benchmark.py --exam_file=exams/CMB-val-merge.json,exams/medqa/test.jsonl --sample=500   # the field's exams
     python benchmark.py --finetuned_path=output/qwen3-1.7b-medical-v3 --exam_dir=exams   # a merged or full model
     python benchmark.py --tasks=ceval-valid_physician,cmmlu_anatomy --exam_dir=exams --limit=20
 
 Both models answer the same questions with the same settings in one run: the same precision (bf16, or 4-bit
-with LOAD_IN_4BIT), the same chat template, the training run's SYSTEM_PROMPT. The table has two rows a task
-(base, fine-tuned): n, accuracy ± standard error, the change, and McNemar's exact p-value on the per-question
-outcomes. benchmark.json keeps every per-question outcome; benchmark.md the table; benchmark.png the bars.
-The tasks are lm-eval YAML files in eval_tasks/; the README says where to get the CMMLU and C-Eval files.
+with LOAD_IN_4BIT), the same chat template, the training run's SYSTEM_PROMPT. The mode is by default the one the
+model was trained for: a run with NO_THINK_FRACTION=0 (every example thinks) is scored writing its answer
+after thinking (generate), one that also trained without thinking by the likelihood of the answer letter.
+The exam table has one row per exam (MedQA-MCMLE, CMB-Exam, CMExam, CMMLU-Med, C-Eval-Med, or your file): each
+model's accuracy with its bootstrap 95% interval, the change with its interval, McNemar's exact p-value on the
+per-question outcomes and the share of replies with no readable answer. benchmark.json keeps every
+per-question outcome, the mode and why it was chosen; benchmark.md the tables; benchmark.png the bars. They
+are written beside the fine-tuned run's final/ unless REPORT_PATH says otherwise. The tasks are lm-eval YAML
+files in eval_tasks/; the README says where to get each exam set.
 """
 import hashlib
 import tempfile
@@ -18,6 +24,7 @@ import time
 from pathlib import Path
 
 from medsft import chat_format
+from medsft.assistant import final_folder_hint
 from medsft.errors import UserError
 from medsft.settings import check_settings, parse_settings, use_run_settings
 
@@ -31,12 +38,15 @@ ENGINE = "auto"                                      # "auto": vLLM if installed
 # tasks
 TASKS = "medical_zh"                                 # a group or subjects of eval_tasks/, or lm-eval task names, comma-separated
 EXAM_DIR = ""                                        # the folder with the official CMMLU and C-Eval CSV files (README)
-EXAM_FILE = ""                                       # your own exam instead of TASKS: .jsonl (question, options, answer)
-                                                     # or .csv (CMMLU: Question,A,B,C,D,Answer)
+EXAM_FILE = ""                                       # exam files instead of TASKS, comma-separated: CMB-Exam .json,
+                                                     # CMExam .csv, MedQA .jsonl, ours (.jsonl) or CMMLU/C-Eval .csv
+EXAM_FORMAT = "auto"                                 # auto (from the columns), options, cmmlu, cmb, cmexam or medqa
+SAMPLE = 0                                           # > 0: SAMPLE questions per exam, stratified by subject, with SEED
 LIMIT = 0                                            # > 0: only the first LIMIT questions of each task, for a quick look
 # how the models answer
-MODE = "loglikelihood"                               # "loglikelihood": the likeliest letter after an empty think block;
-                                                     # "generate": the model writes its answer, the letter is read
+MODE = "auto"                                        # "auto": as the run trained (NO_THINK_FRACTION=0: generate, else
+                                                     # loglikelihood); "loglikelihood": the likeliest letter after an
+                                                     # empty think block; "generate": the model writes, letters are read
 THINKING = True                                      # generate: think first (Qwen3's thinking mode); False: answer at once
 MAX_NEW_TOKENS = 2048                                # generate: reply length limit; a reply cut off counts as wrong
 TEMPERATURE = 0.6                                    # generate: Qwen3's thinking sampling (top_p 0.95, top_k 20); 0 = greedy
@@ -45,31 +55,38 @@ MAX_LENGTH = 2048                                    # prompt tokens (longer pro
 BATCH_SIZE = 16                                      # questions (loglikelihood: choices) per forward pass
 SEED = 42                                            # the same sampling seed for both models
 # output
-REPORT_PATH = "benchmark.json"                       # every number and outcome; benchmark.md and .png are written beside it
+REPORT_PATH = ""                                     # every number and outcome; benchmark.md and .png beside it;
+                                                     # "" = benchmark.json in the run's folder (beside final/)
 # -----------------------------------------------------------------------------
 
 _DEMO_ADAPTER = "demo_output/train-v3/final"  # what python demo.py trains: the tiny model's adapter
 
 
 def main(argv=None):
-    from medsft.exam_harness import MODES, plan_tasks
+    from medsft.exam_data import FORMATS
+    from medsft.exam_harness import MODES, exam_files, plan_tasks, planned_names
 
-    # ========== 1. Settings (the base, system prompt and max length default to the fine-tuned run's) ==========
+    # ========== 1. Settings (the base, system prompt, length and mode default to the fine-tuned run's) ==========
     cfg = parse_settings(globals(), argv)
     use_demo_adapter(cfg, globals())
-    use_run_settings(cfg, training_length=True, folder=cfg.FINETUNED_PATH)  # the base, prompt and length trained
+    run = use_run_settings(cfg, training_length=True, folder=cfg.FINETUNED_PATH)  # the base, prompt and length trained
+    mode_reason = choose_mode(cfg, run)
+    if cfg.EXAM_FILE:  # the settings show what will run
+        cfg.TASKS, cfg._origins["TASKS"] = planned_names(cfg), "the exam_file tasks"
+    report_path = default_report_path(cfg, run)
     cfg.print("benchmark.py settings")
-    report_path = Path(cfg.REPORT_PATH)
     finetuned = Path(cfg.FINETUNED_PATH)
     check_settings([
-        cfg.MODE not in MODES and f"mode must be one of {', '.join(MODES)}, not {cfg.MODE!r}",
+        cfg.MODE not in MODES and f"mode must be auto or one of {', '.join(MODES)}, not {cfg.MODE!r}",
+        cfg.EXAM_FORMAT not in FORMATS and f"exam_format must be one of {', '.join(FORMATS)}, not {cfg.EXAM_FORMAT!r}",
+        cfg.SAMPLE < 0 and "sample must be >= 0",
         cfg.ENGINE not in ("auto", "hf", "vllm") and f"engine must be auto, hf or vllm, not {cfg.ENGINE!r}",
         not cfg.FINETUNED_PATH and "finetuned_path is empty: give the adapter or model folder to compare with the base",
         cfg.FINETUNED_PATH and not finetuned.is_dir() and f"finetuned_path {finetuned}: no such folder (train one "
         "first, e.g. python train_lora3.py, or python demo.py for demo_output/train-v3/final)",
         finetuned.is_dir() and finetuned_kind(finetuned) is None and f"finetuned_path {finetuned}: neither an "
-        "adapter (adapter_config.json) nor a model folder (config.json)",
-        cfg.EXAM_FILE and not Path(cfg.EXAM_FILE).is_file() and f"exam_file {cfg.EXAM_FILE}: no such file",
+        f"adapter (adapter_config.json) nor a model folder (config.json){final_folder_hint(finetuned)}",
+        *[f"exam_file {path}: no such file" for path in exam_files(cfg) if not Path(path).is_file()],
         cfg.EXAM_DIR and not Path(cfg.EXAM_DIR).is_dir() and f"exam_dir {cfg.EXAM_DIR}: no such folder",
         cfg.MAX_NEW_TOKENS < 1 and "max_new_tokens must be at least 1",
         cfg.BATCH_SIZE < 1 and "batch_size must be at least 1",
@@ -86,14 +103,54 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="benchmark-tasks-") as folder:
         report = run_benchmark(cfg, plan, rows, folder)
 
-    # ========== 6. Report: the table, benchmark.json, benchmark.md, benchmark.png ==========
-    from medsft.exam_report import report_table
+    # ========== 6. Report: the tables, benchmark.json, benchmark.md, benchmark.png ==========
+    from medsft.exam_report import exam_table, report_table
 
-    table = report_table(report["tasks"])
-    write_report(report, table, report_path)
-    print(f"\n{table}\n\n{note_lines(report)}\nwrote {report_path}, {report_path.with_suffix('.md')} and "
-          f"{report_path.with_suffix('.png')}")
+    report |= {"mode_reason": mode_reason, "no_think_fraction": run.get("NO_THINK_FRACTION"),
+               "left_out_multiple_answer": plan.left_out, "sample": {"per_exam": cfg.SAMPLE, "seed": cfg.SEED,
+                                                                     "drawn": plan.drawn}}
+    tables = {"exams": exam_table(report["exams"], plan.left_out), "tasks": report_table(report["tasks"])}
+    write_report(report, tables, report_path)
+    print(f"\nBy exam:\n{tables['exams']}\n\nBy task:\n{tables['tasks']}\n\n{note_lines(report)}\n"
+          f"wrote {report_path}, {report_path.with_suffix('.md')} and {report_path.with_suffix('.png')}")
     return report
+
+
+def choose_mode(cfg, run: dict) -> str:
+    """MODE "auto": the mode the model was trained for; returns why this mode, for the report."""
+    fraction = run.get("NO_THINK_FRACTION")
+    if cfg.MODE != "auto":
+        return "given on the command line" if "MODE" in cfg._given else "set in benchmark.py"
+    if run and fraction in (None, 0, 0.0):
+        cfg.MODE = "generate"
+        why = (f"the run trained with NO_THINK_FRACTION={fraction if fraction is not None else '0 (not in its settings)'}: "
+               "every example thinks, so both models think, then answer (scoring it in the no-think rendering "
+               "would test a mode it never trained)")
+    elif run:
+        cfg.MODE = "loglikelihood"
+        why = (f"the run trained with NO_THINK_FRACTION={fraction}: it knows the no-think rendering, so the answer "
+               "letter's likelihood after an empty think block is fair (and fast)")
+    else:
+        cfg.MODE = "loglikelihood"
+        why = f"no settings.json beside {cfg.FINETUNED_PATH} says how it trained: the letter's likelihood (fast)"
+    getattr(cfg, "_origins", {})["MODE"] = "auto: " + why.split(":")[0]  # for cfg.print()
+    return why
+
+
+def default_report_path(cfg, run: dict) -> Path:
+    """REPORT_PATH, or benchmark.json in the run's folder (the parent of final/ or best/), or in the run's data
+    folder when the model is not in a run's folder."""
+    if cfg.REPORT_PATH:
+        return Path(cfg.REPORT_PATH)
+    finetuned = Path(cfg.FINETUNED_PATH)
+    if finetuned.name in ("final", "best") and finetuned.parent.is_dir():
+        folder = finetuned.parent
+    elif run.get("DATA_DIR") and Path(run["DATA_DIR"]).is_dir():
+        folder = Path(run["DATA_DIR"])
+    else:
+        folder = Path("data") if Path("data").is_dir() else Path(".")
+    cfg.REPORT_PATH, cfg._origins["REPORT_PATH"] = str(folder / "benchmark.json"), "the run's folder"
+    return folder / "benchmark.json"
 
 
 def use_demo_adapter(cfg, defaults: dict) -> None:
@@ -199,7 +256,7 @@ def timed_pass(lm, folder, plan, cfg, manager, label: str):
 
 def build_report(cfg, plan, results, tokenizer, engine, how, precision, seconds) -> dict:
     from medsft.exam_harness import chat_template_args
-    from medsft.exam_report import compare_task, group_outcomes, task_outcomes
+    from medsft.exam_report import compare_task, exam_summaries, group_outcomes, task_outcomes
     from medsft.model_export import library_versions
 
     def count_tokens(text):
@@ -214,12 +271,12 @@ def build_report(cfg, plan, results, tokenizer, engine, how, precision, seconds)
     for task in base["samples"]:
         sides = {key: task_outcomes(results[key], task, count_tokens, cfg.MAX_NEW_TOKENS,
                                     thinking) for key in results}
-        tasks[task] = {"source": plan.ours.get(task, "lm-eval built-in"), **compare_task(sides["base"], sides["finetuned"]),
-                       **sides}
+        tasks[task] = {"source": plan.ours.get(task, "lm-eval built-in"), "exam": plan.exams.get(task, task),
+                       **compare_task(sides["base"], sides["finetuned"], cfg.SEED), **sides}
     for group, members in base.get("group_subtasks", {}).items():
         if members and all(m in tasks for m in members):
             sides = {key: group_outcomes(results[key], group, {m: tasks[m][key] for m in members}) for key in results}
-            tasks[group] = {"source": "group", **compare_task(sides["base"], sides["finetuned"]), **sides}
+            tasks[group] = {"source": "group", **compare_task(sides["base"], sides["finetuned"], cfg.SEED), **sides}
     template = tokenizer.chat_template or ""
     return {"base": cfg.MODEL_PATH, "finetuned": cfg.FINETUNED_PATH, "engine": engine, "models_in_memory": how,
             "mode": cfg.MODE, "precision": precision, "system_prompt": cfg.SYSTEM_PROMPT,
@@ -227,7 +284,10 @@ def build_report(cfg, plan, results, tokenizer, engine, how, precision, seconds)
                               "enable_thinking": thinking,
                               "first_prompt": prompts["base"]},
             "libraries": library_versions(("lm_eval", "torch", "transformers", "peft", "vllm")),
-            "seconds": seconds, "settings": cfg.as_dict(), "tasks": tasks}
+            "seconds": seconds, "settings": cfg.as_dict(),
+            "exams": exam_summaries(tasks, {t: tasks[t]["exam"] for t in tasks if tasks[t]["source"] != "group"},
+                                    cfg.SEED),
+            "tasks": tasks}
 
 
 def first_prompt(result: dict) -> str:
@@ -237,13 +297,18 @@ def first_prompt(result: dict) -> str:
 
 
 def note_lines(report: dict) -> str:
-    return (f"engine: {report['engine']}; precision: {report['precision']}; mode: {report['mode']}; "
-            f"seconds: base {report['seconds']['base']}, fine-tuned {report['seconds']['finetuned']}\n"
-            "Δ acc = fine-tuned - base. McNemar p: the chance of a split of the questions only one model got right "
-            "at least this uneven if both models were equally good; below 0.05 the difference is unlikely to be luck.")
+    left_out = sum(report.get("left_out_multiple_answer", {}).values())
+    return (f"engine: {report['engine']}; precision: {report['precision']}; mode: {report['mode']} "
+            f"({report.get('mode_reason', '')}); seconds: base {report['seconds']['base']}, fine-tuned "
+            f"{report['seconds']['finetuned']}\n"
+            + (f"{left_out} multiple-answer question(s) left out: one letter's likelihood cannot answer them "
+               "(--mode=generate scores them)\n" if left_out else "")
+            + "Δ acc = fine-tuned - base; [95%]: bootstrap interval over the questions. McNemar p: the chance of a "
+            "split of the questions only one model got right at least this uneven if both models were equally good; "
+            "below 0.05 the difference is unlikely to be luck. Unparsed: replies with no readable answer (wrong).")
 
 
-def write_report(report: dict, table: str, report_path: Path) -> None:
+def write_report(report: dict, tables: dict, report_path: Path) -> None:
     """benchmark.json, .md and .png, all written before any is renamed into place."""
     import io
     import json
@@ -253,8 +318,11 @@ def write_report(report: dict, table: str, report_path: Path) -> None:
 
     png = io.BytesIO()
     plot_report(report["tasks"], png, f"Exam accuracy, base vs fine-tuned ({report['mode']})")
+    from medsft.exam_report import reference_lines
+
     markdown = (f"# Did it help? Base against fine-tuned\n\nbase: `{report['base']}`  \nfine-tuned: "
-                f"`{report['finetuned']}`  \n{note_lines(report)}\n\n{table}\n")
+                f"`{report['finetuned']}`  \n{note_lines(report)}\n\n## By exam\n\n{tables['exams']}\n\n"
+                f"{reference_lines()}\n\n## By task\n\n{tables['tasks']}\n")
     write_files_atomically({report_path: json.dumps(report, ensure_ascii=False, indent=2) + "\n",
                             report_path.with_suffix(".md"): markdown,
                             report_path.with_suffix(".png"): png.getvalue()})

@@ -114,16 +114,21 @@ def thinking_note(reply: Reply, question: str, history=(), thinking: bool = True
 # loading
 
 
+def final_folder_hint(path, holds=("adapter_config.json", "config.json")) -> str:
+    """"; did you mean RUN/final?" when `path` is a training run's folder whose final/ holds one of `holds` (an
+    adapter, or a whole model), else "": for every script that is given a run's OUTPUT_DIR instead of its final/."""
+    final = Path(path) / "final"
+    return f"; did you mean {final}?" if any((final / name).is_file() for name in holds) else ""
+
+
 def check_adapter_path(adapter_path) -> None:
     path = Path(adapter_path)
     if not path.exists():
         hint = "train one (python train_lora3.py), or pass --adapter_path= (empty) for the bare base model"
         raise UserError(f"error: adapter path {str(path)!r} not found; {hint}")
     if not (path / "adapter_config.json").is_file():
-        final = path / "final" / "adapter_config.json"
-        hint = f"; did you mean {path / 'final'}?" if final.is_file() else ""
         raise UserError(f"error: adapter path {str(path)!r} has no adapter_config.json, so it is not a LoRA "
-                        f"adapter{hint}")
+                        f"adapter{final_folder_hint(path, holds=('adapter_config.json',))}")
 
 
 def load_model(base_model_path: str, adapter_path=None, load_in_4bit: bool = False):

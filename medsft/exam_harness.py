@@ -1,9 +1,10 @@
 """Exam tasks run through lm-evaluation-harness: the task folder, the model wrapper and one evaluation pass.
 
-Our tasks are the YAML files in eval_tasks/: two templates (_exam_loglikelihood.yaml, _exam_generate.yaml) and
-the group medical_zh.yaml. For a run, each task's data is checked and written as question/choices/label rows
-into a temporary folder, beside a copy of its template with the task name, the data file and the run's
-generation settings filled in; lm-eval reads that folder (TaskManager(include_path=...)). Names that are not
+Our tasks are the YAML files in eval_tasks/: two templates (_exam_loglikelihood.yaml, _exam_generate.yaml, whose
+filter is utils.read_letters, the answer reader) and the group medical_zh.yaml. For a run, each task's data is
+checked and written as question/choices/answer/label rows into a temporary folder, beside a YAML file that
+includes its template and sets the task name, the data file and the run's generation settings; lm-eval reads
+that folder (TaskManager(include_path=...)). Names that are not
 ours (e.g. lm-eval's own ceval-valid_anatomy) go to lm-eval's built-in tasks, which download their data.
 """
 import json
@@ -14,14 +15,13 @@ from pathlib import Path
 import yaml
 
 from medsft.errors import UserError
-from medsft.exam_data import DOWNLOADS, find_subject_file, read_exam_file
+from medsft.exam_data import DOWNLOADS, EXAM_NAMES, find_subject_file, read_exam, read_exam_file, stratified_sample
 from medsft.generation import END_TOKENS
 from medsft.records import jsonl_text
 
 TASK_DIR = Path(__file__).resolve().parent.parent / "eval_tasks"
 GROUP = "medical_zh"
 MODES = ("loglikelihood", "generate")
-THINK_PREFIX = "</think>[\\s\\S]*?"  # how _exam_generate.yaml's regex starts: only text after the think counts
 MIRROR_HINT = ("or set a hub mirror (HF_ENDPOINT=https://hf-mirror.com; unset HF_HUB_OFFLINE and HF_DATASETS_OFFLINE)")
 
 
@@ -30,6 +30,9 @@ class TaskPlan:
     names: list[str]                       # what simple_evaluate is asked for: tasks and groups
     ours: dict[str, str] = field(default_factory=dict)  # our task -> the exam file it reads
     builtin: list[str] = field(default_factory=list)   # lm-eval's own tasks among names
+    exams: dict[str, str] = field(default_factory=dict)  # our task -> its exam (CMB-Exam, CMMLU-Med, ...)
+    left_out: dict[str, int] = field(default_factory=dict)  # our task -> multiple-answer questions left out
+    drawn: dict[str, list[int]] = field(default_factory=dict)  # our task -> [questions drawn, of how many]
 
 
 def group_subjects() -> list[str]:
@@ -47,11 +50,62 @@ def exam_task_name(exam_file) -> str:
     return re.sub(r"[^0-9A-Za-z_]+", "_", Path(exam_file).stem).strip("_").lower() or "exam"
 
 
+def exam_files(cfg) -> list[str]:
+    return [f.strip() for f in cfg.EXAM_FILE.split(",") if f.strip()]
+
+
+def planned_names(cfg) -> str:
+    """What will run, for the printed settings: the exam files' tasks when EXAM_FILE replaces TASKS."""
+    return ",".join(exam_task_name(f) for f in exam_files(cfg)) if cfg.EXAM_FILE else cfg.TASKS
+
+
 def plan_tasks(cfg) -> tuple[TaskPlan, dict]:
-    """Which tasks run and, for ours, their checked rows ({task: rows}); every file is read before a model loads."""
+    """Which tasks run and, for ours, their checked rows ({task: rows}); every file is read before a model loads.
+
+    Loglikelihood mode leaves multiple-answer questions out (one letter's likelihood cannot answer them) and
+    counts them; SAMPLE > 0 then draws SAMPLE questions per exam, stratified by subject, with SEED.
+    """
     if cfg.EXAM_FILE:
-        name = exam_task_name(cfg.EXAM_FILE)
-        return TaskPlan([name], {name: str(cfg.EXAM_FILE)}), {name: read_exam_file(cfg.EXAM_FILE)}
+        plan, rows = TaskPlan([]), {}
+        for path in exam_files(cfg):
+            name = exam_task_name(path)
+            if name in rows:
+                raise UserError(f"error: exam_file: two files make the task {name!r}; rename one")
+            layout, rows[name] = read_exam(path, cfg.EXAM_FORMAT)
+            plan.names.append(name)
+            plan.ours[name], plan.exams[name] = str(path), EXAM_NAMES.get(layout, name)
+    else:
+        plan, rows = plan_medical_zh(cfg)
+    if cfg.MODE == "loglikelihood":
+        for task in rows:
+            single = [row for row in rows[task] if len(row["answer"]) == 1]
+            if len(single) < len(rows[task]):
+                plan.left_out[task] = len(rows[task]) - len(single)
+                rows[task] = single
+            if not single:
+                raise UserError(f"error: {plan.ours[task]}: every question has several answers; loglikelihood "
+                                "mode cannot score them: use --mode=generate")
+    if cfg.SAMPLE > 0:
+        draw_sample(plan, rows, cfg.SAMPLE, cfg.SEED)
+    return plan, rows
+
+
+def draw_sample(plan: TaskPlan, rows: dict, n: int, seed: int) -> None:
+    """n questions per exam (an exam may span several tasks: CMMLU-Med's subjects), stratified by subject."""
+    for exam in dict.fromkeys(plan.exams.values()):
+        tasks = [t for t in rows if plan.exams[t] == exam]
+        pooled = [row | {"_task": t, "subject": row["subject"] or t} for t in tasks for row in rows[t]]
+        chosen = stratified_sample(pooled, n, seed)
+        for task in tasks:
+            picked = [{k: v for k, v in row.items() if k != "_task"} for row in chosen if row["_task"] == task]
+            plan.drawn[task] = [len(picked), len(rows[task])]
+            rows[task] = picked
+        for task in [t for t in tasks if not rows[t]]:  # a subject too small for this sample: not run
+            del rows[task], plan.ours[task], plan.exams[task]
+            plan.names = [name for name in plan.names if name != task]
+
+
+def plan_medical_zh(cfg) -> tuple[TaskPlan, dict]:
     subjects = group_subjects()
     wanted = [t.strip() for t in cfg.TASKS.split(",") if t.strip()]
     plan, rows, missing = TaskPlan(wanted), {}, []
@@ -66,6 +120,7 @@ def plan_tasks(cfg) -> tuple[TaskPlan, dict]:
                 missing.append(f"{benchmark}/{split}/{subject}{'_' + split if benchmark == 'ceval' else ''}.csv")
                 continue
             plan.ours[task], rows[task] = str(path), read_exam_file(path)
+            plan.exams[task] = "CMMLU-Med" if benchmark == "cmmlu" else "C-Eval-Med"
     if missing and not cfg.EXAM_DIR:
         raise UserError(f"error: tasks={cfg.TASKS!r} reads the official CMMLU and C-Eval CSV files: download them "
                         f"once (CMMLU: {DOWNLOADS['cmmlu']}; C-Eval: {DOWNLOADS['ceval']}), unzip them into "
@@ -78,23 +133,25 @@ def plan_tasks(cfg) -> tuple[TaskPlan, dict]:
 
 
 def write_task_folder(folder, plan: TaskPlan, rows: dict, cfg) -> None:
-    """Our tasks as lm-eval YAML files plus their data in `folder`, which the TaskManager then includes."""
+    """Our tasks as lm-eval YAML files plus their data in `folder`, which the TaskManager then includes.
+
+    Each task's YAML includes its template from eval_tasks/ (so `!function utils.read_letters` resolves there)
+    and sets the task's name, data file and generation settings; each row says whether its prompt thinks."""
     folder = Path(folder)
-    template = yaml.safe_load((TASK_DIR / f"_exam_{cfg.MODE}.yaml").read_text(encoding="utf-8"))
+    thinking = chat_template_args(cfg)["enable_thinking"]
     for task, task_rows in rows.items():
         data = folder / f"{task}.jsonl"
-        data.write_text(jsonl_text(task_rows), encoding="utf-8")
-        config = json.loads(json.dumps(template)) | {"task": task}
-        config["dataset_kwargs"] = {"data_files": {"test": str(data)}, "cache_dir": str(folder / "datasets-cache")}
+        data.write_text(jsonl_text([row | {"thinking": thinking} for row in task_rows]), encoding="utf-8")
+        config = {"include": str(TASK_DIR / f"_exam_{cfg.MODE}.yaml"), "task": task,
+                  "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(folder / "datasets-cache")}}
         if cfg.MODE == "generate":
             config["generation_kwargs"] = generation_settings(cfg)
-            if not cfg.THINKING:  # the empty think block is in the prompt: the reply is the answer
-                regex = config["filter_list"][0]["filter"][0]
-                regex["regex_pattern"] = regex["regex_pattern"].removeprefix(THINK_PREFIX)
         (folder / f"{task}.yaml").write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False),
                                              encoding="utf-8")
     if GROUP in plan.names:
-        (folder / f"{GROUP}.yaml").write_text((TASK_DIR / f"{GROUP}.yaml").read_text(encoding="utf-8"),
+        group = yaml.safe_load((TASK_DIR / f"{GROUP}.yaml").read_text(encoding="utf-8"))
+        group["task"] = [t for t in group["task"] if t in rows]  # a sample may leave a small subject out
+        (folder / f"{GROUP}.yaml").write_text(yaml.safe_dump(group, allow_unicode=True, sort_keys=False),
                                               encoding="utf-8")
 
 

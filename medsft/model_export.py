@@ -63,7 +63,9 @@ def adapter_problems(adapter_path) -> list[str]:
     if not path.exists():
         return [f"adapter_path {path} not found; name the adapter to merge (OUTPUT_DIR/final of a training run)"]
     if not (path / "adapter_config.json").is_file():
-        hint = f"; did you mean {path / 'final'}?" if (path / "final" / "adapter_config.json").is_file() else ""
+        from medsft.assistant import final_folder_hint
+
+        hint = final_folder_hint(path, holds=("adapter_config.json",))
         return [f"adapter_path {path} has no adapter_config.json, so it is not a LoRA adapter{hint}"]
     return []
 

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,9 @@ def run_benchmark(out_dir, adapter, *args):
     return report, json.loads((out_dir / "benchmark.json").read_text(encoding="utf-8"))
 
 
-def table_rows(text: str) -> list[list[str]]:
-    """The rows of the printed markdown table (header and rule dropped), cells stripped."""
+def table_rows(text: str, table: str = "By task:") -> list[list[str]]:
+    """The rows of the printed markdown table under `table` (header and rule dropped), cells stripped."""
+    text = text.split(table, 1)[1].split("\n\n", 1)[0].strip() if table in text else ""
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
 
@@ -71,7 +73,7 @@ def loglikelihood_run(tmp_path_factory, trained_adapter):
     out = tmp_path_factory.mktemp("bench-ll")
     printed = io.StringIO()
     with redirect_stdout(printed):
-        report, saved = run_benchmark(out, trained_adapter, f"--exam_file={SAMPLE_EXAM}")
+        report, saved = run_benchmark(out, trained_adapter, f"--exam_file={SAMPLE_EXAM}", "--mode=loglikelihood")
     return out, printed.getvalue(), saved
 
 
@@ -204,7 +206,7 @@ def official_exam_dir(root: Path) -> Path:
 
 def test_medical_zh_from_official_csv_files(tmp_path, trained_adapter, capsys):
     exam_dir = official_exam_dir(tmp_path)
-    _, saved = run_benchmark(tmp_path / "out", trained_adapter, f"--exam_dir={exam_dir}")
+    _, saved = run_benchmark(tmp_path / "out", trained_adapter, f"--exam_dir={exam_dir}", "--mode=loglikelihood")
     subjects = group_subjects()
     assert sorted(saved["tasks"]) == sorted(subjects + ["medical_zh"]) and list(saved["tasks"])[-1] == "medical_zh"
     for task in subjects:
@@ -222,8 +224,10 @@ def test_exam_file_in_cmmlu_csv_layout(tmp_path):
     write_csv(path, ["", "Question", "A", "B", "C", "D", "Answer"], [(0, "问题一", "甲", "乙", "丙", "丁", "C"),
                                                                      (1, "问题二", 1, 2, 3, 4, " a ")])
     rows = read_exam_file(path)
-    assert rows == [{"question": "问题一", "choices": ["甲", "乙", "丙", "丁"], "label": 2, "line": 2},
-                    {"question": "问题二", "choices": ["1", "2", "3", "4"], "label": 0, "line": 3}]
+    assert rows == [{"question": "问题一", "choices": ["甲", "乙", "丙", "丁"], "answer": "C", "label": 2, "subject": "",
+                     "line": 2},
+                    {"question": "问题二", "choices": ["1", "2", "3", "4"], "answer": "A", "label": 0, "subject": "",
+                     "line": 3}]
 
 
 BAD_FILES = [
@@ -302,6 +306,107 @@ def test_parquet_mirror_layout(tmp_path):
     assert find_subject_file(tmp_path / "exams", "cmmlu", "anatomy", "test") == cmmlu
     assert find_subject_file(tmp_path / "exams", "ceval", "physician", "val") == ceval
     assert find_subject_file(tmp_path / "exams", "cmmlu", "physician", "val") is None
-    assert read_exam_file(cmmlu) == [{"question": "问", "choices": ["1", "2", "3", "4"], "label": 3, "line": 1}]
+    assert read_exam_file(cmmlu) == [{"question": "问", "choices": ["1", "2", "3", "4"], "answer": "D", "label": 3,
+                                      "subject": "", "line": 1}]
     with pytest.raises(DataError, match=r"physician/val-00000-of-00001.parquet: row 1: option D is missing"):
         read_exam_file(ceval)
+
+
+CMB_SAMPLE = ROOT / "data" / "exams" / "cmb_exam_sample.json"
+
+
+@pytest.fixture(scope="module")
+def stub_generate_run(tmp_path_factory, trained_adapter):
+    """benchmark.py with no --mode and no --report_path on a copy of the run (OUTPUT_DIR/final), over the CMB-Exam
+    sample, with stub replies full of letters that are not answers (B超, 维生素B12, C反应蛋白, "A选项错误"): the
+    base answers every question right, the adapter gives only the first letter of a multiple-answer question."""
+    import io
+    import shutil
+    from contextlib import redirect_stdout
+
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from medsft.exam_data import read_exam_file
+
+    answers = {row["question"]: row["answer"] for row in read_exam_file(CMB_SAMPLE)}
+
+    def stub_generate(self, context, max_length, stop, **kwargs):
+        prompt = self.tokenizer.decode(context[0])
+        answer = next(a for q, a in answers.items() if q in prompt)
+        if not hasattr(self.model, "peft_config"):
+            reply = f"<think>\n先看B超和维生素B12。\n</think>\n\n首选B超检查，C反应蛋白不高。答案：{'、'.join(answer)}"
+        else:
+            reply = f"<think>\n答案是E吗？\n</think>\n\nA选项错误，B超无助诊断。\n\n先选E，最终答案：**{answer[0]}**"
+        ids = torch.tensor(self.tokenizer(reply, add_special_tokens=False)["input_ids"])
+        return torch.cat([context, ids.repeat(context.shape[0], 1).to(context.device)], dim=1)
+
+    run = tmp_path_factory.mktemp("stub-run")
+    shutil.copytree(trained_adapter, run / "final")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(printed):
+        patch.setattr(HFLM, "_model_generate", stub_generate)
+        benchmark.main([f"--finetuned_path={run / 'final'}", f"--exam_file={CMB_SAMPLE}", "--max_new_tokens=64",
+                        "--batch_size=1"])
+    return run, printed.getvalue()
+
+
+def test_generate_mode_reads_answers_past_b_ultrasound_letters(stub_generate_run):
+    run, printed = stub_generate_run
+    saved = json.loads((run / "benchmark.json").read_text(encoding="utf-8"))
+    task = saved["tasks"]["cmb_exam_sample"]
+    assert [o["correct"] for o in task["base"]["outcomes"]] == [1] * 12
+    assert [o["answer"] for o in task["base"]["outcomes"]][3] == "ABD"  # a multiple-answer question, read as a set
+    tuned = task["finetuned"]["outcomes"]
+    assert [o["correct"] for o in tuned] == [int(not o["multi"]) for o in tuned] and sum(o["multi"] for o in tuned) == 3
+    exam = saved["exams"]["CMB-Exam"]
+    assert exam["n"] == 12 and exam["base"]["acc"] == 1 and exam["finetuned"]["acc"] == 0.75
+    assert exam["finetuned"]["single_acc"] == 1 and exam["finetuned"]["multi_acc"] == 0
+    assert exam["base"]["unparsed"] == 0 and set(exam["base"]["by_subject"]) == {"执业医师", "护士执业资格", "执业药师", "考研"}
+    lo, hi = exam["interval95"]["delta"]
+    assert lo <= -0.25 <= hi <= 0 and exam["mcnemar_p"] == pytest.approx(0.25)  # b = 3, c = 0
+    row = table_rows(printed, "By exam:")[0]
+    assert row[:2] == ["CMB-Exam", "12"] and row[2].startswith("1.000 [") and row[4].startswith("-0.250 [")
+    assert row[6:] == ["0.0%", "0.0%", "3 scored: 1.000 / 0.000"]  # multiple-answer accuracy kept apart
+    markdown = (run / "benchmark.md").read_text(encoding="utf-8")
+    assert "| CMB-Exam |" in markdown and "ANOTHER model's published results" in markdown and "2412.18925" in markdown
+
+
+def test_default_mode_follows_no_think_fraction(stub_generate_run, tmp_path):
+    run, printed = stub_generate_run
+    saved = json.loads((run / "benchmark.json").read_text(encoding="utf-8"))
+    assert saved["mode"] == "generate" and saved["no_think_fraction"] == 0 and saved["chat_template"]["enable_thinking"]
+    assert saved["mode_reason"].startswith("the run trained with NO_THINK_FRACTION=0")
+    assert re.search(r"\nmode += 'generate'  \(auto: the run trained with NO_THINK_FRACTION=0(\.0)?\)", printed)
+    from medsft.settings import parse_settings
+
+    for fraction, mode in ((0.25, "loglikelihood"), (0.0, "generate")):
+        cfg = parse_settings(vars(benchmark), [])
+        assert benchmark.choose_mode(cfg, {"NO_THINK_FRACTION": fraction}).startswith(
+            f"the run trained with NO_THINK_FRACTION={fraction}") and cfg.MODE == mode
+    cfg = parse_settings(vars(benchmark), ["--mode=loglikelihood"])
+    assert benchmark.choose_mode(cfg, {"NO_THINK_FRACTION": 0.0}) == "given on the command line"
+    assert cfg.MODE == "loglikelihood"
+
+
+def test_report_is_written_beside_final(stub_generate_run):
+    run, printed = stub_generate_run
+    assert {p.name for p in run.iterdir()} >= {"final", "benchmark.json", "benchmark.md", "benchmark.png"}
+    assert f"wrote {run / 'benchmark.json'}, {run / 'benchmark.md'} and {run / 'benchmark.png'}" in printed
+
+
+def test_run_folder_gets_the_final_hint(trained_adapter):
+    with pytest.raises(UserError, match=rf"neither an adapter .* nor a model folder .*; did you mean "
+                                        rf"{trained_adapter.parent / 'final'}\?"):
+        benchmark.main([f"--finetuned_path={trained_adapter.parent}", f"--exam_file={SAMPLE_EXAM}"])
+
+
+def test_printed_settings_show_the_exam_files_tasks(tmp_path, trained_adapter, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "options": {"A": "1"}, "answer": "A"}\n', encoding="utf-8")
+    with pytest.raises(DataError):  # stops after the settings are printed, before any model loads
+        benchmark.main([f"--finetuned_path={trained_adapter}", f"--exam_file={SAMPLE_EXAM},{bad}",
+                        f"--report_path={tmp_path / 'b.json'}"])
+    printed = capsys.readouterr().out
+    assert re.search(r"\ntasks += 'exam_sample,bad'  \(the exam_file tasks\)", printed)
+    assert "medical_zh" not in printed
