@@ -14,25 +14,27 @@ from pathlib import Path
 from medsft.chat_format import encode_prompt, render_prompt
 from medsft.exam_data import LETTERS, read_exam_file
 
-# The instruction line of benchmark.py's generate mode (eval_tasks/_exam_generate.yaml, doc_to_text): the same
+# The instruction lines of benchmark.py's generate mode (eval_tasks/_exam_generate.yaml, doc_to_text): the same
 # words, so that GRPO trains exactly the question the benchmark asks (tests/test_grpo.py holds them equal)
 EXAM_INSTRUCTION = "以下是单项选择题，请选出正确答案，最后以“答案：X”的格式给出选项字母。"
+MULTIPLE_ANSWER_INSTRUCTION = "以下是多项选择题，请选出所有正确答案，最后以“答案：XY”的格式给出选项字母。"
 
 
 def answer_letters(row: dict) -> str:
-    """The right letters of an exam row, sorted: its set of answers where the reader gives one, else its label."""
-    for key in ("answers", "answer_letters", "labels"):
-        value = row.get(key)
-        if value:
-            letters = [LETTERS[v] if isinstance(v, int) else str(v).strip().upper() for v in value]
-            return "".join(sorted(set(letters)))
+    """The right letters of an exam row, sorted ("C", or "AB" for a multiple-answer question); a row with only a
+    label gives its one letter."""
+    answer = row.get("answer")
+    if isinstance(answer, str) and answer.strip():
+        return "".join(sorted(set(answer.strip().upper())))
     return LETTERS[row["label"]]
 
 
 def exam_question_text(row: dict) -> str:
-    """The user turn: the instruction, a blank line, the question, then one "A. text" line per option."""
+    """The user turn: the instruction (the multiple-answer one when the answer has several letters), a blank line,
+    the question, then one "A. text" line per option."""
+    instruction = MULTIPLE_ANSWER_INSTRUCTION if len(answer_letters(row)) > 1 else EXAM_INSTRUCTION
     options = "".join(f"\n{LETTERS[i]}. {choice}" for i, choice in enumerate(row["choices"]))
-    return f"{EXAM_INSTRUCTION}\n\n{row['question']}{options}"
+    return f"{instruction}\n\n{row['question']}{options}"
 
 
 _IGNORED = re.compile(r"\s+")

@@ -86,11 +86,16 @@ def test_a_right_answer_outscores_any_wrong_one_and_the_token_ids_are_qwen3s(tok
 # prompts and the contamination guard
 
 
-def test_the_instruction_is_benchmark_generate_modes():
-    from medsft.grpo_data import EXAM_INSTRUCTION
+def test_the_instructions_are_benchmark_generate_modes():
+    from medsft.grpo_data import EXAM_INSTRUCTION, MULTIPLE_ANSWER_INSTRUCTION, exam_question_text
 
     template = (ROOT / "eval_tasks" / "_exam_generate.yaml").read_text(encoding="utf-8")
-    assert f'doc_to_text: "{EXAM_INSTRUCTION}\\n\\n{{{{question}}}}' in template
+    line = next(line for line in template.splitlines() if line.startswith("doc_to_text:"))
+    assert f"{{% if answer | length > 1 %}}{MULTIPLE_ANSWER_INSTRUCTION}{{% else %}}{EXAM_INSTRUCTION}{{% endif %}}" \
+        "\\n\\n{{question}}" in line
+    row = {"question": "问题", "choices": ["甲", "乙", "丙"], "answer": "AC", "label": 0}
+    assert exam_question_text(row) == f"{MULTIPLE_ANSWER_INSTRUCTION}\n\n问题\nA. 甲\nB. 乙\nC. 丙"
+    assert exam_question_text(dict(row, answer="B")).startswith(EXAM_INSTRUCTION + "\n\n")
 
 
 def exam_cfg(tmp_path, **changes):
@@ -127,6 +132,18 @@ def test_the_contamination_guard_drops_a_planted_duplicate_and_control_text_stay
 # a real run
 
 
+def first_token_reward(completion_ids, **kwargs):
+    """The first token's id / 151,936: a random model's replies all score 0 on the real rewards (no spread, so
+    no advantage and no update); this spreads them, so the run's update is real."""
+    return [ids[0] / 151936 if ids else 0.0 for ids in completion_ids]
+
+
+def grpo_rewards():
+    from medsft.rewards import reward_functions
+
+    return reward_functions(8, 16)[0] + [first_token_reward]
+
+
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory, train_once, short_data_dir):
     """A 2-step train_grpo.py run continuing the session's v3 adapter, a checkpoint and an evaluation every step."""
@@ -136,7 +153,7 @@ def grpo_run(tmp_path_factory, train_once, short_data_dir):
     out, printed = tmp_path_factory.mktemp("grpo-run"), io.StringIO()
     with contextlib.redirect_stdout(printed):
         result = train_grpo.main([f"--sft_adapter={sft_out / 'final'}", f"--exam_file={EXAMS}",
-                                  f"--output_dir={out}", *FAST_GRPO])
+                                  f"--output_dir={out}", *FAST_GRPO], reward_funcs=grpo_rewards())
     return out, result, printed.getvalue(), sft_out
 
 
@@ -181,7 +198,7 @@ def test_a_stopped_grpo_run_resumes(grpo_run, tmp_path):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         train_grpo.main([f"--sft_adapter={grpo_run[3] / 'final'}", f"--exam_file={EXAMS}", f"--output_dir={out}",
-                         *FAST_GRPO])
+                         *FAST_GRPO], reward_funcs=grpo_rewards())
     assert "resuming from" in printed.getvalue() and "checkpoint-1" in printed.getvalue()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["step"] for r in records if "reward" in r] == [1, 2]
