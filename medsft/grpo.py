@@ -55,7 +55,7 @@ def take_sft_run_settings(cfg) -> dict:
                                        "output_dir": run.get("OUTPUT_DIR")}
     cfg.CHAIN = [{"stage": "base", "path": cfg.MODEL_PATH if kind != "model" else run.get("MODEL_PATH")},
                  *([{"stage": "sft", **sft}] if sft else []),
-                 {"stage": "grpo", "path": str(Path(cfg.OUTPUT_DIR) / "final")}]
+                 {"stage": "grpo", "path": "final/"}]  # this run's, wherever its folder is moved
     if origins is not None:
         origins["CHAIN"] = "base -> SFT run -> this run"
     return run
