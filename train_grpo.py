@@ -94,7 +94,7 @@ def main(argv=None, reward_funcs=None):
     take_sft_run_settings(cfg)  # RL: the base and prompt of the SFT run, and the chain base -> SFT -> GRPO
     if finished_run(cfg):  # the same command again: say where the result is, before any long printout
         return None
-    cfg.print(f"GRPO settings")
+    cfg.print("GRPO settings")
     check_settings(check_grpo_settings(cfg))
 
     # ========== 2. Tokenizer and exam prompts (RL: questions with a checkable answer, no replies) ==========
