@@ -33,7 +33,7 @@ def finished_run(cfg) -> Path | None:
         return None
     try:
         saved = read_saved_settings(out / "settings.json", cfg)
-        new = cfg.as_dict() | {"DATA_SHA256": data_fingerprint(cfg.DATA_DIR)}
+        new = cfg.as_dict() | {"DATA_SHA256": fingerprint_of(cfg)}
         summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # unreadable or missing data: the usual checks name the problem
@@ -86,11 +86,18 @@ def data_fingerprint(data_dir) -> str:
     return digest.hexdigest()
 
 
+def fingerprint_of(cfg) -> str:
+    """The run's data fingerprint: DATA_DIR's split, or what the script hands in as cfg._data_fingerprint (GRPO's
+    exam files)."""
+    custom = getattr(cfg, "_data_fingerprint", None)
+    return custom(cfg) if custom else data_fingerprint(cfg.DATA_DIR)
+
+
 def plan_output_dir(cfg, n_train: int) -> str | None:
     """The checkpoint to resume from, or None for a fresh run; a finished run is never silently overwritten,
     and a resume never silently changes what the run trains."""
     out = Path(cfg.OUTPUT_DIR)
-    cfg.DATA_SHA256 = data_fingerprint(cfg.DATA_DIR)  # saved in settings.json with the constants
+    cfg.DATA_SHA256 = fingerprint_of(cfg)  # saved in settings.json with the constants
     last = last_complete_checkpoint(out)
     if cfg.OVERWRITE:
         if not is_main_process():  # the main process clears the folder; the others train into it
