@@ -25,14 +25,43 @@ THINK_SWITCH, NO_THINK_SWITCH = "/think", "/no_think"  # Qwen3's soft switches, 
 
 _SWITCH = re.compile(r"/(no_)?think(?![A-Za-z0-9_])")
 _THINK_TAGS = re.compile(r"</?think>")
-_BLANK_RUNS = re.compile(r"\n\s*\n+")
+_BLANK_RUNS = re.compile(r"\n{3,}")
 
 
 def normalise_text(text: str) -> str:
-    """Unify newlines, strip each line's trailing spaces, collapse blank-line runs, strip the ends."""
+    """The text as the data has it, paragraph breaks kept: unify newlines, strip each line's trailing spaces,
+    collapse runs of three or more newlines to two (one blank line), strip the ends.
+
+    "## 诊断\r\n\r\n可能…  \n\n\n\n## 建议\n" gives "## 诊断\n\n可能…\n\n## 建议": Markdown keeps its paragraphs.
+    """
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u3000", " ")
     text = "\n".join(line.rstrip() for line in text.split("\n"))
-    return _BLANK_RUNS.sub("\n", text).strip()
+    return _BLANK_RUNS.sub("\n\n", text).strip()
+
+
+def row_system_prompt(row: dict, default: str = SYSTEM_PROMPT) -> str:
+    """A single-turn row's own system prompt (its `instruction`: from --columns=...,system:COL or the Gradio seed's
+    instruction), else `default` (the run's SYSTEM_PROMPT). The dataset's rows carry the project's default prompt
+    as their instruction: that counts as none, so they render as before and --system_prompt still applies."""
+    own = row.get("instruction")
+    return own if isinstance(own, str) and own and own != SYSTEM_PROMPT else default
+
+
+def system_prompt_of(row: dict, default: str = SYSTEM_PROMPT) -> str:
+    """The system prompt a row is trained and asked with: a conversation's system turn, a single-turn row's own
+    (row_system_prompt), else `default`."""
+    if "messages" in row:
+        first = row["messages"][0] if row["messages"] else {}
+        return first["content"] if first.get("role") == "system" else default
+    return row_system_prompt(row, default)
+
+
+def has_own_system_prompt(row: dict) -> bool:
+    """Whether a row brings its own system prompt (a single-turn row's instruction, a conversation's system turn)."""
+    if "messages" in row:
+        first = row["messages"][0] if row["messages"] else {}
+        return first.get("role") == "system" and first.get("content") != SYSTEM_PROMPT
+    return row_system_prompt(row, "") != ""
 
 
 def clean_think(text: str) -> str:
@@ -189,6 +218,7 @@ def build_training_example(tokenizer, row: dict, max_length: int, system_prompt:
                            question: str | None = None) -> dict | None:
     """Token ids and labels for one row, or None when it cannot fit `max_length` even with its think cut.
 
+    The system prompt is the row's own (row_system_prompt: its `instruction`), else `system_prompt`.
     An example longer than `max_length` never loses its answer or end token: the think text is shortened
     (at a token boundary, from the end) until the whole example fits. `question` overrides the row's
     question (v3 masks terms in it). The result also has `think_end` (index of the </think> token, so the
@@ -197,7 +227,7 @@ def build_training_example(tokenizer, row: dict, max_length: int, system_prompt:
     """
     question = row["question"] if question is None else question
     think, answer = row["think"], row["answer"]
-    prompt = _render_prompt(tokenizer, question, system_prompt, ())
+    prompt = _render_prompt(tokenizer, question, row_system_prompt(row, system_prompt), ())
     example = _tokenize(tokenizer, prompt, think, answer)
     if len(example["input_ids"]) <= max_length:
         return example | {"think_cut": 0}

@@ -96,9 +96,10 @@ def reply_start(text: str) -> str:
     return "thinks" if text.lstrip().startswith("<think>") else "no_block"
 
 
-def switch_check(model, tokenizer, questions: list[str], system_prompt: str, max_new_tokens: int, batch_size: int,
+def switch_check(model, tokenizer, questions: list[str], system_prompt, max_new_tokens: int, batch_size: int,
                  **sampling) -> dict:
     """The shares of replies that honour each way of switching thinking off (only the reply's start is generated).
+    `system_prompt` is one for all questions or one per question (each row's own).
 
     /no_think in the question (soft switch): the share that starts with an empty think block and the share
     that starts thinking anyway. enable_thinking=False (hard switch, the empty block already in the prompt):
@@ -113,8 +114,9 @@ def switch_check(model, tokenizer, questions: list[str], system_prompt: str, max
                                              max_new_tokens=max_new_tokens, **sampling)
         return [reply_start(reply.text) for reply in replies]
 
-    soft = starts([encode_prompt(tokenizer, with_no_think_switch(q), system_prompt) for q in questions])
-    hard = starts([encode_prompt(tokenizer, q, system_prompt, enable_thinking=False) for q in questions])
+    prompts = [system_prompt] * len(questions) if isinstance(system_prompt, str) else system_prompt
+    soft = starts([encode_prompt(tokenizer, with_no_think_switch(q), p) for q, p in zip(questions, prompts)])
+    hard = starts([encode_prompt(tokenizer, q, p, enable_thinking=False) for q, p in zip(questions, prompts)])
     n = len(questions)
     return {"no_think_empty_think_share": soft.count("empty_think") / n,
             "no_think_thinks_anyway_share": soft.count("thinks") / n,

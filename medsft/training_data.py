@@ -4,7 +4,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsft.chat_format import IGNORE_INDEX, build_row_example
+from medsft.chat_format import IGNORE_INDEX, build_row_example, has_own_system_prompt
 from medsft.errors import DataError, UserError
 from medsft.records import read_jsonl
 
@@ -65,6 +65,8 @@ def load_training_data(cfg, tokenizer) -> TrainingData:
         "max": lengths[-1], "train_tokens": sum(lengths),
         "shortened": train_stats["shortened"] + val_stats["shortened"],
         "dropped": train_stats["dropped"] + val_stats["dropped"],
+        "own_system_prompt": sum(map(has_own_system_prompt, splits["train"] + splits["val"])),
+        "rows": len(splits["train"]) + len(splits["val"]),
     }
     if cfg.NO_THINK_FRACTION > 0:  # that share of examples is a reply without reasoning, re-drawn each epoch
         return TrainingData(train_rows, val_rows, NoThinkMix(train, train_rows, tokenizer, cfg),
@@ -85,6 +87,8 @@ def show_data_preview(tokenizer, data: TrainingData, cfg) -> None:
           f"{s['train_tokens']:,} train tokens per epoch")
     print(f"example length in tokens: p50 {s['p50']}, p90 {s['p90']}, p99 {s['p99']}, max {s['max']} "
           f"(max_length {cfg.MAX_LENGTH}: {s['shortened']} shortened, {s['dropped']} dropped)")
+    print(f"rows with their own system prompt: {s['own_system_prompt']} of {s['rows']} (the rest use system_prompt; "
+          "a row's instruction, or a conversation's system turn, wins)")
     no_think = [is_no_think(data.train_set, i) for i in range(len(data.train_set))]
     print(f"examples without reasoning (no-think) in epoch 1: {sum(no_think)} of {len(no_think)} "
           f"(no_think_fraction {cfg.NO_THINK_FRACTION} of them re-drawn each epoch, plus rows with an empty think)")
