@@ -147,12 +147,19 @@ class _Marked:
         self.text += text
         return self
 
+    def ordinary(self, tokenizer) -> bool:
+        """No added token's text overlaps a plain span (no control text typed in the contents)."""
+        return not any(a < match.end() and match.start() < b for match in
+                       _added_token_pattern(tokenizer).finditer(self.text) for a, b in self.plain)
+
     def encode(self, tokenizer) -> list[int]:
         """Split at the template's added tokens only; everything between them is tokenised as plain text.
 
         The tokenizer itself splits at every added token and tokenises the pieces between them separately,
         so for text without control text in its plain spans the ids are exactly tokenizer(text)'s.
         """
+        if self.ordinary(tokenizer):  # the tokenizer's own split at added tokens is this one: one call in Rust
+            return tokenizer.backend_tokenizer.encode(self.text, add_special_tokens=False).ids
         ids, start = [], 0
         for match in _added_token_pattern(tokenizer).finditer(self.text):
             if any(a < match.end() and match.start() < b for a, b in self.plain):
@@ -178,8 +185,7 @@ def _render_prompt(tokenizer, question, system_prompt, history, enable_thinking:
         messages += [{"role": "user", "content": slots[i]},
                      {"role": "assistant", "content": slots[i + 1], "reasoning_content": ""}]
     messages.append({"role": "user", "content": slots[-1]})
-    skeleton = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             enable_thinking=enable_thinking)
+    skeleton = _skeleton(tokenizer, messages, enable_thinking)
     marked = _Marked()
     for part in re.split(f"({re.escape(slot)}\\d+\ue001)", skeleton):
         if part in slots:
@@ -187,6 +193,19 @@ def _render_prompt(tokenizer, question, system_prompt, history, enable_thinking:
         else:
             marked.add(part)
     return marked
+
+
+def _skeleton(tokenizer, messages: list[dict], enable_thinking: bool) -> str:
+    """The template rendered around the slots, once per structure: the slots hold no content, so the same
+    (template, slots, roles, enable_thinking) always renders the same text."""
+    key = (tokenizer.chat_template, enable_thinking, tuple((m["role"], m["content"]) for m in messages))
+    cache = tokenizer.__dict__.setdefault("_medsft_skeletons", {})
+    if key not in cache:
+        if len(cache) > 256:
+            cache.clear()
+        cache[key] = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                   enable_thinking=enable_thinking)
+    return cache[key]
 
 
 def _earlier_reply(reply: str) -> str:

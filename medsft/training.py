@@ -220,7 +220,12 @@ def trained_token_indices(data: TrainingData | None, cfg) -> list[int] | None:
         return None
     if data is None:
         raise ValueError("EMBEDDING_MODE='tokens' needs the training data to pick the embedding rows")
-    examples = data.train_set.every_variant() if hasattr(data.train_set, "every_variant") else data.train_set
+    train_set = data.train_set
+    if hasattr(train_set, "variant_token_ids"):  # read from the examples as tokenized once
+        return sorted(train_set.variant_token_ids())
+    if hasattr(train_set, "token_set"):
+        return sorted(train_set.token_set())
+    examples = train_set.every_variant() if hasattr(train_set, "every_variant") else train_set
     return sorted({token for example in examples for token in example["input_ids"]})
 
 
