@@ -212,7 +212,7 @@ class MaskedQuestionDataset:
         lengths = self.examples.lengths().tolist()
         pending = {}
         for index, row in enumerate(self.rows):
-            if self.drawn_no_think(index) or not self._fits_spliced(index, row["question"]):
+            if "messages" in row or self.drawn_no_think(index) or not self._fits_spliced(index, row["question"]):
                 pending[index] = None
                 continue
             question = self.masked_question(index)[0]

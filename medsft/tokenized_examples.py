@@ -219,7 +219,7 @@ def cache_parts(cfg, tokenizer, data_files: list[Path]) -> dict:
     for name in ("MAX_LENGTH", "LONG_EXAMPLES", "SYSTEM_PROMPT", "NO_THINK_FRACTION"):
         parts[name.lower()] = str(getattr(cfg, name))
     if hasattr(cfg, "MASK_PROB"):  # v3: the masked variants (trained-token rows) depend on these
-        for name in ("MASK_PROB", "MASK_STYLE", "MASK_POLICY", "SEED"):
+        for name in ("MASK_PROB", "MASK_STYLE", "MASK_POLICY"):
             parts[name.lower()] = str(getattr(cfg, name))
         lexicon = Path(cfg.LEXICON_PATH)
         parts["lexicon"] = digest(lexicon.read_bytes()) if lexicon.is_file() else "missing"
@@ -245,7 +245,7 @@ def what_changed(folder: Path, parts: dict) -> str:
     except (OSError, ValueError):
         return "no readable cache"
     changed = [name for name in parts if old.get(name) != parts[name]] + [name for name in old if name not in parts]
-    shown = [f"{name} {old.get(name)!r} -> {parts.get(name)!r}" if not name.startswith(("data:", "tokenizer", "chat_"))
+    shown = [f"{name} {old.get(name)!r} -> {parts.get(name)!r}" if not name.startswith(("data:", "tokenizer", "chat_", "lexicon"))
              else f"{name} changed" for name in changed]
     return "changed since the last cache: " + "; ".join(shown) if shown else "no cache for these settings"
 
