@@ -10,6 +10,7 @@ in the question and masks only terms the reply does not restate: the model learn
 gap without filling it in. Both draw the same random number for each term, so "absent_from_reply" masks a subset
 of what "seed" masks.
 """
+import os
 import random
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from medsft.chat_format import (END_OF_TURN, IGNORE_INDEX, _added_token_pattern, _render_prompt,
                                 build_conversation_example, build_row_example, build_training_example,
                                 with_no_think_switch)
+from medsft.distributed import is_main_process
 from medsft.errors import DataError, UserError
 from medsft.no_think import drawn_indices, has_empty_think, without_reasoning
 from medsft.tokenized_examples import encode_pieces
@@ -220,10 +222,9 @@ class MaskedQuestionDataset:
                 pending[index] = question
         todo = [i for i, q in pending.items() if q is not None and not _has_added_token(self.tokenizer, q)]
         for index, turn in zip(todo, encode_pieces(self.tokenizer, ["user\n" + pending[i] for i in todo])):
-            ids = self.examples[index]["input_ids"]
-            first, end = self._question_turn(ids)
-            if len(ids) + len(turn) - (end - first) <= self.max_length:
-                lengths[index] = len(ids) + len(turn) - (end - first)
+            first, end = self._question_turn(self.examples.prompt_ids(index))
+            if lengths[index] + len(turn) - (end - first) <= self.max_length:
+                lengths[index] += len(turn) - (end - first)
                 del pending[index]
         for index in pending:  # conversations, draws without reasoning, cut thinks: built as training builds them
             lengths[index] = len(self[index]["input_ids"])
@@ -231,7 +232,21 @@ class MaskedQuestionDataset:
 
     def variant_token_ids(self) -> set[int]:
         """The token ids of every_variant's examples, from the examples tokenized once and one batch call for the
-        fully masked questions' turns."""
+        fully masked questions' turns; kept beside the examples' cache when they came from one."""
+        import numpy as np
+
+        cached = getattr(self.examples, "cache_path", None)
+        sidecar = cached.with_suffix(".tokens.npy") if cached is not None else None
+        if sidecar is not None and sidecar.is_file():
+            return set(np.load(sidecar).tolist())
+        tokens = self._variant_token_ids()
+        if sidecar is not None and is_main_process():
+            staging = sidecar.with_name(f".{sidecar.stem}.{os.getpid()}.npy")
+            np.save(staging, np.asarray(sorted(tokens), dtype=np.int32))
+            os.replace(staging, sidecar)
+        return tokens
+
+    def _variant_token_ids(self) -> set[int]:
         tokens = self.examples.token_set()
         styles = ("mask", "typed") if self.style == "progressive" else (self.style,)
         turns, rebuild = [], []
@@ -248,9 +263,8 @@ class MaskedQuestionDataset:
                 else:
                     rebuild.append((index, style))
         for (index, question), turn in zip(turns, encode_pieces(self.tokenizer, ["user\n" + q for _, q in turns])):
-            ids = self.examples[index]["input_ids"]
-            first, end = self._question_turn(ids)
-            if len(ids) + len(turn) - (end - first) <= self.max_length:
+            first, end = self._question_turn(self.examples.prompt_ids(index))
+            if self.examples.length(index) + len(turn) - (end - first) <= self.max_length:
                 tokens.update(turn)
             else:
                 tokens.update(_ids(build_training_example(self.tokenizer, self.rows[index], self.max_length,

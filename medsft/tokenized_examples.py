@@ -40,6 +40,8 @@ class ExampleStore:
     """Tokenized examples as a sequence of chat_format's example dicts (input_ids, labels, think_end, think_cut,
     no_think, and turns_dropped for a conversation's), stored flat."""
 
+    cache_path = None  # the cache file they were read from or written to, if any
+
     def __init__(self, ids: np.ndarray, offsets: np.ndarray, meta: dict):
         self.ids, self.offsets, self.meta = ids, offsets, meta
 
@@ -57,7 +59,12 @@ class ExampleStore:
         return self.meta["end"] - self.meta["prompt_len"] + 1
 
     def token_set(self) -> set[int]:
-        return set(np.unique(self.ids).tolist())
+        """Every token id of the examples (a count per vocabulary id: linear, no sort of the whole array)."""
+        return set(np.flatnonzero(np.bincount(self.ids)).tolist()) if len(self.ids) else set()
+
+    def prompt_ids(self, index: int) -> list[int]:
+        start = self.offsets[index]
+        return self.ids[start : start + self.meta["prompt_len"][index]].tolist()
 
     def is_no_think(self, index: int) -> bool:
         return bool(self.meta["no_think"][index])
@@ -237,7 +244,8 @@ def cache_path(cfg, parts: dict) -> Path:
 
 def what_changed(folder: Path, parts: dict) -> str:
     """Why the cache missed: the settings that differ from the newest cache in the folder, or that there is none."""
-    earlier = sorted(folder.glob("examples-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    earlier = sorted((p for p in folder.glob("examples-*.json") if p.suffixes[-2:] != [".rows", ".json"]),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
     if not earlier:
         return "no cache yet"
     try:
@@ -258,7 +266,7 @@ def write_cache(path: Path, parts: dict, arrays: dict) -> None:
     path.with_suffix(".json").write_text(json.dumps(parts, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     os.replace(staging, path)
     for old in sorted(path.parent.glob("examples-*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_CACHES:]:
-        for stale in (old, old.with_suffix(".json"), old.with_suffix(".tokens.npy")):
+        for stale in (old, old.with_suffix(".json"), old.with_suffix(".tokens.npy"), old.with_suffix(".rows.json")):
             stale.unlink(missing_ok=True)
 
 

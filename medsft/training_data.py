@@ -1,5 +1,6 @@
 """Step 2 of the training scripts: the checked train/val rows, tokenised into examples (one per reply of a
 conversation), their length statistics, and the dry run's preview of what is trained."""
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -62,18 +63,24 @@ def load_training_data(cfg, tokenizer) -> TrainingData:
 
     start = time.perf_counter()
     files = [Path(cfg.DATA_DIR) / f"{name}.jsonl" for name in ("train", "val")]
-    splits = {path.stem: read_split(path) for path in files}
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"error: {path}: not found; run `python data.py` first")
     parts = te.cache_parts(cfg, tokenizer, files)
     path = te.cache_path(cfg, parts)
     folder_writable = te.writable(te.cache_folder(cfg))
     if not path.is_file() and not is_main_process() and world_size() > 1 and folder_writable:
         te.wait_for_cache(path)  # the main process builds it
-    arrays = None
+    arrays, splits = None, None
     if path.is_file():
-        try:
+        try:  # the checked rows too: the split files are byte for byte those they were checked from
             arrays = dict(np.load(path))
+            splits = json.loads(path.with_suffix(".rows.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):  # unreadable: built again below
-            arrays = None
+            arrays, splits = None, None
+    if splits is None:
+        arrays = None
+        splits = {path.stem: read_split(path) for path in files}
     expanded = {name: [part for whole in rows for part in expand_conversation(whole)] for name, rows in splits.items()}
     if arrays is not None:
         train, val = te.ExampleStore.from_arrays(arrays, "train_"), te.ExampleStore.from_arrays(arrays, "val_")
@@ -96,11 +103,15 @@ def load_training_data(cfg, tokenizer) -> TrainingData:
         if is_main_process() and folder_writable:
             arrays = {f"{name}_{key}": value for name, store in (("train", train), ("val", val))
                       for key, value in _store_arrays(store).items()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".rows.json").write_text(json.dumps(splits, ensure_ascii=False), encoding="utf-8")
             te.write_cache(path, parts, {**arrays, "train_kept": np.asarray(kept_train, np.int64),
                                          "val_kept": np.asarray(kept_val, np.int64), **counts})
             source += f"; cached in {path}"
         elif not folder_writable:
             source += f"; not cached: {te.cache_folder(cfg)} is not writable"
+    if path.is_file():
+        train.cache_path = path  # v3 keeps its trained-token rows beside it
     train_rows = [expanded["train"][i] for i in kept["train"]]
     val_rows = [expanded["val"][i] for i in kept["val"]]
     if not len(train) or not len(val):
