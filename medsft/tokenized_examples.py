@@ -221,7 +221,9 @@ def cache_parts(cfg, tokenizer, data_files: list[Path]) -> dict:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
         parts[f"data:{Path(path).name}"] = h.hexdigest()[:16]
-    parts["tokenizer"] = digest(tokenizer.backend_tokenizer.to_str())
+    if "_medsft_digest" not in tokenizer.__dict__:  # the vocabulary, merges and added tokens: hashed once per load
+        tokenizer.__dict__["_medsft_digest"] = digest(tokenizer.backend_tokenizer.to_str())
+    parts["tokenizer"] = tokenizer.__dict__["_medsft_digest"]
     parts["chat_template"] = digest(tokenizer.chat_template or "")
     for name in ("MAX_LENGTH", "LONG_EXAMPLES", "SYSTEM_PROMPT", "NO_THINK_FRACTION"):
         parts[name.lower()] = str(getattr(cfg, name))
