@@ -35,7 +35,7 @@ from medsft.settings import parse_settings  # noqa: E402
 ROWS = [10000, 100000]                   # train rows of each synthetic data folder (val gets 10% more)
 VERSIONS = ["v1", "v3"]                  # train_lora.py and train_lora3.py (v3: masking, tokens-mode embedding rows)
 WORK_DIR = "bench/work/data_prep"        # the tokenizer folder and the synthetic data (reused when already written)
-RESULTS_PATH = "bench/results/data_prep.json"  # raw figures; the Markdown table is written beside it (.md)
+RESULTS_PATH = "bench/results/data_prep/results.json"  # raw figures; the Markdown table beside it (.md)
 SEED = 0                                 # synthetic rows
 RENDER_ONLY = False                      # True: only rewrite the Markdown table from RESULTS_PATH
 # -----------------------------------------------------------------------------
