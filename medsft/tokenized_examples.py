@@ -18,6 +18,7 @@ changes the examples (the split files, the tokenizer and its template, MAX_LENGT
 NO_THINK_FRACTION, v3's masking settings and lexicon, the cache format). Under torchrun or accelerate launch the
 main process builds it and the others wait for it.
 """
+import gc
 import hashlib
 import json
 import os
@@ -163,9 +164,18 @@ def tokenize_examples(tokenizer, rows: list[dict], max_length: int, system_promp
     examples as chat_format.build_row_example gives row by row, built in batches."""
     from tqdm.auto import tqdm
 
+    gc.freeze()  # the rows read so far are never garbage: the collector stops rescanning them on every pass
+    try:
+        return _tokenize_examples(tokenizer, rows, max_length, system_prompt, drop_long,
+                                  tqdm(total=len(rows), desc=label, unit=" rows", disable=not progress,
+                                       mininterval=1.0, smoothing=0.1))
+    finally:
+        gc.unfreeze()
+
+
+def _tokenize_examples(tokenizer, rows, max_length, system_prompt, drop_long, bar):
     backend, marks = tokenizer.backend_tokenizer, _Marks(tokenizer)
     builder, kept, shortened, dropped = _StoreBuilder(), [], 0, 0
-    bar = tqdm(total=len(rows), desc=label, unit=" rows", disable=not progress, mininterval=1.0, smoothing=0.1)
     for first in range(0, len(rows), CHUNK):
         chunk = rows[first : first + CHUNK]
         texts, fast = [], []
