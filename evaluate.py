@@ -164,6 +164,7 @@ def split_loss(model, tokenizer, path: Path, cfg) -> dict:
 def thinking_switch_report(model, tokenizer, cfg) -> dict:
     """medsft.no_think.switch_check's shares on the first NO_THINK_CHECK val questions, for the base (the adapter
     switched off) and the adapter: whether fine-tuning kept Qwen3's way of answering without thinking."""
+    from medsft.chat_format import system_prompt_of
     from medsft.generation import prepare_for_generation
     from medsft.losses import mixed_precision
     from medsft.no_think import switch_check
@@ -171,13 +172,14 @@ def thinking_switch_report(model, tokenizer, cfg) -> dict:
 
     rows = [row for _, row in read_jsonl(Path(cfg.DATA_DIR) / "val.jsonl")][: cfg.NO_THINK_CHECK]
     questions = [opening_question(row) for row in rows]
+    system_prompts = [system_prompt_of(row, cfg.SYSTEM_PROMPT) for row in rows]
     prepare_for_generation(model)
     models = {"base": model.disable_adapter(), "adapter": contextlib.nullcontext()} if cfg.ADAPTER_PATH \
         else {"model": contextlib.nullcontext()}
     report = {"no_think_check_questions": len(questions)}
     for name, adapter_state in models.items():
         with adapter_state, mixed_precision(model.device):
-            shares = switch_check(model, tokenizer, questions, cfg.SYSTEM_PROMPT, cfg.NO_THINK_CHECK_TOKENS,
+            shares = switch_check(model, tokenizer, questions, system_prompts, cfg.NO_THINK_CHECK_TOKENS,
                                   cfg.BATCH_SIZE, temperature=cfg.TEMPERATURE, seed=cfg.SEED)
         report |= {f"{name}_{key}": value for key, value in shares.items()}
         print(f"thinking off, {name}: " + ", ".join(f"{key} {value:.2f}" for key, value in shares.items()), flush=True)
@@ -206,12 +208,15 @@ def redteam_choice(cfg) -> tuple[bool, str]:
 
 
 def generation_questions(cfg, redteam: bool) -> tuple[list[dict], list[dict]]:
-    """(the first GENERATE val or gold rows' questions, the red-team set's questions if asked for)."""
+    """(the first GENERATE val or gold rows' questions, each with its row's system prompt, else SYSTEM_PROMPT;
+    the red-team set's questions if asked for)."""
+    from medsft.chat_format import system_prompt_of
     from medsft.schemas import opening_question
 
     source = cfg.GENERATE_FROM
     held_out = [row for _, row in read_jsonl(Path(cfg.DATA_DIR) / f"{source}.jsonl")][: cfg.GENERATE]
-    rows = [{"id": f"{source}-{row.get('id', i)}", "question": opening_question(row)} for i, row in enumerate(held_out)]
+    rows = [{"id": f"{source}-{row.get('id', i)}", "question": opening_question(row),
+             "system_prompt": system_prompt_of(row, cfg.SYSTEM_PROMPT)} for i, row in enumerate(held_out)]
     return rows, [row for _, row in read_jsonl(cfg.REDTEAM_PATH)] if redteam else []
 
 

@@ -254,7 +254,8 @@ def answer_batch_file(assistant: MedicalAssistant, items, batch_file, output_fil
     try:
         for n, first in enumerate(range(0, len(todo), batch_size), start=1):
             chunk = todo[first : first + batch_size]
-            replies = assistant.ask_batch([item.question for item in chunk], [item.scenario for item in chunk])
+            replies = assistant.ask_batch([item.question for item in chunk], [item.scenario for item in chunk],
+                                          system_prompts=[item.system_prompt for item in chunk])
             append_rows(output_file, [prediction_row(item, reply) for item, reply in zip(chunk, replies)])
             answered += len(chunk)
             tokens += sum(reply.new_tokens for reply in replies)

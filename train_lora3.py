@@ -95,7 +95,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_path)
     data = load_training_data(cfg, tokenizer)
     # v3: the questions' medical terms are masked afresh each time an example is drawn
-    data.train_set = MaskedQuestionDataset(data.train_rows, tokenizer, cfg)
+    data.train_set = MaskedQuestionDataset(data.train_rows, tokenizer, cfg, data.train_examples)
     show_data_preview(tokenizer, data, cfg)
     print_restated_terms(data.train_set)  # masked terms that the reply restates teach naming what was never said
     if cfg.DRY_RUN:

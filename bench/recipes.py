@@ -88,7 +88,7 @@ def load_recipe_data(settings, tokenizer):
     if hasattr(settings, "MASK_PROB"):  # as train_lora3.main
         from medsft.masking import MaskedQuestionDataset
 
-        data.train_set = MaskedQuestionDataset(data.train_rows, tokenizer, settings)
+        data.train_set = MaskedQuestionDataset(data.train_rows, tokenizer, settings, data.train_examples)
     return data
 
 

@@ -257,24 +257,27 @@ class MedicalAssistant:
                              self.thinking if thinking is None else thinking)
 
     def encode(self, question: str, scenario: str | None = None, history=(),
-               thinking: bool | None = None) -> list[int]:
-        """The token ids of render()'s prompt; the question and history are plain text, never control tokens."""
-        return encode_prompt(self.tokenizer, question, scenario_system_prompt(scenario, self.system_prompt), history,
-                             self.thinking if thinking is None else thinking)
+               thinking: bool | None = None, system_prompt: str | None = None) -> list[int]:
+        """The token ids of render()'s prompt; the question and history are plain text, never control tokens.
+        `system_prompt` (a batch row's own) replaces `self.system_prompt` for this question."""
+        return encode_prompt(self.tokenizer, question, scenario_system_prompt(scenario, system_prompt or self.system_prompt),
+                             history, self.thinking if thinking is None else thinking)
 
     def ask(self, question: str, scenario: str | None = None, history=(), thinking: bool | None = None,
             **sampling) -> Reply:
         return self.generate([self.encode(_checked(question), scenario, history, thinking)], **sampling)[0]
 
     def ask_batch(self, questions, scenarios=None, histories=None, thinking: bool | None = None,
-                  **sampling) -> list[Reply]:
-        """Replies to several questions at once (one left-padded batch); scenarios and histories are per question."""
+                  system_prompts=None, **sampling) -> list[Reply]:
+        """Replies to several questions at once (one left-padded batch); scenarios, histories and system prompts
+        (None: self.system_prompt) are per question."""
         scenarios = scenarios or [None] * len(questions)
         histories = histories or [()] * len(questions)
-        if not len(questions) == len(scenarios) == len(histories):
-            raise ValueError("questions, scenarios and histories must have the same length")
-        return self.generate([self.encode(_checked(q), s, h, thinking) for q, s, h in zip(questions, scenarios,
-                                                                                         histories)], **sampling)
+        system_prompts = system_prompts or [None] * len(questions)
+        if not len(questions) == len(scenarios) == len(histories) == len(system_prompts):
+            raise ValueError("questions, scenarios, histories and system prompts must have the same length")
+        return self.generate([self.encode(_checked(q), s, h, thinking, p)
+                              for q, s, h, p in zip(questions, scenarios, histories, system_prompts)], **sampling)
 
     def stream(self, question: str, scenario: str | None = None, history=(), stop_event=None,
                thinking: bool | None = None, **sampling):
@@ -423,13 +426,14 @@ class BatchItem:
     question: str
     scenario: str | None
     row: dict  # the input row, whose other fields are copied to the output
+    system_prompt: str | None = None  # the row's own (evaluate.py passes a val row's), else the command line's
 
 
 def read_batch_file(path, scenario: str | None = None) -> list[BatchItem]:
     """The questions of a .jsonl file, checked before any model loads.
 
-    Rows have `question`, optional `id` (default "line-N", stable across reruns) and `scenario` (overrides
-    the command line's). Bad JSON, an empty question, a duplicate id or an unknown scenario stops with the
+    Rows have `question`, optional `id` (default "line-N", stable across reruns), `scenario` and
+    `system_prompt` (each overrides the command line's). Bad JSON, an empty question, a duplicate id or an unknown scenario stops with the
     file and line.
     """
     path = Path(path)
@@ -447,7 +451,10 @@ def read_batch_file(path, scenario: str | None = None) -> list[BatchItem]:
         row_scenario = row.get("scenario") or scenario
         if row_scenario and (not isinstance(row_scenario, str) or row_scenario not in SCENARIOS):
             raise DataError(path, line, f"unknown scenario {row_scenario!r}; valid scenarios: {', '.join(SCENARIOS)}")
-        items.append(BatchItem(line, item_id, question.strip(), row_scenario or None, row))
+        system_prompt = row.get("system_prompt")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise DataError(path, line, "system_prompt must be a string")
+        items.append(BatchItem(line, item_id, question.strip(), row_scenario or None, row, system_prompt or None))
     return items
 
 

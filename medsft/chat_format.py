@@ -25,14 +25,43 @@ THINK_SWITCH, NO_THINK_SWITCH = "/think", "/no_think"  # Qwen3's soft switches, 
 
 _SWITCH = re.compile(r"/(no_)?think(?![A-Za-z0-9_])")
 _THINK_TAGS = re.compile(r"</?think>")
-_BLANK_RUNS = re.compile(r"\n\s*\n+")
+_BLANK_RUNS = re.compile(r"\n{3,}")
 
 
 def normalise_text(text: str) -> str:
-    """Unify newlines, strip each line's trailing spaces, collapse blank-line runs, strip the ends."""
+    """The text as the data has it, paragraph breaks kept: unify newlines, strip each line's trailing spaces,
+    collapse runs of three or more newlines to two (one blank line), strip the ends.
+
+    "## 诊断\r\n\r\n可能…  \n\n\n\n## 建议\n" gives "## 诊断\n\n可能…\n\n## 建议": Markdown keeps its paragraphs.
+    """
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u3000", " ")
     text = "\n".join(line.rstrip() for line in text.split("\n"))
-    return _BLANK_RUNS.sub("\n", text).strip()
+    return _BLANK_RUNS.sub("\n\n", text).strip()
+
+
+def row_system_prompt(row: dict, default: str = SYSTEM_PROMPT) -> str:
+    """A single-turn row's own system prompt (its `instruction`: from --columns=...,system:COL or the Gradio seed's
+    instruction), else `default` (the run's SYSTEM_PROMPT). The dataset's rows carry the project's default prompt
+    as their instruction: that counts as none, so they render as before and --system_prompt still applies."""
+    own = row.get("instruction")
+    return own if isinstance(own, str) and own and own != SYSTEM_PROMPT else default
+
+
+def system_prompt_of(row: dict, default: str = SYSTEM_PROMPT) -> str:
+    """The system prompt a row is trained and asked with: a conversation's system turn, a single-turn row's own
+    (row_system_prompt), else `default`."""
+    if "messages" in row:
+        first = row["messages"][0] if row["messages"] else {}
+        return first["content"] if first.get("role") == "system" else default
+    return row_system_prompt(row, default)
+
+
+def has_own_system_prompt(row: dict) -> bool:
+    """Whether a row brings its own system prompt (a single-turn row's instruction, a conversation's system turn)."""
+    if "messages" in row:
+        first = row["messages"][0] if row["messages"] else {}
+        return first.get("role") == "system" and first.get("content") != SYSTEM_PROMPT
+    return row_system_prompt(row, "") != ""
 
 
 def clean_think(text: str) -> str:
@@ -118,12 +147,19 @@ class _Marked:
         self.text += text
         return self
 
+    def ordinary(self, tokenizer) -> bool:
+        """No added token's text overlaps a plain span (no control text typed in the contents)."""
+        return not any(a < match.end() and match.start() < b for match in
+                       _added_token_pattern(tokenizer).finditer(self.text) for a, b in self.plain)
+
     def encode(self, tokenizer) -> list[int]:
         """Split at the template's added tokens only; everything between them is tokenised as plain text.
 
         The tokenizer itself splits at every added token and tokenises the pieces between them separately,
         so for text without control text in its plain spans the ids are exactly tokenizer(text)'s.
         """
+        if self.ordinary(tokenizer):  # the tokenizer's own split at added tokens is this one: one call in Rust
+            return tokenizer.backend_tokenizer.encode(self.text, add_special_tokens=False).ids
         ids, start = [], 0
         for match in _added_token_pattern(tokenizer).finditer(self.text):
             if any(a < match.end() and match.start() < b for a, b in self.plain):
@@ -149,8 +185,7 @@ def _render_prompt(tokenizer, question, system_prompt, history, enable_thinking:
         messages += [{"role": "user", "content": slots[i]},
                      {"role": "assistant", "content": slots[i + 1], "reasoning_content": ""}]
     messages.append({"role": "user", "content": slots[-1]})
-    skeleton = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             enable_thinking=enable_thinking)
+    skeleton = _skeleton(tokenizer, messages, enable_thinking)
     marked = _Marked()
     for part in re.split(f"({re.escape(slot)}\\d+\ue001)", skeleton):
         if part in slots:
@@ -158,6 +193,19 @@ def _render_prompt(tokenizer, question, system_prompt, history, enable_thinking:
         else:
             marked.add(part)
     return marked
+
+
+def _skeleton(tokenizer, messages: list[dict], enable_thinking: bool) -> str:
+    """The template rendered around the slots, once per structure: the slots hold no content, so the same
+    (template, slots, roles, enable_thinking) always renders the same text."""
+    key = (tokenizer.chat_template, enable_thinking, tuple((m["role"], m["content"]) for m in messages))
+    cache = tokenizer.__dict__.setdefault("_medsft_skeletons", {})
+    if key not in cache:
+        if len(cache) > 256:
+            cache.clear()
+        cache[key] = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                   enable_thinking=enable_thinking)
+    return cache[key]
 
 
 def _earlier_reply(reply: str) -> str:
@@ -189,6 +237,7 @@ def build_training_example(tokenizer, row: dict, max_length: int, system_prompt:
                            question: str | None = None) -> dict | None:
     """Token ids and labels for one row, or None when it cannot fit `max_length` even with its think cut.
 
+    The system prompt is the row's own (row_system_prompt: its `instruction`), else `system_prompt`.
     An example longer than `max_length` never loses its answer or end token: the think text is shortened
     (at a token boundary, from the end) until the whole example fits. `question` overrides the row's
     question (v3 masks terms in it). The result also has `think_end` (index of the </think> token, so the
@@ -197,7 +246,7 @@ def build_training_example(tokenizer, row: dict, max_length: int, system_prompt:
     """
     question = row["question"] if question is None else question
     think, answer = row["think"], row["answer"]
-    prompt = _render_prompt(tokenizer, question, system_prompt, ())
+    prompt = _render_prompt(tokenizer, question, row_system_prompt(row, system_prompt), ())
     example = _tokenize(tokenizer, prompt, think, answer)
     if len(example["input_ids"]) <= max_length:
         return example | {"think_cut": 0}

@@ -10,14 +10,18 @@ in the question and masks only terms the reply does not restate: the model learn
 gap without filling it in. Both draw the same random number for each term, so "absent_from_reply" masks a subset
 of what "seed" masks.
 """
+import os
 import random
 import re
 from pathlib import Path
 
-from medsft.chat_format import (build_conversation_example, build_row_example, build_training_example,
+from medsft.chat_format import (END_OF_TURN, IGNORE_INDEX, _added_token_pattern, _render_prompt,
+                                build_conversation_example, build_row_example, build_training_example,
                                 with_no_think_switch)
+from medsft.distributed import is_main_process
 from medsft.errors import DataError, UserError
 from medsft.no_think import drawn_indices, has_empty_think, without_reasoning
+from medsft.tokenized_examples import encode_pieces
 
 CATEGORIES = ("疾病", "症状", "药物", "检查", "解剖")  # disease, symptom, drug, examination, anatomy
 MASK_STYLES = ("mask", "typed", "progressive")  # "[MASK]"; the term's category such as "[药物]"; [MASK] then typed
@@ -89,7 +93,9 @@ def check_masking_settings(cfg) -> list[str]:
 class MaskedQuestionDataset:
     """Training examples whose questions are masked afresh each time they are drawn (a torch map-style dataset)."""
 
-    def __init__(self, rows: list[dict], tokenizer, cfg):
+    def __init__(self, rows: list[dict], tokenizer, cfg, examples=None):
+        """`examples`: each row's unmasked example as tokenized once (load_training_data's train_examples);
+        a draw then re-tokenizes only the question's turn. Without them they are tokenized here."""
         self.rows, self.tokenizer = rows, tokenizer
         self.masker = TermMasker(load_lexicon(cfg.LEXICON_PATH))
         self.prob, self.style, self.seed, self.policy = cfg.MASK_PROB, cfg.MASK_STYLE, cfg.SEED, cfg.MASK_POLICY
@@ -98,6 +104,18 @@ class MaskedQuestionDataset:
         self.no_think_fraction = cfg.NO_THINK_FRACTION
         self.epoch = 0
         self.reset_counts()
+        if examples is None:
+            from medsft.tokenized_examples import tokenize_examples
+
+            examples, kept, _ = tokenize_examples(tokenizer, rows, self.max_length, self.system_prompt)
+            if len(kept) != len(rows):
+                raise ValueError("MaskedQuestionDataset: every row must fit max_length")
+        self.examples = examples
+        self._start, self._end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", END_OF_TURN))
+        # the question's turn is "<|im_start|>user\n{question}<|im_end|>": its ids are the tokenizer's for
+        # "user\n{question}" alone (the tokenizer splits at added tokens), so a draw replaces just those
+        probe = _render_prompt(tokenizer, "\ue002", "\ue003", ()).text
+        self._splice = "<|im_start|>user\n\ue002<|im_end|>" in probe
 
     def reset_counts(self) -> None:
         """Start counting masked terms afresh (the training start calls this, so previews do not count)."""
@@ -162,6 +180,118 @@ class MaskedQuestionDataset:
             yield from filter(None, [build_row_example(self.tokenizer, without_reasoning(self.rows[0]),
                                                        self.max_length, self.system_prompt)])
 
+    def _question_turn(self, ids: list[int]) -> tuple[int, int]:
+        """(first, end) of the question turn's ids "user\n{question}" in a single-turn example's ids."""
+        first = ids.index(self._start, 1) + 1
+        return first, ids.index(self._end, first)
+
+    def _fits_spliced(self, index: int, question: str) -> bool:
+        row = self.rows[index]
+        return (self._splice and "messages" not in row and not self.examples.meta["think_cut"][index]
+                and not _has_added_token(self.tokenizer, question) and not _has_added_token(self.tokenizer, row["question"]))
+
+    def _spliced(self, index: int, question: str, turn_ids: list[int] | None = None) -> dict | None:
+        """The row's example with its question replaced, from the example tokenized once: exactly what
+        build_training_example gives when the example fits without cutting its think; else None."""
+        if not self._fits_spliced(index, question):
+            return None
+        example = self.examples[index]
+        if question == self.rows[index]["question"]:
+            return example
+        if turn_ids is None:
+            turn_ids = encode_pieces(self.tokenizer, ["user\n" + question])[0]
+        ids = example["input_ids"]
+        first, end = self._question_turn(ids)
+        grown = len(turn_ids) - (end - first)
+        if len(ids) + grown > self.max_length:
+            return None
+        ids = ids[:first] + turn_ids + ids[end:]
+        labels = [IGNORE_INDEX] * (end + grown) + example["labels"][end:]
+        return {**example, "input_ids": ids, "labels": labels, "think_end": example["think_end"] + grown}
+
+    def lengths(self) -> list[int]:
+        """Each example's token count as this epoch draws it, with one batch call for the masked questions."""
+        lengths = self.examples.lengths().tolist()
+        pending = {}
+        for index, row in enumerate(self.rows):
+            if "messages" in row or self.drawn_no_think(index) or not self._fits_spliced(index, row["question"]):
+                pending[index] = None
+                continue
+            question = self.masked_question(index)[0]
+            if question != row["question"]:
+                pending[index] = question
+        todo = [i for i, q in pending.items() if q is not None and not _has_added_token(self.tokenizer, q)]
+        for index, turn in zip(todo, encode_pieces(self.tokenizer, ["user\n" + pending[i] for i in todo])):
+            first, end = self._question_turn(self.examples.prompt_ids(index))
+            if lengths[index] + len(turn) - (end - first) <= self.max_length:
+                lengths[index] += len(turn) - (end - first)
+                del pending[index]
+        for index in pending:  # conversations, draws without reasoning, cut thinks: built as training builds them
+            lengths[index] = len(self[index]["input_ids"])
+        return lengths
+
+    def variant_token_ids(self) -> set[int]:
+        """The token ids of every_variant's examples, from the examples tokenized once and one batch call for the
+        fully masked questions' turns; kept beside the examples' cache when they came from one."""
+        import numpy as np
+
+        cached = getattr(self.examples, "cache_path", None)
+        sidecar = cached.with_suffix(".tokens.npy") if cached is not None else None
+        if sidecar is not None and sidecar.is_file():
+            return set(np.load(sidecar).tolist())
+        tokens = self._variant_token_ids()
+        if sidecar is not None and is_main_process():
+            staging = sidecar.with_name(f".{sidecar.stem}.{os.getpid()}.npy")
+            np.save(staging, np.asarray(sorted(tokens), dtype=np.int32))
+            os.replace(staging, sidecar)
+        return tokens
+
+    def _variant_token_ids(self) -> set[int]:
+        tokens = self.examples.token_set()
+        styles = ("mask", "typed") if self.style == "progressive" else (self.style,)
+        turns, rebuild = [], []
+        for index, row in enumerate(self.rows):
+            if "messages" in row:
+                rebuild.append(index)
+                continue
+            if not self.masker.pattern.search(row["question"]):
+                continue  # masking changes nothing: the unmasked example already counts
+            for style in styles:
+                question = self.masker.mask(row["question"], random.Random(0), 1.0, style)[0]
+                if self._fits_spliced(index, question):
+                    turns.append((index, question))
+                else:
+                    rebuild.append((index, style))
+        for (index, question), turn in zip(turns, encode_pieces(self.tokenizer, ["user\n" + q for _, q in turns])):
+            first, end = self._question_turn(self.examples.prompt_ids(index))
+            if self.examples.length(index) + len(turn) - (end - first) <= self.max_length:
+                tokens.update(turn)
+            else:
+                tokens.update(_ids(build_training_example(self.tokenizer, self.rows[index], self.max_length,
+                                                          self.system_prompt, question=question)))
+        for item in rebuild:
+            if isinstance(item, int):  # a conversation: every style as every_variant builds it
+                for example in self._conversation_variants(self.rows[item], styles):
+                    tokens.update(example["input_ids"])
+            else:
+                index, style = item
+                question = self.masker.mask(self.rows[index]["question"], random.Random(0), 1.0, style)[0]
+                tokens.update(_ids(build_training_example(self.tokenizer, self.rows[index], self.max_length,
+                                                          self.system_prompt, question=question)))
+        if self.no_think_fraction > 0 and self.rows:
+            tokens.update(_ids(build_row_example(self.tokenizer, without_reasoning(self.rows[0]), self.max_length,
+                                                 self.system_prompt)))
+        return tokens
+
+    def _conversation_variants(self, row: dict, styles):
+        for style in (None, *styles):
+            mask = None if style is None else (
+                lambda text, style=style: self.masker.mask(text, random.Random(0), 1.0, style)[0])
+            example = build_conversation_example(self.tokenizer, row["messages"], self.max_length,
+                                                 self.system_prompt, mask_user=mask)
+            if example is not None:
+                yield example
+
     def masked_user_turn(self, rng: random.Random):
         """A conversation's masker: each user turn in order, from the row's one random stream."""
         def mask(text: str) -> str:
@@ -194,12 +324,23 @@ class MaskedQuestionDataset:
         self.found_terms += found
         if row is not self.rows[index]:  # drawn without reasoning: the masked question gets its /no_think too
             question = with_no_think_switch(question)
+        example = self._spliced(index, question) if row is self.rows[index] else None
+        if example is not None:
+            return example
         example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt, question=question)
         if example is None or (self.drop_long and example["think_cut"]):
             # masking lengthened the question past MAX_LENGTH: this draw trains the row unmasked (it fits as is)
             example = build_training_example(self.tokenizer, row, self.max_length, self.system_prompt) \
                 or build_training_example(self.tokenizer, self.rows[index], self.max_length, self.system_prompt)
         return example
+
+
+def _has_added_token(tokenizer, text: str) -> bool:
+    return "<" in text and _added_token_pattern(tokenizer).search(text) is not None
+
+
+def _ids(example: dict | None) -> list[int]:
+    return example["input_ids"] if example is not None else []
 
 
 def reply_text(row: dict) -> str:

@@ -413,8 +413,14 @@ def counted_bytes(model, optimizer=None) -> dict:
 
 def example_lengths(data) -> tuple[list[int], list[int]]:
     """(token counts of the training examples, longest first; trained positions of each val example, in order)."""
-    train = sorted((len(data.train_set[i]["input_ids"]) for i in range(len(data.train_set))), reverse=True)
-    return train, [sum(label != -100 for label in e["labels"]) for e in data.val_set]
+    train_set, val_set = data.train_set, data.val_set
+    if hasattr(train_set, "lengths"):  # read from the examples as tokenized once (v3: this epoch's draws)
+        train = sorted(map(int, train_set.lengths()), reverse=True)
+    else:
+        train = sorted((len(train_set[i]["input_ids"]) for i in range(len(train_set))), reverse=True)
+    if hasattr(val_set, "trained_counts"):
+        return train, list(map(int, val_set.trained_counts()))
+    return train, [sum(label != -100 for label in e["labels"]) for e in val_set]
 
 
 def batch_tokens(lengths: tuple[list[int], list[int]], cfg) -> tuple[int, int]:

@@ -64,9 +64,15 @@ class NoThinkMix:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def example_is_no_think(self, index: int) -> bool:
+        """The example itself is a reply without reasoning (its row has no think)."""
+        if hasattr(self.examples, "is_no_think"):
+            return self.examples.is_no_think(index)
+        return self.examples[index]["no_think"]
+
     def is_no_think(self, index: int) -> bool:
         return index in drawn_indices(self.cfg.NO_THINK_FRACTION, len(self), self.cfg.SEED, self.epoch) \
-            or self.examples[index]["no_think"]
+            or self.example_is_no_think(index)
 
     def every_variant(self):
         """Every token a draw can feed the model (EMBEDDING_MODE="tokens" trains their rows): the examples with
@@ -74,8 +80,24 @@ class NoThinkMix:
         yield from self.examples
         yield no_think_example(self.tokenizer, self.rows[0], self.cfg, fallback=self.examples[0])
 
+    def variant_token_ids(self) -> set[int]:
+        """The token ids of every_variant's examples, read from the examples as tokenized once."""
+        if not hasattr(self.examples, "token_set"):
+            return {token for example in self.every_variant() for token in example["input_ids"]}
+        extra = no_think_example(self.tokenizer, self.rows[0], self.cfg, fallback=self.examples[0])
+        return self.examples.token_set() | set(extra["input_ids"])
+
+    def lengths(self) -> list[int]:
+        """Each example's token count in the current epoch (the drawn ones without reasoning)."""
+        if not hasattr(self.examples, "lengths"):
+            return [len(self[i]["input_ids"]) for i in range(len(self))]
+        lengths = self.examples.lengths().tolist()
+        for index in drawn_indices(self.cfg.NO_THINK_FRACTION, len(self), self.cfg.SEED, self.epoch):
+            lengths[index] = len(self[index]["input_ids"])
+        return lengths
+
     def __getitem__(self, index: int) -> dict:
-        if self.examples[index]["no_think"] or not self.is_no_think(index):
+        if self.example_is_no_think(index) or not self.is_no_think(index):
             return self.examples[index]
         if index not in self._without_reasoning:  # the same every epoch it is drawn: built once
             self._without_reasoning[index] = no_think_example(self.tokenizer, self.rows[index], self.cfg,
@@ -96,9 +118,10 @@ def reply_start(text: str) -> str:
     return "thinks" if text.lstrip().startswith("<think>") else "no_block"
 
 
-def switch_check(model, tokenizer, questions: list[str], system_prompt: str, max_new_tokens: int, batch_size: int,
+def switch_check(model, tokenizer, questions: list[str], system_prompt, max_new_tokens: int, batch_size: int,
                  **sampling) -> dict:
     """The shares of replies that honour each way of switching thinking off (only the reply's start is generated).
+    `system_prompt` is one for all questions or one per question (each row's own).
 
     /no_think in the question (soft switch): the share that starts with an empty think block and the share
     that starts thinking anyway. enable_thinking=False (hard switch, the empty block already in the prompt):
@@ -113,8 +136,9 @@ def switch_check(model, tokenizer, questions: list[str], system_prompt: str, max
                                              max_new_tokens=max_new_tokens, **sampling)
         return [reply_start(reply.text) for reply in replies]
 
-    soft = starts([encode_prompt(tokenizer, with_no_think_switch(q), system_prompt) for q in questions])
-    hard = starts([encode_prompt(tokenizer, q, system_prompt, enable_thinking=False) for q in questions])
+    prompts = [system_prompt] * len(questions) if isinstance(system_prompt, str) else system_prompt
+    soft = starts([encode_prompt(tokenizer, with_no_think_switch(q), p) for q, p in zip(questions, prompts)])
+    hard = starts([encode_prompt(tokenizer, q, p, enable_thinking=False) for q, p in zip(questions, prompts)])
     n = len(questions)
     return {"no_think_empty_think_share": soft.count("empty_think") / n,
             "no_think_thinks_anyway_share": soft.count("thinks") / n,

@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from medsft.chat_format import split_conversation
+from medsft.chat_format import row_system_prompt, split_conversation
 from medsft.distributed import (check_sharding_is_on, fsdp_activation_checkpointing, is_main_process, launch_problems,
                                 optimizer_for_launcher, shard_tied_token_rows, sharding, use_liger_kernel, world_size)
 from medsft.errors import UserError, exit_on_interrupt
@@ -224,7 +224,12 @@ def trained_token_indices(data: TrainingData | None, cfg) -> list[int] | None:
         return None
     if data is None:
         raise ValueError("EMBEDDING_MODE='tokens' needs the training data to pick the embedding rows")
-    examples = data.train_set.every_variant() if hasattr(data.train_set, "every_variant") else data.train_set
+    train_set = data.train_set
+    if hasattr(train_set, "variant_token_ids"):  # read from the examples as tokenized once
+        return sorted(train_set.variant_token_ids())
+    if hasattr(train_set, "token_set"):
+        return sorted(train_set.token_set())
+    examples = train_set.every_variant() if hasattr(train_set, "every_variant") else train_set
     return sorted({token for example in examples for token in example["input_ids"]})
 
 
@@ -476,9 +481,9 @@ def print_sample_answer(model, tokenizer, row: dict | str, cfg) -> str:
 
     prepare_for_generation(model)
     row = {"question": row} if isinstance(row, str) else row
-    question, history, system_prompt = row.get("question"), (), cfg.SYSTEM_PROMPT
+    question, history, system_prompt = row.get("question"), (), row_system_prompt(row, cfg.SYSTEM_PROMPT)
     if "messages" in row:
-        system_prompt, question, history = split_conversation(row["messages"], system_prompt)
+        system_prompt, question, history = split_conversation(row["messages"], cfg.SYSTEM_PROMPT)
     reply = generate_replies(model, tokenizer, [question], system_prompt=system_prompt, histories=[history],
                              max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS, seed=cfg.SEED)[0]
     shown = reply.text if reply.text.strip() else f"(empty reply: {reply.new_tokens} whitespace tokens)"

@@ -2,7 +2,8 @@
 import pytest
 
 from medsft.chat_format import (IGNORE_INDEX, SYSTEM_PROMPT, build_messages, build_training_example, clean_think,
-                                encode_prompt, format_reply, render_prompt, split_reply)
+                                encode_prompt, format_reply, has_own_system_prompt, normalise_text, render_prompt,
+                                row_system_prompt, split_reply)
 
 ROWS = [
     {"question": "医生，我头痛怎么办？", "think": "嗯，用户头痛。", "answer": "建议休息，必要时就医。"},
@@ -72,7 +73,29 @@ def test_system_prompt_and_question_override(tokenizer):
 
 
 def test_clean_think_removes_stray_tags_and_normalises_whitespace():
-    assert clean_think("<think>\n 第一行  \r\n\r\n\n第二行</think>\n") == "第一行\n第二行"
+    assert clean_think("<think>\n 第一行  \r\n\r\n\n第二行</think>\n") == "第一行\n\n第二行"
+
+
+def test_normalise_text_keeps_markdown_paragraphs():
+    # the rule: unify line endings, strip trailing spaces, runs of 3+ newlines become one blank line, strip the ends
+    answer = ("\n## 诊断  \r\n\r\n可能是偏头痛。\t\r\n\n\n\n## 建议\n\n1. 休息；\n2. 就医。\n   \n\n"
+              "| 项目 | 说明 |\n|---|---|\n| 血压 | 150/95 |\n\n")
+    assert normalise_text(answer) == ("## 诊断\n\n可能是偏头痛。\n\n## 建议\n\n1. 休息；\n2. 就医。\n\n"
+                                      "| 项目 | 说明 |\n|---|---|\n| 血压 | 150/95 |")
+    assert normalise_text("一行\n两行") == "一行\n两行"  # a single newline stays a single newline
+
+
+def test_a_rows_own_system_prompt_wins(tokenizer):
+    own = {**ROWS[0], "instruction": "你是一名儿科医生，请用通俗的语言回答。"}
+    text = tokenizer.decode(build_training_example(tokenizer, own, 4096, system_prompt="运行的提示。")["input_ids"])
+    assert "<|im_start|>system\n你是一名儿科医生，请用通俗的语言回答。<|im_end|>" in text and "运行的提示" not in text
+    assert row_system_prompt(own) == own["instruction"] and has_own_system_prompt(own)
+    # the dataset's rows carry the default prompt: exactly today's example, and --system_prompt still applies to them
+    dataset_row = {**ROWS[1], "instruction": SYSTEM_PROMPT}
+    assert build_training_example(tokenizer, dataset_row, 4096) == build_training_example(tokenizer, ROWS[1], 4096)
+    assert build_training_example(tokenizer, dataset_row, 4096, system_prompt="运行的提示。") == \
+        build_training_example(tokenizer, ROWS[1], 4096, system_prompt="运行的提示。")
+    assert not has_own_system_prompt(dataset_row) and not has_own_system_prompt({**ROWS[0], "instruction": ""})
 
 
 def test_split_reply():

@@ -67,7 +67,7 @@ def test_duplicates_are_dropped_from_train_only(tmp_path):
 def test_think_tags_and_whitespace_are_cleaned(tmp_path):
     source = write_jsonl(tmp_path / "s.jsonl", [row(i, think="<think>\n 想法  \r\n\n\n第二行</think>") for i in range(10)])
     data.main([f"--source={source}", f"--data_dir={tmp_path / 'out'}"])
-    assert read(tmp_path / "out" / "train.jsonl")[0]["think"] == "想法\n第二行"
+    assert read(tmp_path / "out" / "train.jsonl")[0]["think"] == "想法\n\n第二行"  # one blank line kept: a paragraph break
 
 
 def test_test_fraction_writes_test_split_and_a_later_run_removes_it(tmp_path):

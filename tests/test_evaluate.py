@@ -109,6 +109,20 @@ def test_ctrl_c_while_answering_writes_no_report_and_says_the_rerun_starts_over(
 REDTEAM = ROOT / "data" / "redteam.jsonl"
 
 
+def test_generated_answers_are_asked_with_each_rows_own_system_prompt(tmp_path):
+    from medsft.chat_format import SYSTEM_PROMPT
+    from medsft.settings import parse_settings
+
+    rows = [{"question": "头痛怎么办？", "think": "想", "answer": "答", "instruction": SYSTEM_PROMPT},
+            {"question": "孩子发热？", "think": "想", "answer": "答", "instruction": "你是儿科医生。"},
+            {"messages": [{"role": "system", "content": "你是药师。"}, {"role": "user", "content": "能吃吗？"},
+                          {"role": "assistant", "content": "可以。", "think": ""}]}]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    cfg = parse_settings(vars(evaluate), [f"--data_dir={tmp_path}", "--generate=3", "--system_prompt=运行的提示。"])
+    held_out, _ = evaluate.generation_questions(cfg, False)
+    assert [row["system_prompt"] for row in held_out] == ["运行的提示。", "你是儿科医生。", "你是药师。"]
+
+
 def test_generate_n_plans_n_answers_and_the_redteam_set_is_its_own_switch(sample_data_dir, monkeypatch, capsys):
     from medsft.settings import parse_settings
 

@@ -308,6 +308,16 @@ def test_batch_row_scenario_overrides_the_command_line(tmp_path):
     assert [item.id for item in read_batch_file(path)] == ["line-1", "line-2"]
 
 
+def test_batch_row_system_prompt_is_the_prompt_it_is_asked_with(tmp_path, assistant):
+    from medsft.chat_format import encode_prompt
+
+    path = write_jsonl(tmp_path / "in.jsonl", [{"question": "问"}, {"question": "问", "system_prompt": "你是儿科医生。"}])
+    items = read_batch_file(path)
+    assert [item.system_prompt for item in items] == [None, "你是儿科医生。"]
+    assert assistant.encode("问", system_prompt="你是儿科医生。") == encode_prompt(assistant.tokenizer, "问", "你是儿科医生。")
+    assert assistant.encode("问") == encode_prompt(assistant.tokenizer, "问", assistant.system_prompt)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # errors: one clear line, no traceback
 
