@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medsft.chat_format import (END_OF_TURN, IGNORE_INDEX, _added_token_pattern, _Marked, _marked_reply,
+from medsft.chat_format import (END_OF_TURN, IGNORE_INDEX, _Marked, _marked_reply,
                                 _render_prompt, build_row_example, row_system_prompt, split_conversation)
-from medsft.distributed import is_main_process, world_size
 
 CACHE_FORMAT = 1  # bump when the stored layout or the way examples are built changes
 CHUNK = 1024  # rows per batch call: the progress bar's step, and a bound on the Python lists alive at once
