@@ -368,9 +368,10 @@ def train(trainer, resume: str | None, cfg) -> float:
         exit_on_interrupt(f"interrupted at step {trainer.state.global_step}; {where}; run the same command again "
                           "to resume", show=is_main_process())
     except torch.OutOfMemoryError:
+        length = "max_length" if hasattr(cfg, "MAX_LENGTH") else "max_completion_length"  # SFT, or GRPO
         raise UserError(
-            f"error: out of GPU memory (batch_size={cfg.BATCH_SIZE}, max_length={cfg.MAX_LENGTH}). Lower "
-            "--batch_size (and raise --gradient_accumulation to keep the effective batch), lower --max_length, "
+            f"error: out of GPU memory (batch_size={cfg.BATCH_SIZE}, {length}={getattr(cfg, length.upper())}). Lower "
+            f"--batch_size (and raise --gradient_accumulation to keep the effective batch), lower --{length}, "
             "or set --gradient_checkpointing=True.") from None
     return clock.seconds() if clock is not None else time.perf_counter() - start
 
