@@ -66,14 +66,14 @@ def adapter_lora_settings(cfg):
     import json
     from pathlib import Path
 
-    from medsft.memory_estimate import _with
+    from medsft.memory_report import settings_with
 
     config_file = Path(cfg.SFT_ADAPTER or "-") / "adapter_config.json"
     if not config_file.is_file():
         return cfg
     saved = json.loads(config_file.read_text(encoding="utf-8"))
     targets = saved.get("target_modules") or cfg.TARGET_MODULES
-    return _with(cfg, LORA_R=saved.get("r", cfg.LORA_R), TARGET_MODULES=sorted(targets),
+    return settings_with(cfg, LORA_R=saved.get("r", cfg.LORA_R), TARGET_MODULES=sorted(targets),
                  LORA_DROPOUT=saved.get("lora_dropout", cfg.LORA_DROPOUT), MODULES_TO_SAVE=[])
 
 

@@ -12,7 +12,7 @@ from medsft.memory_estimate import (GB, TOKENS_MODE_COPIES, Estimate, batch_toke
                                     example_lengths, gpu_memory_budget, recipe_of, tensor_table)
 
 
-def _with(cfg, **changes):
+def settings_with(cfg, **changes):
     from medsft.settings import Settings
 
     return Settings(**{**vars(cfg), **changes})
@@ -75,7 +75,7 @@ def print_memory_estimate(model_path: str, cfg, data) -> Estimate:
     budget = gpu_memory_budget(getattr(cfg, "GPU_MEMORY_GB", 0))
     tokens_mode = hasattr(cfg, "EMBEDDING_MODE") and bool(cfg.MODULES_TO_SAVE)
     # the rows "tokens" would train (counted once: v3 tokenises every question masked), also for a "full" run
-    token_rows = len(trained_token_indices(data, _with(cfg, EMBEDDING_MODE="tokens"))) if tokens_mode else None
+    token_rows = len(trained_token_indices(data, settings_with(cfg, EMBEDDING_MODE="tokens"))) if tokens_mode else None
     rows = token_rows if getattr(cfg, "EMBEDDING_MODE", None) == "tokens" else None
 
     lengths = example_lengths(data)
@@ -148,7 +148,7 @@ def print_memory_estimate(model_path: str, cfg, data) -> Estimate:
     if fit == "does NOT fit":
         chosen, settings = [], cfg
         for flag, change in fixes(cfg):
-            settings = _with(settings, **change)
+            settings = settings_with(settings, **change)
             chosen.append(flag)
             after, _, _ = estimate(settings)
             if verdict(after, budget) != "does NOT fit":
