@@ -216,7 +216,8 @@ def test_inference_and_benchmark_take_the_grpo_result_with_no_other_flag(grpo_ru
     assert f"+ adapter {final}" in printed.getvalue()
     report = tmp_path / "benchmark.json"
     with contextlib.redirect_stdout(io.StringIO()):
-        benchmark.main([f"--finetuned_path={final}", f"--exam_file={EXAMS}", "--limit=1", f"--report_path={report}"])
+        benchmark.main([f"--finetuned_path={final}", f"--exam_file={EXAMS}", "--limit=1", "--max_new_tokens=4",
+                        f"--report_path={report}"])
     assert report.is_file()
 
 
