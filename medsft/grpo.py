@@ -4,13 +4,11 @@ advantages and the loss are TRL's GRPOTrainer; what is ours is the policy (an SF
 """
 import importlib.util
 import json
-import os
-import shutil
 from pathlib import Path
 
 from medsft.distributed import optimizer_for_launcher, use_liger_kernel
 from medsft.errors import UserError, interrupts_held
-from medsft.records import read_jsonl, write_files_atomically
+from medsft.records import read_jsonl
 from medsft.trainer import LoggingCallback, QLoRATrainer
 
 GRPO_VERSION = "grpo"
@@ -357,7 +355,7 @@ def save_grpo_results(cfg, trainer, tokenizer, wall_time: float, prompts) -> dic
     """final/ (the best adapter, tokenizer, settings), summary.json and reward.png in OUTPUT_DIR (main process)."""
     import torch
 
-    from medsft.trainer import check_saved_weights
+    from medsft.training import publish_final
 
     out = Path(cfg.OUTPUT_DIR)
     best = trainer.restore_best()
@@ -382,18 +380,8 @@ def save_grpo_results(cfg, trainer, tokenizer, wall_time: float, prompts) -> dic
         "model_path": cfg.MODEL_PATH, "final_dir": str(final),
     }
     if trainer.is_world_process_zero():
-        staging = out / ".final.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(trainer.best_dir, staging)
-        (staging / "eval.json").unlink(missing_ok=True)
-        tokenizer.padding_side = "right"
-        tokenizer.save_pretrained(staging)
-        cfg.save(staging)
-        check_saved_weights(staging, trainer.saved_weights)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        cfg.save(out)
-        write_files_atomically({out / "summary.json": json.dumps(summary, ensure_ascii=False, indent=2) + "\n"})
+        tokenizer.padding_side = "right"  # as the SFT runs save it (TRL generates with left padding)
+        publish_final(trainer, tokenizer, cfg, out, final, summary)
         plotted = plot_rewards(out / "metrics.jsonl", out / "reward.png", title=f"{cfg.VERSION}: {cfg.KEY_CHANGE}")
         print(f"best held-out accuracy {best['eval_accuracy']:.3f} at step {best['step']}; adapter in {final}/")
         print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}" + (f", {out / 'reward.png'}" if plotted else

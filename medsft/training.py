@@ -393,7 +393,7 @@ def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
     """final/ (the best adapter, tokenizer, settings), summary.json and loss.png in OUTPUT_DIR (main process)."""
     import torch
 
-    from medsft.trainer import LoggingCallback, check_saved_weights
+    from medsft.trainer import LoggingCallback
 
     out = Path(cfg.OUTPUT_DIR)
     best = trainer.restore_best()
@@ -418,23 +418,31 @@ def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
         "model_path": cfg.MODEL_PATH, "final_dir": str(final),
     }
     if trainer.is_world_process_zero():
-        staging = out / ".final.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(trainer.best_dir, staging)
-        (staging / "eval.json").unlink(missing_ok=True)
-        tokenizer.save_pretrained(staging)
-        cfg.save(staging)
-        check_saved_weights(staging, trainer.saved_weights)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        cfg.save(out)
-        write_files_atomically({out / "summary.json": json.dumps(summary, ensure_ascii=False, indent=2) + "\n"})
+        publish_final(trainer, tokenizer, cfg, out, final, summary)
         plotted = plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.VERSION}: {cfg.KEY_CHANGE}")
         print(f"best val loss {best['eval_loss']:.4f} at step {best['step']}; adapter in {final}/")
         print(f"wrote {out / 'summary.json'}, {out / 'metrics.jsonl'}" + (f", {out / 'loss.png'}" if plotted else
               " (no loss.png: matplotlib is not installed; pip install matplotlib to draw it)"), flush=True)
     trainer.accelerator.wait_for_everyone()  # final/ and summary.json are whole before any rank goes on
     return summary
+
+
+def publish_final(trainer, tokenizer, cfg, out: Path, final: Path, summary: dict) -> None:
+    """final/ from the best checkpoint (staged, then renamed whole), then settings.json and summary.json in OUTPUT_DIR:
+    a crash leaves the previous final/ or the new one, never half of one (main process only)."""
+    from medsft.trainer import check_saved_weights
+
+    staging = out / ".final.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(trainer.best_dir, staging)
+    (staging / "eval.json").unlink(missing_ok=True)
+    tokenizer.save_pretrained(staging)
+    cfg.save(staging)
+    check_saved_weights(staging, trainer.saved_weights)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    cfg.save(out)
+    write_files_atomically({out / "summary.json": json.dumps(summary, ensure_ascii=False, indent=2) + "\n"})
 
 
 def plot_losses(metrics_path: Path, png_path: Path, title: str) -> bool:
