@@ -62,7 +62,7 @@ def take_sft_run_settings(cfg) -> dict:
 def check_grpo_settings(cfg) -> list[str]:
     """Every problem with the GRPO settings, found before anything slow starts."""
     from medsft.grpo_data import exam_files_problems
-    from medsft.training import TRACKERS, _library_choice_problems, _lora_problems, _writable
+    from medsft.training import TRACKERS, _library_choice_problems, _lora_problems, _writable, schedule_problems
 
     kind = starting_point(cfg)
     problems = exam_files_problems(cfg)
@@ -92,12 +92,7 @@ def check_grpo_settings(cfg) -> list[str]:
         problems.append(f"beta must be 0 or more, not {cfg.BETA}")
     if cfg.LOSS_TYPE not in LOSS_TYPES:
         problems.append(f"loss_type must be one of {', '.join(LOSS_TYPES)}, not {cfg.LOSS_TYPE!r}")
-    if not cfg.LEARNING_RATE > 0:
-        problems.append(f"learning_rate must be positive, not {cfg.LEARNING_RATE}")
-    if not 0 <= cfg.WARMUP_RATIO < 1:
-        problems.append(f"warmup_ratio must be in [0, 1), not {cfg.WARMUP_RATIO}")
-    if cfg.MAX_STEPS == 0 or cfg.MAX_STEPS < -1:
-        problems.append(f"max_steps must be -1 (use epochs) or positive, not {cfg.MAX_STEPS}")
+    problems += schedule_problems(cfg)
     if cfg.REPORT_TO not in TRACKERS:
         problems.append(f"report_to must be one of {', '.join(TRACKERS)}, not {cfg.REPORT_TO!r}")
     if cfg.RESUME not in ("auto", "never") and not Path(cfg.RESUME).is_dir():

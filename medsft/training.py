@@ -28,6 +28,20 @@ LIGER_INSTALL = "pip install 'liger-kernel>=0.6,<1'"
 # 1. settings
 
 
+def schedule_problems(cfg) -> list[str]:
+    """The learning rate, warm-up and length of a run: the same rules in every training script (SFT and GRPO)."""
+    problems = []
+    if not cfg.LEARNING_RATE > 0:
+        problems.append(f"learning_rate must be positive, not {cfg.LEARNING_RATE}")
+    if not 0 <= cfg.WARMUP_RATIO < 1:
+        problems.append(f"warmup_ratio must be in [0, 1), not {cfg.WARMUP_RATIO}")
+    if cfg.MAX_STEPS == 0 or cfg.MAX_STEPS < -1:
+        problems.append(f"max_steps must be -1 (use epochs) or positive, not {cfg.MAX_STEPS}")
+    elif cfg.MAX_STEPS == -1 and not cfg.EPOCHS > 0:
+        problems.append(f"epochs must be positive when max_steps is -1, not {cfg.EPOCHS}")
+    return problems
+
+
 def check_training_settings(cfg) -> list:
     """Every problem with the settings, found before anything slow starts."""
     data_dir, out = Path(cfg.DATA_DIR), Path(cfg.OUTPUT_DIR)
@@ -43,14 +57,7 @@ def check_training_settings(cfg) -> list:
             problems.append(f"{name.lower()} must be at least 1, not {getattr(cfg, name)}")
     if cfg.MAX_LENGTH < 128:
         problems.append(f"max_length must be at least 128, not {cfg.MAX_LENGTH}")
-    if not cfg.LEARNING_RATE > 0:
-        problems.append(f"learning_rate must be positive, not {cfg.LEARNING_RATE}")
-    if not 0 <= cfg.WARMUP_RATIO < 1:
-        problems.append(f"warmup_ratio must be in [0, 1), not {cfg.WARMUP_RATIO}")
-    if cfg.MAX_STEPS == 0 or cfg.MAX_STEPS < -1:
-        problems.append(f"max_steps must be -1 (use epochs) or positive, not {cfg.MAX_STEPS}")
-    elif cfg.MAX_STEPS == -1 and not cfg.EPOCHS > 0:
-        problems.append(f"epochs must be positive when max_steps is -1, not {cfg.EPOCHS}")
+    problems += schedule_problems(cfg)
     for name in ("MAX_GRAD_NORM", "WEIGHT_DECAY"):
         if getattr(cfg, name) < 0:
             problems.append(f"{name.lower()} must be 0 or more, not {getattr(cfg, name)}")
