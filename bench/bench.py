@@ -3,6 +3,7 @@
     python bench/bench.py                                       # = --mode=tiny: a CPU harness check, NOT a benchmark
     python bench/bench.py --mode=tiny --results_dir=/tmp/bench  # keep the tiny results (default: a temp dir)
     bench/gpu_check.sh --out=/tmp/gpu-check                     # all of it on a CUDA GPU, GPU tests first (<= 7.5 min)
+    python bench/bench.py --mode=full --configs= --inference=False --shipped_scripts=False --grpo=True  # GRPO alone
     python bench/bench.py --mode=full                           # the benchmark alone (15-25 min on an H100, derived)
     python bench/bench.py --mode=full --configs=original,v1,trl_liger --shipped_scripts=False  # a part of it
     python bench/bench.py --mode=full --configs= --inference=False --append_to=bench/results/2026-01-01-nvidia-h100.json
@@ -13,7 +14,8 @@ from_pretrained and 4-bit loading run) and synthetic rows whose token lengths fo
 trains each recipe of bench/recipes.py (ours, the full fine-tune and TRL's SFTTrainer) a few steps in its own
 subprocess (clean peak-memory numbers; an OOM is recorded, not fatal), measures generation through
 MedicalAssistant, and runs train_lora3.py, inference_lora.py -b, merge_lora.py and web_demo.py's chat as
-shipped. Every number in the results is measured by this run; nothing is looked up or assumed.
+shipped, then times train_grpo.py from the v3 adapter (bench/measure_grpo.py). Every number in the results is
+measured by this run; nothing is looked up or assumed.
 
 The pieces: bench/synthetic.py (the random model and the data), bench/recipes.py (the RECIPES table),
 bench/measure.py (one function per measurement), bench/report.py (results JSON -> bench/RESULTS.md).
@@ -33,6 +35,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/bench.py`, Python puts ben
     sys.path.insert(0, str(ROOT))
 
 from bench import measure, report, synthetic  # noqa: E402
+from bench.measure_grpo import measure_grpo  # noqa: E402
 from bench.recipes import RECIPES, recipe_problems  # noqa: E402
 from medsft.errors import UserError  # noqa: E402
 from medsft.settings import check_settings, parse_settings  # noqa: E402
@@ -68,6 +71,12 @@ INFERENCE_NEW_TOKENS = 256          # new tokens per reply
 SHIPPED_SCRIPTS = True              # train_lora3.py, then on its adapter inference_lora.py -b, merge_lora.py, a streamed answer
 SCRIPT_STEPS = 20                   # --max_steps of the train_lora3.py run
 SCRIPT_QUESTIONS = 32               # questions answered by inference_lora.py -b
+# GRPO: train_grpo.py as shipped from train_lora3.py's adapter, transformers generation (the lowest priority)
+GRPO = True                         # time its steps: generation's and the update's shares, peak memory vs estimate
+GRPO_STEPS = 2                      # --max_steps: 2 questions x GRPO_GENERATIONS completions a step
+GRPO_GENERATIONS = 8                # completions per question
+GRPO_COMPLETION_LENGTH = 512        # tokens per completion (a random model never stops: each is this long)
+GRPO_PROJECTED_STEPS = 200          # the run its median step time is projected to
 # the GPU-marked tests (tests/ files with @gpu), run first by bench/gpu_check.sh
 GPU_TESTS = False                   # run `pytest -m gpu` as a stage of its own
 GPU_TESTS_TIMEOUT_S = 150           # the whole pytest run
@@ -95,9 +104,10 @@ TINY_MODE = {
     "TRAIN_ROWS": 16, "VAL_ROWS": 4, "LENGTH_P50": 80, "LENGTH_P90": 100, "LENGTH_MAX": 120, "MAX_LENGTH": 128,
     "BATCH_SIZE": 2, "GRADIENT_ACCUMULATION": 1, "WARMUP_STEPS": 1, "STEPS": 1, "MATMUL_SIZE": 512,
     "INFERENCE_BATCH": 4, "INFERENCE_NEW_TOKENS": 8, "SHIPPED_SCRIPTS": False, "SCRIPT_STEPS": 2, "SCRIPT_QUESTIONS": 4,
+    "GRPO": False, "GRPO_GENERATIONS": 2, "GRPO_COMPLETION_LENGTH": 8,
     "WORK_DIR": "", "RESULTS_DIR": "",  # temp dirs: a harness check never dirties the repo
 }
-STAGES = ("environment", "gpu_tests", "model_and_data", "training", "inference", "shipped_scripts")  # run order
+STAGES = ("environment", "gpu_tests", "model_and_data", "training", "inference", "shipped_scripts", "grpo")  # in order
 _TINY_NOTE = ("TINY MODE: a harness check on a 2-layer random Qwen3 on CPU. It is NOT a benchmark: "
               "its numbers say nothing about GPU speed or memory.")
 
@@ -123,7 +133,7 @@ def main(argv=None):
         "device": report.device_name(), "command": shlex.join(["python", "bench/bench.py", *argv]),
         "settings": cfg.as_dict(), "stages": {name: {"status": "pending"} for name in STAGES},
         "environment": None, "versions": None, "matmul_rate": None, "gpu_tests": None, "model": None,
-        "data": None, "configs": {}, "inference": None, "shipped_scripts": None,
+        "data": None, "configs": {}, "inference": None, "shipped_scripts": None, "grpo": None,
     }
     run = RunRecord(cfg, results)  # the results file is rewritten after every result: a cut run leaves valid JSON
 
@@ -195,7 +205,15 @@ def main(argv=None):
                     scripts[name] = measure_script(cfg, model_dir, paths, run.timeout())
                 run.save()
 
-    # ========== 8. Results: JSON, RESULTS.md, the targets ==========
+    # ========== 8. GRPO: train_grpo.py's steps, generation against update, peak memory against the estimate ==========
+    if not cfg.GRPO:
+        run.skip("grpo", "not asked (--grpo=False)")
+    elif run.enough_time("grpo"):
+        with run.stage("grpo"):
+            print("==== GRPO: train_grpo.py from the v3 adapter ====", flush=True)
+            results["grpo"] = measure_grpo(cfg, model_dir, paths, run.timeout())
+
+    # ========== 9. Results: JSON, RESULTS.md, the targets ==========
     results_file = run.save()
     results_md = report.write_results_md(cfg)
     print(report.render_results(json.loads(results_file.read_text(encoding="utf-8"))))
@@ -296,6 +314,9 @@ def bench_settings(argv: list[str]):
         not 0 < cfg.THINK_SHARE < 1 and f"think_share must be in (0, 1), not {cfg.THINK_SHARE}",
         cfg.INFERENCE_BATCH < 1 and "inference_batch must be at least 1",
         cfg.INFERENCE_NEW_TOKENS < 1 and "inference_new_tokens must be at least 1",
+        cfg.GRPO_STEPS < 1 and f"grpo_steps must be at least 1, not {cfg.GRPO_STEPS}",
+        cfg.GRPO_GENERATIONS < 2 and f"grpo_generations must be at least 2, not {cfg.GRPO_GENERATIONS}",
+        cfg.GRPO_COMPLETION_LENGTH < 2 and f"grpo_completion_length must be at least 2, not {cfg.GRPO_COMPLETION_LENGTH}",
         cfg.MODEL_DIR and not Path(cfg.MODEL_DIR).is_dir() and f"model_dir {cfg.MODEL_DIR}: not a folder",
         cfg.APPEND_TO and not report.from_root(cfg.APPEND_TO).is_file()
         and f"append_to {cfg.APPEND_TO}: no such results file",

@@ -14,7 +14,9 @@
 #   3. the training recipes at MAX_LENGTH 2048, 16 examples a step, on a random-weight Qwen3-1.7B:
 #      v1, trl, trl_liger, then v2 (both embedding modes), v3, full (train.py), original, bf16_lora;
 #   4. inference: single-stream against batched generated tokens/s;
-#   5. the shipped scripts: train_lora3.py for 20 steps, inference_lora.py -b, merge_lora.py, one streamed answer.
+#   5. the shipped scripts: train_lora3.py for 20 steps, inference_lora.py -b, merge_lora.py, one streamed answer;
+#   6. GRPO: train_grpo.py for 2 steps from that v3 adapter, 8 completions of 512 tokens per question (transformers
+#      generation): seconds per step, the generation's and the update's shares, peak memory against its estimate.
 # Its last line gives the wall time. A stage that no longer fits the time budget is recorded as skipped.
 #
 # The sizes, from the H200's expected bf16 rate of about 790 TFLOP/s with a safety factor (derived, not measured):
@@ -22,7 +24,8 @@
 # forward, backward) that is 1.7e14 FLOPs, 0.22 s at the full rate and 2.2 s at the planning rate of 10% of it
 # (the safety factor: 2.5 times under the 25% MFU target). One warm-up and 2 measured steps then take about 7 s
 # a recipe; with about 20 s to start a process and load the model (assumed), the 9 recipes take about 4 min, and
-# the whole check about 8.4 min at the planning rate, 7.2 at the MFU target (bench/README.md has the table).
+# the whole check about 8.4 min at the planning rate, 7.2 at the MFU target, before GRPO's 1.5 min (bench/README.md
+# has the table): GRPO runs when the GPU is faster than planned, or alone in a second short command.
 # BUDGET_S caps it whatever happens: what no longer fits is recorded as skipped, lowest priority first.
 set -uo pipefail
 {  # the whole script is read before it runs: editing this file during a run cannot change that run
@@ -72,9 +75,9 @@ if [[ -n "$WHEELS" ]]; then
   echo "wheels: $INSTALL"
 fi
 
-# ========== 2-5. bench.py: environment, GPU tests, training, inference, shipped scripts ==========
+# ========== 2-6. bench.py: environment, GPU tests, training, inference, shipped scripts, GRPO ==========
 if [[ $TINY -eq 1 ]]; then
-  SIZES=(--mode=tiny --shipped_scripts=True)
+  SIZES=(--mode=tiny --shipped_scripts=True --grpo=True)
 else
   # sized as derived above; one stuck subprocess costs at most TIMEOUT_S
   SIZES=(--mode=full --warmup_steps=1 --steps=2 --val_rows=32 --script_questions=16 --timeout_s=120

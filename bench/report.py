@@ -28,6 +28,8 @@ TARGETS = {
     "batch inference vs single-stream": ("inference", "batch_speedup", 10.0, "min"),
     "memory estimate error, worst recipe": ("every recipe", "estimate_error", 0.15, "max"),
     "memory estimate error (device total), worst recipe": ("every recipe", "device_estimate_error", 0.15, "max"),
+    "GRPO memory estimate error": ("grpo", "estimate_error", 0.15, "max"),
+    "GRPO memory estimate error (device total)": ("grpo", "device_estimate_error", 0.15, "max"),
 }
 _UNITS = {"peak_reserved_gib": " GiB", "speedup_vs_original": "x", "speedup_vs_trl_liger": "x",
           "memory_vs_trl_liger": "x", "projected_full_run_s": " s", "batch_speedup": "x"}
@@ -130,6 +132,8 @@ def add_derived_figures(results: dict) -> None:
     n = (results.get("model") or {}).get("matmul_params")
     rate = (results.get("matmul_rate") or {}).get("tflops", 0) * 1e12
     original, peer = configs.get("original", {}), configs.get(_PEER, {})
+    for c in [*configs.values(), *([results["grpo"]] if results.get("grpo") else [])]:
+        _estimate_errors(c)
     for c in configs.values():
         ok = bool(c.get("ok"))
         c["mfu"] = round(4 * n * c["tokens_per_s"] / rate, 5) if ok and n and rate else None
@@ -141,19 +145,23 @@ def add_derived_figures(results: dict) -> None:
                                     if ok and peer.get("ok") and c.get("peak_reserved_gib") is not None
                                     and peer.get("peak_reserved_gib") else None)
         c["projected_full_run_s"] = round(settings["FULL_RUN_TOKENS"] / c["tokens_per_s"], 1) if ok else None
-        # the estimate compared twice: torch-visible with max_memory_reserved, the device total (paged optimizer
-        # states and CUDA context included) with the device-wide use, so paged states are no estimation error
-        c["estimate_error"] = (round(abs(c["estimated_peak_gib"] - c["peak_reserved_gib"]) / c["peak_reserved_gib"], 4)
-                               if ok and c.get("estimated_peak_gib") and c.get("peak_reserved_gib") else None)
-        c["device_estimate_error"] = (
-            round(abs(c["estimated_device_total_gib"] - c["peak_device_used_gib"]) / c["peak_device_used_gib"], 4)
-            if ok and c.get("estimated_device_total_gib") and c.get("peak_device_used_gib") else None)
         if ok and results["mode"] == "full" and c.get("effective_batch") != 16:
             c["warning"] = f"effective batch {c['effective_batch']}, not 16"
     results["projection"] = {"full_v3_run_tokens": settings["FULL_RUN_TOKENS"],
                              "seconds": configs.get("v3", {}).get("projected_full_run_s"),
                              "note": "training steps only, at the measured v3 rate; no evaluation or checkpoints"}
     results["targets"] = check_targets(results)
+
+
+def _estimate_errors(c: dict) -> None:
+    """The estimate compared twice: torch-visible with max_memory_reserved, the device total (paged optimizer states
+    and CUDA context included) with the device-wide use, so paged states are no estimation error."""
+    ok = bool(c.get("ok"))
+    c["estimate_error"] = (round(abs(c["estimated_peak_gib"] - c["peak_reserved_gib"]) / c["peak_reserved_gib"], 4)
+                           if ok and c.get("estimated_peak_gib") and c.get("peak_reserved_gib") else None)
+    c["device_estimate_error"] = (
+        round(abs(c["estimated_device_total_gib"] - c["peak_device_used_gib"]) / c["peak_device_used_gib"], 4)
+        if ok and c.get("estimated_device_total_gib") and c.get("peak_device_used_gib") else None)
 
 
 def check_targets(results: dict) -> list[dict]:
@@ -165,7 +173,7 @@ def check_targets(results: dict) -> list[dict]:
             errors = [c.get(key) for c in trained]
             value = max(errors) if trained and None not in errors else None
         else:
-            source = results.get("inference") if name == "inference" else results["configs"].get(name)
+            source = results.get(name) if name in ("inference", "grpo") else results["configs"].get(name)
             value = (source or {}).get(key)
         met = None if value is None else (value <= threshold if kind == "max" else value >= threshold)
         targets.append({"target": label, "config": name, "measure": key, "threshold": threshold, "kind": kind,
@@ -180,7 +188,7 @@ def merge_results(earlier: dict, new: dict) -> dict:
                          f"{earlier.get('device')}")
     merged = earlier | {"configs": earlier.get("configs", {}) | new["configs"],
                         "commands": [*earlier.get("commands", [earlier["command"]]), new["command"]]}
-    for key in ("inference", "shipped_scripts"):
+    for key in ("inference", "shipped_scripts", "grpo"):
         if new.get(key):
             merged[key] = (earlier.get(key) or {}) | new[key] if key == "shipped_scripts" else new[key]
     add_derived_figures(merged)
@@ -344,6 +352,7 @@ def render_results(results: dict) -> str:
         else:
             lines.append(f"- failed: {inference.get('error')}")
     lines += _script_lines(results.get("shipped_scripts"))
+    lines += _grpo_lines(results.get("grpo"))
     return "\n".join(lines)
 
 
@@ -385,6 +394,26 @@ def _script_lines(scripts: dict | None) -> list[str]:
                          f"{stream['answer_s']:.1f} s, streamed in {stream['streamed_pieces']} pieces")
         else:
             lines.append(f"- one streamed answer through MedicalAssistant: FAILED ({stream.get('error')})")
+    return lines
+
+
+def _grpo_lines(grpo: dict | None) -> list[str]:
+    if not grpo:
+        return []
+    lines = ["", "GRPO (train_grpo.py as shipped, transformers generation):", "",
+             f"- `{grpo.get('command')}`: {_script_status(grpo)}, {_fmt(grpo.get('seconds'), '.0f', ' s')} in all; "
+             f"from {grpo['start']}; {grpo['generations']} completions of {grpo['completion_length']} tokens per "
+             "question, 2 questions a step"]
+    if grpo.get("seconds_per_step") is not None:
+        steps = ", ".join(f"{s:.2f}" for s in grpo["step_times_s"])
+        lines.append(f"- a step: {grpo['seconds_per_step']:.2f} s (median of {steps} s); generation "
+                     f"{_fmt(grpo.get('generation_share'), '.0f', '%', 100)}, the update "
+                     f"{_fmt(grpo.get('update_share'), '.0f', '%', 100)}; {grpo['projected_steps']} steps would take "
+                     f"about {grpo['projected_run_s'] / 60:.1f} min (steps only: no evaluation or checkpoints)")
+    lines.append(f"- peak memory: reserved {_fmt(grpo.get('peak_reserved_gib'), '.2f', ' GiB')} against the estimate's "
+                 f"torch-visible {_fmt(grpo.get('estimated_peak_gib'), '.2f', ' GiB')}; device used "
+                 f"{_fmt(grpo.get('peak_device_used_gib'), '.2f', ' GiB')} against its device total "
+                 f"{_fmt(grpo.get('estimated_device_total_gib'), '.2f', ' GiB')}")
     return lines
 
 

@@ -4,12 +4,15 @@ advantages and the loss are TRL's GRPOTrainer; what is ours is the policy (an SF
 """
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from medsft.distributed import optimizer_for_launcher, use_liger_kernel
-from medsft.errors import UserError, interrupts_held
+from medsft.errors import UserError
 from medsft.records import read_jsonl
-from medsft.trainer import LoggingCallback, QLoRATrainer
+from medsft.trainer import LoggingCallback, QLoRATrainer, gpu_memory_peaks
 
 GRPO_VERSION = "grpo"
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
@@ -229,6 +232,7 @@ class GRPOExamTrainer:
 
         self.exam_prompts, self.best_dir, self.eval_batch_size = prompts, Path(best_dir), eval_batch_size
         self.last_eval_step = None
+        self.add_callback(StepClock(self._metrics["train"]))
         self.saved_weights = saved_names_and_shapes(self.model)
         best_file = self.best_dir / "eval.json"
         self.best = json.loads(best_file.read_text()) if best_file.exists() else None
@@ -243,6 +247,14 @@ class GRPOExamTrainer:
         if not isinstance(prompts[0], str) or prompts[0] not in self.exam_prompts.prompt_ids:
             return super()._tokenize_prompts(prompts)
         return [self.exam_prompts.prompt_ids[p] for p in prompts], None, {}
+
+    def _generate(self, prompts: list):
+        """TRL's sampling of a step's completions, timed: `time/generation_s` in metrics.jsonl; the rest of
+        `time/step_s` is the update (scoring, log-probabilities, forward and backward, the optimizer)."""
+        start = synchronized_clock()
+        generated = super()._generate(prompts)
+        self._metrics["train"]["time/generation_s"].append(synchronized_clock() - start)
+        return generated
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Greedy replies to the held-out questions: accuracy (the reward's reading: right letters, not cut off),
@@ -285,6 +297,32 @@ class GRPOExamTrainer:
         return metrics
 
 
+def synchronized_clock() -> float:
+    """time.perf_counter() once the GPU's queued work is done (on CUDA): what a step really took."""
+    import time
+
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class StepClock(TrainerCallback):
+    """Each optimizer step's wall time, GPU work included, into the trainer's metrics (`time/step_s`), which TRL
+    averages over the logging window."""
+
+    def __init__(self, metrics):
+        self.metrics, self.start = metrics, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = synchronized_clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is not None:
+            self.metrics["time/step_s"].append(synchronized_clock() - self.start)
+
+
 def make_trainer_class():
     from trl import GRPOTrainer
 
@@ -321,18 +359,15 @@ class GRPOLoggingCallback(LoggingCallback):
              ("rewards/language_reward/mean", "language", ".2f"),
              ("rewards/think_budget_reward/mean", "think budget", ".2f"), ("unparsed", "unparsed", ".2f"),
              ("completions/mean_length", "length", ".0f"), ("completions/clipped_ratio", "clipped", ".2f"),
+             ("time/step_s", "step s", ".1f"), ("time/generation_s", "generating s", ".1f"),
              ("eval_accuracy", "held-out accuracy", ".3f"), ("eval_unparsed", "held-out unparsed", ".2f"),
              ("learning_rate", "lr", ".2e"), ("grad_norm", "grad_norm", ".3f"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
-        if "rewards/correct_reward/mean" in logs:
-            record["accuracy"] = logs["rewards/correct_reward/mean"]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with interrupts_held(), self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        accuracy = {"accuracy": logs["rewards/correct_reward/mean"]} if "rewards/correct_reward/mean" in logs else {}
+        record = self.write_record(state, logs, **accuracy)
         parts = [f"step {state.global_step}/{state.max_steps}"]
         parts += [f"{label} {record[key]:{fmt}}" for key, label, fmt in self.SHOWN
                   if isinstance(record.get(key), (int, float))]
@@ -365,11 +400,11 @@ def save_grpo_results(cfg, trainer, tokenizer, wall_time: float, prompts) -> dic
         "final_reward": train_logs[-1]["reward"] if train_logs else None,
         "final_train_accuracy": train_logs[-1].get("accuracy") if train_logs else None,
         "steps": trainer.state.global_step, "wall_time_s": round(wall_time, 2),
-        "seconds_per_step": round(wall_time / max(1, trainer.state.global_step), 2),
+        **step_timings(train_logs, wall_time, trainer.state.global_step),
         "train_questions": len(prompts.train_rows), "held_out_questions": len(prompts.val_rows),
         "dropped_as_benchmark": prompts.dropped_as_benchmark, "benchmark_files": list(cfg.BENCHMARK_FILE),
         "chain": cfg.CHAIN, "tokens": trainer.tokens_seen,
-        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        **gpu_memory_peaks(trainer),
         "trainable_params": getattr(trainer.model, "trainable_params", None),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "model_path": cfg.MODEL_PATH, "final_dir": str(final),
@@ -383,6 +418,18 @@ def save_grpo_results(cfg, trainer, tokenizer, wall_time: float, prompts) -> dic
               " (no reward.png: matplotlib is not installed)"), flush=True)
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+def step_timings(train_logs: list[dict], wall_time: float, steps: int) -> dict:
+    """seconds_per_step (the median logged step, generation and update; the wall time over the steps when none was
+    logged) and generation_share (of the logged steps' time, the part spent sampling the completions)."""
+    step_s = [r["time/step_s"] for r in train_logs if isinstance(r.get("time/step_s"), (int, float))]
+    generation_s = [r["time/generation_s"] for r in train_logs if isinstance(r.get("time/generation_s"), (int, float))]
+    if not step_s:
+        return {"seconds_per_step": round(wall_time / max(1, steps), 2), "generation_share": None}
+    return {"seconds_per_step": round(statistics.median(step_s), 2),
+            "generation_share": round(sum(generation_s) / sum(step_s), 3) if len(generation_s) == len(step_s)
+            else None}
 
 
 def plot_rewards(metrics_path: Path, png_path: Path, title: str) -> bool:

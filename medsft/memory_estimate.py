@@ -167,6 +167,12 @@ def static_parts(config, cfg, layout: Layout, trained_rows: int | None = None) -
     return _static(config, cfg, layout, trained_rows)[0]
 
 
+def paged_optimizer_bytes(config, cfg, layout: Layout, trained_rows: int | None = None) -> int:
+    """Of static_parts' optimizer states, the bytes a paged optimizer keeps in CUDA managed memory (torch's counters
+    never see them); 0 off CUDA or for an unpaged optimizer."""
+    return _static(config, cfg, layout, trained_rows)[1]
+
+
 def _static(config, cfg, layout: Layout, trained_rows: int | None = None) -> tuple[dict, int]:
     """(static_parts, bytes of the optimizer states a paged optimizer keeps in managed memory, on CUDA)."""
     params, buffers = tensor_table(config)

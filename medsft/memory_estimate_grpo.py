@@ -9,10 +9,12 @@ optimizer states and gradients) exactly from the meta model; the rest a formula,
 - the log-probabilities: TRL 1.16's fused LM head scores the completion tokens in [4,096 x 32,768] tiles and never
   holds the [tokens, vocabulary] logits (shown beside it: what the whole logits would take);
 - the greedy held-out evaluation: EVAL_BATCH_SIZE sequences' KV cache.
-The peak is the static parts plus the largest of the three phases (each frees its memory before the next).
+The peak is the static parts plus the largest of the three phases (each frees its memory before the next), given
+twice as for SFT: the torch-visible peak (compare torch.cuda.max_memory_reserved) and the device total, which adds
+a paged optimizer's states in CUDA managed memory and the CUDA context (compare torch.cuda.mem_get_info's used).
 """
 from medsft.memory_estimate import (CUDA_CONTEXT_BYTES, GB, Layout, activation_bytes, gpu_memory_budget,
-                                    logit_bytes, static_parts)
+                                    logit_bytes, paged_optimizer_bytes, static_parts)
 
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl/kernels/chunked_logprob.py's tiles (TRL 1.16)
 
@@ -36,6 +38,7 @@ def estimate_grpo_memory(config, cfg, prompt_tokens: int, device: str = "cuda") 
     layout = Layout(device, "qlora" if cfg.LOAD_IN_4BIT else "bf16_lora")
     a = layout.compute_bytes
     static = static_parts(config, cfg, layout)
+    paged = paged_optimizer_bytes(config, cfg, layout)
     sequence = prompt_tokens + cfg.MAX_COMPLETION_LENGTH
     generation_batch = cfg.BATCH_SIZE * cfg.GRADIENT_ACCUMULATION
     micro_tokens = cfg.BATCH_SIZE * sequence
@@ -48,11 +51,14 @@ def estimate_grpo_memory(config, cfg, prompt_tokens: int, device: str = "cuda") 
         "evaluation": kv_cache_bytes(config, cfg.EVAL_BATCH_SIZE, sequence, a)
         + cfg.EVAL_BATCH_SIZE * config.vocab_size * 4,
     }
-    common = sum(static.values()) + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
+    context = CUDA_CONTEXT_BYTES if device == "cuda" else 0
+    common = sum(static.values()) + context
     return {
         "static": static, "phases": phases, "common": common,
         "peaks": {name: common + value for name, value in phases.items()},
-        "peak": common + max(phases.values()),
+        "peak": common + max(phases.values()),  # the device total
+        "paged": paged, "cuda_context": context,
+        "torch_visible_peak": common + max(phases.values()) - paged - context,
         "generation_batch": generation_batch, "sequence": sequence, "micro_tokens": micro_tokens,
         "alternatives": {
             "activations": activation_bytes(config, cfg, layout, micro_tokens, not cfg.GRADIENT_CHECKPOINTING),
@@ -111,10 +117,19 @@ def print_grpo_memory_estimate(model_path: str, cfg, prompt_tokens: int) -> dict
         print(f"  {name:<62} {gb(value)}" + (f"   ({note})" if note else ""))
     for name, value in result["peaks"].items():
         print(f"  {name + ' peak':<62} {gb(value)}")
-    verdict = "fits" if result["peak"] <= budget * GB else "does NOT fit"
-    print(f"estimated peak {result['peak'] / GB:.2f} GB of {budget:.1f} GB (gpu_memory_gb): {verdict}. Static parts "
-          "are counted exactly; the KV cache, activations and log-prob tiles are a formula, not measured")
-    if result["peak"] > budget * GB:
+    print(f"  {'torch-visible peak':<62} {gb(result['torch_visible_peak'])}   (compare: "
+          "torch.cuda.max_memory_reserved())")
+    print(f"  {'of the optimizer states, paged':<62} {gb(result['paged'])}   (CUDA managed memory: not in torch's "
+          "counters)")
+    print(f"  {'device total':<62} {gb(result['peak'])}   (compare: torch.cuda.mem_get_info() used)")
+    fits = result["peak"] <= budget * GB
+    spills = not fits and result["peak"] - result["paged"] <= budget * GB
+    verdict = ("fits" if fits else f"fits, but the paged optimizer states ({result['paged'] / GB:.2f} GB) spill to "
+               "host memory (slower, not out of memory)" if spills else "does NOT fit")
+    print(f"estimated peak: torch-visible {result['torch_visible_peak'] / GB:.2f} GB, device total "
+          f"{result['peak'] / GB:.2f} GB of {budget:.1f} GB (gpu_memory_gb): {verdict}. Static parts are counted "
+          "exactly; the KV cache, activations and log-prob tiles are a formula, not measured")
+    if not fits and not spills:
         largest = max(phases, key=phases.get)
         advice = {"generation": "lower --gradient_accumulation (a smaller generation batch) or "
                                 "--max_completion_length", "training": "lower --batch_size (raise "

@@ -242,16 +242,21 @@ class LoggingCallback(TrainerCallback):
         if state.global_step >= state.max_steps:
             control.should_log = True  # the last window is logged too, so final_train_loss is its mean
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
+    def write_record(self, state, logs: dict, **extra) -> dict:
+        """One metrics.jsonl line: the step, the epoch, the logs, `extra` and, on CUDA, the device-wide used memory."""
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs, **extra}
         used = self.sample_device_memory()
         if used is not None:
             record["gpu_device_used_gib"] = used
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with interrupts_held(), self.path.open("a", encoding="utf-8") as f:  # a Ctrl-C waits for the whole line
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return record
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = self.write_record(state, logs)
         parts = [f"step {state.global_step}/{state.max_steps}", f"epoch {record['epoch']:.2f}"]
         for key, fmt in (("loss", ".4f"), ("eval_loss", ".4f"), ("eval_think_loss", ".4f"),
                          ("eval_answer_loss", ".4f"), ("eval_no_think_answer_loss", ".4f"),
@@ -263,6 +268,20 @@ class LoggingCallback(TrainerCallback):
             from tqdm.auto import tqdm
 
             tqdm.write(" | ".join(parts))  # above the progress bar, never on its line
+
+
+def gpu_memory_peaks(trainer) -> dict:
+    """summary.json's peak GPU memory (GiB, None off CUDA): torch's allocated and reserved peaks, and the device-wide
+    use (mem_get_info at each logging step), which adds a paged optimizer's states and the CUDA context."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+        "peak_gpu_device_used_gib": max((c.device_used_max for c in trainer.callback_handler.callbacks
+                                         if isinstance(c, LoggingCallback) and c.device_used_max), default=None),
+    }
 
 
 class RunClock(TrainerCallback, ExportableState):

@@ -400,7 +400,7 @@ def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
     """final/ (the best adapter, tokenizer, settings), summary.json and loss.png in OUTPUT_DIR (main process)."""
     import torch
 
-    from medsft.trainer import LoggingCallback
+    from medsft.trainer import gpu_memory_peaks
 
     out = Path(cfg.OUTPUT_DIR)
     best = trainer.restore_best()
@@ -415,11 +415,7 @@ def save_results(cfg, trainer, tokenizer, wall_time: float) -> dict:
         "wall_time_s": round(wall_time, 2), "train_tokens": tokens,
         "train_tokens_per_s": round(tokens / wall_time, 1) if wall_time else None,
         "processes": trainer.args.world_size, "sharding": sharding() or ("ddp" if trainer.args.world_size > 1 else None),
-        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-        "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
-        # device-wide (mem_get_info at each logging step): with a paged optimizer's states and the CUDA context
-        "peak_gpu_device_used_gib": max((c.device_used_max for c in trainer.callback_handler.callbacks
-                                         if isinstance(c, LoggingCallback) and c.device_used_max), default=None),
+        **gpu_memory_peaks(trainer),
         "trainable_params": getattr(trainer.model, "trainable_params", None),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "model_path": cfg.MODEL_PATH, "final_dir": str(final),

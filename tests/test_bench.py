@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from bench.recipes import RECIPES
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["v1", "trl", "trl_liger", "v2", "v2_full_embedding", "v3", "full", "original", "bf16_lora"]  # the order the check runs them
 CUDA_ONLY = {"trl_liger"}
-STAGES = ["environment", "gpu_tests", "model_and_data", "training", "inference", "shipped_scripts"]
+STAGES = ["environment", "gpu_tests", "model_and_data", "training", "inference", "shipped_scripts", "grpo"]
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,21 @@ def test_gpu_check_rehearsal_runs_every_stage_in_one_command(tiny_run, tiny_resu
     assert scripts["train_lora3"]["summary"]["steps"] == results["settings"]["SCRIPT_STEPS"]
     assert scripts["inference_lora_batch"]["answered"] == results["settings"]["SCRIPT_QUESTIONS"]
     assert scripts["streamed_answer"]["streamed_pieces"] > 0 and scripts["streamed_answer"]["new_tokens"] > 0
+    # GRPO from train_lora3.py's adapter: every step timed by the run itself, generation inside the step
+    grpo, settings = results["grpo"], results["settings"]
+    assert grpo["ok"], grpo
+    assert grpo["start"].endswith("shipped-train_lora3/final") and grpo["summary"]["steps"] == settings["GRPO_STEPS"]
+    assert len(grpo["step_times_s"]) == len(grpo["generation_times_s"]) == settings["GRPO_STEPS"] == 2
+    assert all(0 < g < s for g, s in zip(grpo["generation_times_s"], grpo["step_times_s"]))
+    assert grpo["seconds_per_step"] == round(statistics.median(grpo["step_times_s"]), 3)
+    assert 0 < grpo["generation_share"] < 1 and grpo["update_share"] == round(1 - grpo["generation_share"], 3)
+    assert grpo["projected_run_s"] == pytest.approx(grpo["seconds_per_step"] * 200, abs=0.1)
+    # each completion as long as asked (a random model never stops): the step measures what it says
+    assert grpo["completion_tokens_mean"] == [settings["GRPO_COMPLETION_LENGTH"]] * 2
+    assert 0 < grpo["estimated_peak_gib"] < grpo["estimated_device_total_gib"]  # train_grpo.py's own dry run
+    assert grpo["peak_reserved_gib"] is None  # CPU: nothing to compare; a GPU run fills it and the two targets
+    rendered = tiny_run.results_md.read_text(encoding="utf-8")
+    assert f"- a step: {grpo['seconds_per_step']:.2f} s" in rendered and "200 steps would take about" in rendered
     # what comes back from a GPU machine: a few files, none of them deep
     assert sorted(f.name for f in tiny_run.out.iterdir()) == sorted(
         [tiny_run.results_file.name, "RESULTS.md", "gpu-check.log", "gpu-tests.xml"])
@@ -174,10 +190,10 @@ def test_a_run_stopped_midway_leaves_valid_results(wheel_dir, tmp_path):
 
 def test_stages_that_do_not_fit_the_time_budget_are_recorded_skipped(bench, tmp_path):
     run = bench.main(["--mode=tiny", "--time_budget_s=1", "--gpu_tests=True", "--shipped_scripts=True",
-                      f"--results_dir={tmp_path}"])
+                      "--grpo=True", f"--results_dir={tmp_path}"])
     stages = run["results"]["stages"]
     assert stages["environment"]["status"] == "done"
-    for name in ("gpu_tests", "model_and_data", "training", "inference", "shipped_scripts"):
+    for name in ("gpu_tests", "model_and_data", "training", "inference", "shipped_scripts", "grpo"):
         assert stages[name] == {"status": "skipped", "reason": "the time budget (1 s) ran out"}, name
     assert run["results"]["configs"] == {} and run["results"]["gpu_tests"] is None
     assert json.loads(run["results_file"].read_text(encoding="utf-8"))["stages"] == stages
@@ -292,6 +308,16 @@ def test_missed_targets_are_marked_with_their_gap(tiny_results):
     assert "- full fine-tune peak reserved memory <= 16.00 GiB: met" in text
     assert "- batch inference vs single-stream >= 10.00x: met (measured 12.00x, gap +2.00x)" in text
     assert "| v1 | 3,000 |" in text and "| 1.50x |" in text
+
+    # GRPO's peak against train_grpo.py's estimate, twice, as for the recipes
+    results["grpo"] |= {"peak_reserved_gib": 5.0, "estimated_peak_gib": 4.0, "peak_device_used_gib": 6.0,
+                        "estimated_device_total_gib": 5.7}
+    report.add_derived_figures(results)
+    text = report.render_results(results)
+    assert "- GRPO memory estimate error <= 15.0%: MISSED (measured 20.0%, gap +5.0%)" in text
+    assert "- GRPO memory estimate error (device total) <= 15.0%: met (measured 5.0%, gap -10.0%)" in text
+    assert ("- peak memory: reserved 5.00 GiB against the estimate's torch-visible 4.00 GiB; device used 6.00 GiB "
+            "against its device total 5.70 GiB") in text
 
     slow = _made_up(tiny_results, {"full": (500.0, 20.5)}, batch_speedup=4.0)
     text = report.render_results(slow)

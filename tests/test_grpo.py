@@ -5,12 +5,14 @@ import contextlib
 import io
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
 
 from medsft import rewards
 from medsft.rewards import correct_reward, format_reward, language_reward, make_think_budget_reward
+from tests.conftest import gpu
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMS = ROOT / "data" / "exam_sample.jsonl"
@@ -176,6 +178,13 @@ def test_a_grpo_run_writes_its_outputs_and_changes_the_adapter(grpo_run):
     assert "reward" in printed and "format" in printed and "think budget" in printed  # the reward parts, as it goes
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 2 and summary["best_step"] in (1, 2) and summary["dropped_as_benchmark"] == 0
+    # each step timed: generating the completions, then the update; the step's time holds both
+    step_s = [r["time/step_s"] for r in train_records]
+    generation_s = [r["time/generation_s"] for r in train_records]
+    assert all(0 < g < s for g, s in zip(generation_s, step_s))
+    assert summary["seconds_per_step"] == round(statistics.median(step_s), 2)
+    assert summary["generation_share"] == round(sum(generation_s) / sum(step_s), 3)
+    assert "step s" in printed and "generating s" in printed
     settings = json.loads((out / "settings.json").read_text(encoding="utf-8"))
     sft_settings = json.loads((sft_out / "settings.json").read_text(encoding="utf-8"))
     assert settings["MODEL_PATH"] == sft_settings["MODEL_PATH"] and settings["SYSTEM_PROMPT"] == sft_settings["SYSTEM_PROMPT"]
@@ -185,6 +194,22 @@ def test_a_grpo_run_writes_its_outputs_and_changes_the_adapter(grpo_run):
         out / "final" / "adapter_model.safetensors")
     assert before.keys() == after.keys()  # the same adapter, continued
     assert any(not (before[k].float() == after[k].float()).all() for k in before)
+
+
+@gpu
+def test_a_grpo_run_on_cuda_records_its_step_times_and_peak_memory(tiny_model_dir, tmp_path):
+    """On CUDA, summary.json holds what the GPU check compares with the estimate: torch's reserved peak and the
+    device-wide use (the paged 8-bit states and the CUDA context besides), and the timed steps."""
+    import train_grpo
+
+    train_grpo.main([f"--model_path={tiny_model_dir}", "--sft_adapter=", f"--exam_file={EXAMS}",
+                     f"--output_dir={tmp_path}", *FAST_GRPO], reward_funcs=grpo_rewards())
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert summary["device"] != "cpu" and summary["peak_gpu_reserved_gib"] > 0
+    assert summary["peak_gpu_device_used_gib"] > summary["peak_gpu_reserved_gib"]
+    assert summary["seconds_per_step"] > 0 and 0 < summary["generation_share"] < 1
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(r["gpu_device_used_gib"] > 0 for r in records if "reward" in r)
 
 
 def test_a_stopped_grpo_run_resumes(grpo_run, tmp_path):
@@ -293,6 +318,7 @@ def test_the_dry_run_prints_a_prompt_the_rewards_and_an_estimate_that_fits_16_gb
     import train_grpo
     from test_memory_estimate import QWEN3_1_7B
 
+    from medsft.memory_estimate import CUDA_CONTEXT_BYTES
     from medsft.tiny_model import qwen3_tokenizer_dir
 
     folder = tmp_path / "qwen3-1.7b"
@@ -311,4 +337,10 @@ def test_the_dry_run_prints_a_prompt_the_rewards_and_an_estimate_that_fits_16_gb
     # the KV cache of 2 questions x 8 generations, each prompt + 1,024 tokens: 28 layers x 8 KV heads x 128 x 2 x 2 bytes
     assert estimate["phases"]["generation"] >= 16 * estimate["sequence"] * 28 * 8 * 128 * 2 * 2
     assert estimate["peak"] < 16e9
+    # twice, as for SFT: torch-visible (the paged 8-bit states of LoRA's larger matrices and the CUDA context are
+    # outside torch's counters) and the device total
+    assert 0 < estimate["paged"] < estimate["static"]["optimizer"] and estimate["cuda_context"] == CUDA_CONTEXT_BYTES
+    assert estimate["torch_visible_peak"] == estimate["peak"] - estimate["paged"] - estimate["cuda_context"]
+    assert f"torch-visible {estimate['torch_visible_peak'] / 1e9:.2f} GB, device total {estimate['peak'] / 1e9:.2f} GB" \
+        in printed
     assert not (tmp_path / "out").exists()
