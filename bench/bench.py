@@ -27,6 +27,7 @@ import shlex
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -213,7 +214,7 @@ def main(argv=None):
             print("==== GRPO: train_grpo.py from the v3 adapter ====", flush=True)
             results["grpo"] = measure_grpo(cfg, model_dir, paths, run.timeout())
 
-    # ========== 9. Results: JSON, RESULTS.md, the targets ==========
+    # ========== 9. Results: JSON, RESULTS.md, the targets (a crashed stage's too) ==========
     results_file = run.save()
     results_md = report.write_results_md(cfg)
     print(report.render_results(json.loads(results_file.read_text(encoding="utf-8"))))
@@ -226,6 +227,9 @@ def main(argv=None):
         torch.set_num_threads(threads)
     if paths.temporary:
         paths.temporary.cleanup()
+    if run.crashed:
+        raise SystemExit(f"error: stage {run.crashed} failed (its error is in the results and above); "
+                         "the stages after it did not run")
     return {"results": results, "results_file": results_file, "results_md": results_md}
 
 
@@ -239,6 +243,7 @@ class RunRecord:
     def __init__(self, cfg, results: dict):
         self.cfg, self.results = cfg, results
         self.start = time.monotonic()
+        self.crashed = None  # the stage that raised: the later ones are recorded skipped, the results still written
         self.earlier = (json.loads(report.from_root(cfg.APPEND_TO).read_text(encoding="utf-8"))
                         if cfg.APPEND_TO else None)
         self.path = report.from_root(cfg.APPEND_TO) if cfg.APPEND_TO else report.new_results_path(cfg, results)
@@ -259,7 +264,12 @@ class RunRecord:
         return max(1, int(min(cap or self.cfg.TIMEOUT_S, self.cfg.TIMEOUT_S, left if left is not None else 1e9)))
 
     def enough_time(self, stage: str | None = None) -> bool:
-        """Whether MIN_STAGE_S is left of the time budget; if not, the stage is recorded as skipped."""
+        """Whether MIN_STAGE_S is left of the time budget and no stage crashed; if not, the stage is recorded as
+        skipped."""
+        if self.crashed:
+            if stage:
+                self.skip(stage, f"stage {self.crashed} failed")
+            return False
         left = self.time_left()
         if left is None or left >= self.cfg.MIN_STAGE_S:
             return True
@@ -279,7 +289,11 @@ class RunRecord:
         start = time.monotonic()
         try:
             yield
-        except BaseException as e:
+        except Exception as e:  # an import error on a new machine, say: recorded, and the results still written
+            record |= {"status": "failed", "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+            self.crashed = name
+            traceback.print_exc()
+        except BaseException as e:  # Ctrl-C, a kill: the results so far are whole; stop
             record |= {"status": "failed", "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
             raise
         else:

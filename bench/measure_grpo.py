@@ -72,10 +72,10 @@ def measure_grpo(cfg, model_dir, paths, timeout_s: int) -> dict:
                                             for r in steps],
                      "completion_tokens_mean": [r.get("completions/mean_length") for r in steps]}
     if steps:
-        step_s, generation = statistics.median(result["step_times_s"]), None
+        step_s, generation = round(statistics.median(result["step_times_s"]), 3), None
         if None not in result["generation_times_s"]:
             generation = round(sum(result["generation_times_s"]) / sum(result["step_times_s"]), 3)
-        result |= {"seconds_per_step": round(step_s, 3), "generation_share": generation,
+        result |= {"seconds_per_step": step_s, "generation_share": generation,
                    "update_share": None if generation is None else round(1 - generation, 3),
                    "projected_run_s": round(step_s * cfg.GRPO_PROJECTED_STEPS, 1)}
     if summary:

@@ -90,39 +90,55 @@ CHECK_NEEDS = {
 
 def missing_packages(needs: dict | None = None) -> list[dict]:
     """The packages of `needs` ({name: what it is for}) and their requirements, all the way down (extras left
-    out, markers evaluated here), that are not installed: [{"package", "needed_by"}], in the order found.
+    out, markers evaluated here), that are not installed, or installed at a version their requirer rules out:
+    [{"package", "needed_by"}] for a missing one, with "installed" and "wanted" for a wrong version, in the
+    order found.
 
-    An offline GPU machine that lacks one (datasets' xxhash, say) fails every recipe that imports it; the check
-    names them in its first lines, so the wheels to carry are known from the log of the first run."""
+    An offline GPU machine that lacks one (datasets' xxhash, say) or holds an older one than a carried wheel
+    needs (its huggingface-hub 1.33 under transformers 5.25) fails every recipe that imports it; the check names
+    them in its first lines, so the wheels to carry are known from the log of the first run."""
     import importlib.metadata
 
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    todo = collections.deque((needs or CHECK_NEEDS).items())
+    todo = collections.deque((name, needed_by, None) for name, needed_by in (needs or CHECK_NEEDS).items())
     seen, missing = set(), []
     while todo:
-        name, needed_by = todo.popleft()
-        if (key := canonicalize_name(name)) in seen:
+        name, needed_by, requirement = todo.popleft()
+        key = canonicalize_name(name)
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if key not in seen:
+                missing.append({"package": name, "needed_by": needed_by})
+            seen.add(key)
+            continue
+        if requirement is not None and requirement.specifier and \
+                not requirement.specifier.contains(version, prereleases=True):
+            missing.append({"package": name, "needed_by": needed_by, "installed": version,
+                            "wanted": str(requirement.specifier)})
+        if key in seen:
             continue
         seen.add(key)
-        try:
-            requires = importlib.metadata.requires(name) or []
-        except importlib.metadata.PackageNotFoundError:
-            missing.append({"package": name, "needed_by": needed_by})
-            continue
-        for line in requires:
+        for line in importlib.metadata.requires(name) or []:
             requirement = Requirement(line)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                todo.append((requirement.name, name))
+                todo.append((requirement.name, name, requirement))
     return missing
 
 
 def missing_line(missing: list[dict]) -> str:
     if not missing:
         return "every package the check imports is installed, with all it requires"
-    return ("MISSING packages (carry their wheels): "
-            + ", ".join(f"{m['package']} (for {m['needed_by']})" for m in missing))
+    absent = [m for m in missing if "installed" not in m]
+    wrong = [m for m in missing if "installed" in m]
+    parts = (["MISSING packages (carry their wheels): "
+              + ", ".join(f"{m['package']} (for {m['needed_by']})" for m in absent)] if absent else []) \
+        + (["WRONG versions (carry the right wheel): "
+            + ", ".join(f"{m['package']} {m['installed']} ({m['needed_by']} needs {m['wanted']})" for m in wrong)]
+           if wrong else [])
+    return "; ".join(parts)
 
 
 def add_derived_figures(results: dict) -> None:

@@ -9,24 +9,7 @@ import sys
 sys.path.insert(0, os.getcwd())
 os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
 
-
-
-def enable_fsdp_on_cpu():
-    """As tests/sharded_entry.py does it (that file runs a whole script when imported): accelerate turns FSDP on
-    for GPU setups only, so a CPU process group over gloo is presented as a GPU one while AcceleratorState decides."""
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    original = AcceleratorState.__init__
-
-    def init(self, *args, **kwargs):
-        state = PartialState(**{k: v for k, v in kwargs.items() if k in ("cpu", "backend")})
-        if state.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU) and state.num_processes > 1:
-            state.distributed_type = DistributedType.MULTI_GPU
-        original(self, *args, **kwargs)
-
-    AcceleratorState.__init__ = init
-
+from fsdp_on_cpu import enable_fsdp_on_cpu  # noqa: E402  (beside this file: Python puts tests/ on the path)
 
 enable_fsdp_on_cpu()
 
