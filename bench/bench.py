@@ -108,7 +108,7 @@ TINY_MODE = {
     "GRPO": False, "GRPO_GENERATIONS": 2, "GRPO_COMPLETION_LENGTH": 8,
     "WORK_DIR": "", "RESULTS_DIR": "",  # temp dirs: a harness check never dirties the repo
 }
-STAGES = ("environment", "gpu_tests", "model_and_data", "training", "inference", "shipped_scripts", "grpo")  # in order
+_STAGES = ("environment", "gpu_tests", "model_and_data", "training", "inference", "shipped_scripts", "grpo")  # run order (not a setting)
 _TINY_NOTE = ("TINY MODE: a harness check on a 2-layer random Qwen3 on CPU. It is NOT a benchmark: "
               "its numbers say nothing about GPU speed or memory.")
 
@@ -132,7 +132,7 @@ def main(argv=None):
         "mode": cfg.MODE, "note": _TINY_NOTE if cfg.MODE == "tiny" else None,
         "timestamp": started.isoformat(timespec="seconds"), "date": started.date().isoformat(),
         "device": report.device_name(), "command": shlex.join(["python", "bench/bench.py", *argv]),
-        "settings": cfg.as_dict(), "stages": {name: {"status": "pending"} for name in STAGES},
+        "settings": cfg.as_dict(), "stages": {name: {"status": "pending"} for name in _STAGES},
         "environment": None, "versions": None, "matmul_rate": None, "gpu_tests": None, "model": None,
         "data": None, "configs": {}, "inference": None, "shipped_scripts": None, "grpo": None,
     }
