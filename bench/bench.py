@@ -289,13 +289,12 @@ class RunRecord:
         start = time.monotonic()
         try:
             yield
-        except Exception as e:  # an import error on a new machine, say: recorded, and the results still written
+        except BaseException as e:
             record |= {"status": "failed", "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
-            self.crashed = name
+            if not isinstance(e, Exception):  # Ctrl-C, a kill: the results so far are whole; stop
+                raise
+            self.crashed = name  # an import error on a new machine, say: the later stages skip, results written
             traceback.print_exc()
-        except BaseException as e:  # Ctrl-C, a kill: the results so far are whole; stop
-            record |= {"status": "failed", "error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
-            raise
         else:
             record["status"] = "done"
         finally:

@@ -15,6 +15,7 @@ a paged optimizer's states in CUDA managed memory and the CUDA context (compare 
 """
 from medsft.memory_estimate import (CUDA_CONTEXT_BYTES, GB, Layout, activation_bytes, gpu_memory_budget,
                                     logit_bytes, paged_optimizer_bytes, static_parts)
+from medsft.memory_report import settings_with, verdict, verdict_text
 
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl/kernels/chunked_logprob.py's tiles (TRL 1.16)
 
@@ -72,7 +73,6 @@ def adapter_lora_settings(cfg):
     import json
     from pathlib import Path
 
-    from medsft.memory_report import settings_with
 
     config_file = Path(cfg.SFT_ADAPTER or "-") / "adapter_config.json"
     if not config_file.is_file():
@@ -122,14 +122,11 @@ def print_grpo_memory_estimate(model_path: str, cfg, prompt_tokens: int) -> dict
     print(f"  {'of the optimizer states, paged':<62} {gb(result['paged'])}   (CUDA managed memory: not in torch's "
           "counters)")
     print(f"  {'device total':<62} {gb(result['peak'])}   (compare: torch.cuda.mem_get_info() used)")
-    fits = result["peak"] <= budget * GB
-    spills = not fits and result["peak"] - result["paged"] <= budget * GB
-    verdict = ("fits" if fits else f"fits, but the paged optimizer states ({result['paged'] / GB:.2f} GB) spill to "
-               "host memory (slower, not out of memory)" if spills else "does NOT fit")
+    fit = verdict(result["peak"], result["paged"], budget)
     print(f"estimated peak: torch-visible {result['torch_visible_peak'] / GB:.2f} GB, device total "
-          f"{result['peak'] / GB:.2f} GB of {budget:.1f} GB (gpu_memory_gb): {verdict}. Static parts are counted "
-          "exactly; the KV cache, activations and log-prob tiles are a formula, not measured")
-    if not fits and not spills:
+          f"{result['peak'] / GB:.2f} GB of {budget:.1f} GB (gpu_memory_gb): {verdict_text(fit, result['paged'])} "
+          "Static parts are counted exactly; the KV cache, activations and log-prob tiles are a formula, not measured")
+    if fit == "does NOT fit":
         largest = max(phases, key=phases.get)
         advice = {"generation": "lower --gradient_accumulation (a smaller generation batch) or "
                                 "--max_completion_length", "training": "lower --batch_size (raise "

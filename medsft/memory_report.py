@@ -32,14 +32,21 @@ def micro_batch_percentiles(lengths: tuple[list[int], list[int]], cfg, percentil
     return [sizes[min(len(sizes) - 1, len(sizes) * p // 100)] for p in percentiles]
 
 
-def verdict(estimate: Estimate, budget: float) -> str:
+def verdict(device_total: int, paged: int, budget: float) -> str:
     """"fits", "spills" (the torch-visible peak and the CUDA context fit, the paged states do not: the driver moves
     them to host memory, which is slower but no out-of-memory) or "does NOT fit"."""
-    if estimate.device_total <= budget * GB:
+    if device_total <= budget * GB:
         return "fits"
-    if estimate.paged and estimate.device_total - estimate.paged <= budget * GB:
+    if paged and device_total - paged <= budget * GB:
         return "spills"
     return "does NOT fit"
+
+
+def verdict_text(fit: str, paged: int) -> str:
+    """The verdict as the dry run prints it."""
+    return {"fits": "fits.", "does NOT fit": "does NOT fit.",
+            "spills": f"fits, but the paged optimizer states ({paged / GB:.2f} GB) spill to host memory: slower "
+                      "steps, not an out-of-memory."}[fit]
 
 
 def fixes(cfg) -> list[tuple[str, dict]]:
@@ -137,12 +144,9 @@ def print_memory_estimate(model_path: str, cfg, data) -> Estimate:
               f"device total {typical[name].device_total / GB:.2f} GB")
     for note in result.notes:
         print(f"  note: {note}")
-    fit = verdict(result, budget)
+    fit = verdict(result.device_total, result.paged, budget)
     print(f"estimated for the worst case: torch-visible peak {result.torch_peak / GB:.2f} GB, device total "
-          f"{result.device_total / GB:.2f} GB of {budget:.1f} GB (gpu_memory_gb): "
-          + {"fits": "fits.", "does NOT fit": "does NOT fit.",
-             "spills": f"fits, but the paged optimizer states ({result.paged / GB:.2f} GB) spill to host memory: "
-                       "slower steps, not an out-of-memory."}[fit]
+          f"{result.device_total / GB:.2f} GB of {budget:.1f} GB (gpu_memory_gb): " + verdict_text(fit, result.paged)
           + " Weights, optimizer states and gradients are counted exactly; activations and logits are a formula "
             "checked on CPU, not measured on a GPU")
     if fit == "does NOT fit":
@@ -151,7 +155,7 @@ def print_memory_estimate(model_path: str, cfg, data) -> Estimate:
             settings = settings_with(settings, **change)
             chosen.append(flag)
             after, _, _ = estimate(settings)
-            if verdict(after, budget) != "does NOT fit":
+            if verdict(after.device_total, after.paged, budget) != "does NOT fit":
                 print(f"to fit, change first: {chosen[0]}"
                       + (f"; then {', '.join(chosen[1:])}" if len(chosen) > 1 else "")
                       + f" (estimated device total {after.device_total / GB:.2f} GB)")
